@@ -127,14 +127,8 @@ mod tests {
     #[test]
     fn timestamp_arithmetic_saturates() {
         let cases = [
-            (
-                Timestamp::MAX.saturating_add(Duration::from_nanos(1)),
-                Timestamp::MAX,
-            ),
-            (
-                Timestamp::ZERO.saturating_sub(Duration::from_secs(1)),
-                Timestamp::ZERO,
-            ),
+            (Timestamp::MAX.saturating_add(Duration::from_nanos(1)), Timestamp::MAX),
+            (Timestamp::ZERO.saturating_sub(Duration::from_secs(1)), Timestamp::ZERO),
             (
                 Timestamp::from_nanos(5).saturating_add(Duration::from_nanos(3)),
                 Timestamp::from_nanos(8),
@@ -144,10 +138,7 @@ mod tests {
                 Timestamp::from_nanos(2),
             ),
             (Timestamp::MAX.next(), Timestamp::MAX),
-            (
-                Timestamp::ZERO.saturating_add(Duration::MAX),
-                Timestamp::MAX,
-            ),
+            (Timestamp::ZERO.saturating_add(Duration::MAX), Timestamp::MAX),
         ];
         for (index, (got, want)) in cases.into_iter().enumerate() {
             assert_eq!(got, want, "case {index}");
@@ -158,10 +149,7 @@ mod tests {
     fn timestamp_displays_as_rfc3339() {
         let t = Timestamp::from_nanos(1_795_305_918_000_000_001);
         assert_eq!(t.to_string(), "2026-11-22T00:05:18.000000001Z");
-        assert_eq!(
-            Timestamp::ZERO.to_string(),
-            "1970-01-01T00:00:00.000000000Z"
-        );
+        assert_eq!(Timestamp::ZERO.to_string(), "1970-01-01T00:00:00.000000000Z");
     }
 
     #[test]
@@ -183,11 +171,7 @@ mod tests {
             assert_eq!(interval.contains(t), contains, "contains({t:?})");
             assert_eq!(interval.after(t), after, "after({t:?})");
             assert_eq!(interval.before(t), before, "before({t:?})");
-            assert_eq!(
-                interval.time_until_after(t),
-                Duration::from_nanos(wait),
-                "wait({t:?})"
-            );
+            assert_eq!(interval.time_until_after(t), Duration::from_nanos(wait), "wait({t:?})");
         }
     }
 }

@@ -45,9 +45,7 @@ pub struct SimulatedTime {
 impl SimulatedTime {
     /// Returns a simulation whose true time starts at `start`.
     pub fn new(start: Timestamp) -> Self {
-        SimulatedTime {
-            nanos: Arc::new(AtomicU64::new(start.as_nanos())),
-        }
+        SimulatedTime { nanos: Arc::new(AtomicU64::new(start.as_nanos())) }
     }
 
     /// Returns the current true time.
@@ -59,11 +57,9 @@ impl SimulatedTime {
     pub fn advance(&self, duration: Duration) {
         let delta = duration_nanos(duration);
         // fetch_update cannot fail: the closure always returns Some.
-        let _ = self
-            .nanos
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |nanos| {
-                Some(nanos.saturating_add(delta))
-            });
+        let _ = self.nanos.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |nanos| {
+            Some(nanos.saturating_add(delta))
+        });
     }
 
     /// Sets true time to `t`.
@@ -73,10 +69,7 @@ impl SimulatedTime {
     /// If `t` is earlier than the current true time: true time never goes backwards.
     pub fn set(&self, t: Timestamp) {
         let previous = self.nanos.fetch_max(t.as_nanos(), Ordering::SeqCst);
-        assert!(
-            previous <= t.as_nanos(),
-            "true time must not go backwards ({previous} > {t:?})"
-        );
+        assert!(previous <= t.as_nanos(), "true time must not go backwards ({previous} > {t:?})");
     }
 }
 
@@ -198,10 +191,7 @@ impl SimulatedClock {
             rate_anchor_local: local,
             synced_local: local,
         };
-        Ok(SimulatedClock {
-            time,
-            state: Mutex::new(state),
-        })
+        Ok(SimulatedClock { time, state: Mutex::new(state) })
     }
 
     /// Synchronizes the clock: it reads true time plus `offset_at_sync_ns` again, and its

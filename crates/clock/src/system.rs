@@ -31,10 +31,7 @@ pub struct ClockOptions {
 
 impl Default for ClockOptions {
     fn default() -> Self {
-        ClockOptions {
-            max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
-            use_kernel_bound: true,
-        }
+        ClockOptions { max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET, use_kernel_bound: true }
     }
 }
 
@@ -46,9 +43,7 @@ impl ClockOptions {
     /// [`Error::InvalidInput`] if `max_clock_offset` is zero or above [`MAX_MAX_CLOCK_OFFSET`].
     pub fn validate(&self) -> Result<()> {
         if self.max_clock_offset.is_zero() {
-            return Err(Error::InvalidInput(
-                "max clock offset must be positive".into(),
-            ));
+            return Err(Error::InvalidInput("max clock offset must be positive".into()));
         }
         if self.max_clock_offset > MAX_MAX_CLOCK_OFFSET {
             return Err(Error::InvalidInput(format!(
@@ -82,21 +77,13 @@ impl SystemClock {
 impl ClockSource for SystemClock {
     fn read(&self) -> ClockReading {
         // Read the bound before the time, so the bound is never older than the reading it covers.
-        let kernel_bound = if self.options.use_kernel_bound {
-            kernel_max_error()
-        } else {
-            None
-        };
-        let since_epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
+        let kernel_bound = if self.options.use_kernel_bound { kernel_max_error() } else { None };
+        let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
         let local = Timestamp::from_nanos(duration_nanos(since_epoch));
         match kernel_bound {
-            Some(uncertainty) => ClockReading {
-                local,
-                uncertainty,
-                bound: UncertaintyBound::Kernel,
-            },
+            Some(uncertainty) => {
+                ClockReading { local, uncertainty, bound: UncertaintyBound::Kernel }
+            }
             None => ClockReading {
                 local,
                 uncertainty: self.options.max_clock_offset,
@@ -144,20 +131,15 @@ mod tests {
             (MAX_MAX_CLOCK_OFFSET + Duration::from_nanos(1), false),
         ];
         for (max_clock_offset, valid) in cases {
-            let options = ClockOptions {
-                max_clock_offset,
-                use_kernel_bound: true,
-            };
+            let options = ClockOptions { max_clock_offset, use_kernel_bound: true };
             assert_eq!(options.validate().is_ok(), valid, "{max_clock_offset:?}");
         }
     }
 
     #[test]
     fn configured_bound_applies_without_the_kernel() {
-        let options = ClockOptions {
-            max_clock_offset: Duration::from_millis(3),
-            use_kernel_bound: false,
-        };
+        let options =
+            ClockOptions { max_clock_offset: Duration::from_millis(3), use_kernel_bound: false };
         let reading = SystemClock::new(options).unwrap().read();
         assert_eq!(reading.bound, UncertaintyBound::Configured);
         assert_eq!(reading.uncertainty, Duration::from_millis(3));

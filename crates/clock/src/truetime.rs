@@ -164,8 +164,7 @@ impl CommitWait {
 
     /// Returns the local clock time that was left to wait when this was computed.
     pub fn remaining(&self) -> Duration {
-        self.local_deadline
-            .saturating_duration_since(self.computed_at)
+        self.local_deadline.saturating_duration_since(self.computed_at)
     }
 }
 
@@ -197,16 +196,9 @@ mod tests {
             let wait = CommitWait::new(Timestamp::from_nanos(commit_ts), reading);
             assert_eq!(wait.local_deadline, Timestamp::from_nanos(deadline));
             assert_eq!(wait.is_over(), over, "{wait:?}");
-            assert_eq!(
-                wait.remaining(),
-                Duration::from_nanos(remaining),
-                "{wait:?}"
-            );
+            assert_eq!(wait.remaining(), Duration::from_nanos(remaining), "{wait:?}");
             // The wait is over exactly when after(commit_ts) holds for the reading.
-            assert_eq!(
-                wait.is_over(),
-                reading.interval().after(Timestamp::from_nanos(commit_ts))
-            );
+            assert_eq!(wait.is_over(), reading.interval().after(Timestamp::from_nanos(commit_ts)));
         }
     }
 
@@ -221,10 +213,7 @@ mod tests {
         ));
         let commit_ts = truetime.now().latest;
         assert!(!truetime.after(commit_ts));
-        let waited = truetime
-            .wait_until_after(commit_ts, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let waited = truetime.wait_until_after(commit_ts, Duration::from_secs(5)).await.unwrap();
         assert!(truetime.after(commit_ts));
         // The wait covers at least the interval's width: ε to reach `commit_ts`, ε more to pass it.
         assert!(waited >= Duration::from_millis(4), "waited {waited:?}");
@@ -237,12 +226,7 @@ mod tests {
         let clock = SimulatedClock::new(time, SimulatedClockOptions::default()).unwrap();
         let truetime = TrueTime::new(Arc::new(clock));
         let commit_ts = truetime.now().latest;
-        let error = truetime
-            .wait_until_after(commit_ts, Duration::from_millis(100))
-            .await;
-        assert!(
-            matches!(error, Err(Error::CommitWaitStalled { .. })),
-            "{error:?}"
-        );
+        let error = truetime.wait_until_after(commit_ts, Duration::from_millis(100)).await;
+        assert!(matches!(error, Err(Error::CommitWaitStalled { .. })), "{error:?}");
     }
 }

@@ -69,7 +69,9 @@ fn reads(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("mvcc_scan_1000_rows");
     group.throughput(Throughput::Elements(1_000));
-    for (name, direction) in [("rocksdb_forward", ScanDirection::Forward), ("rocksdb_reverse", ScanDirection::Reverse)] {
+    for (name, direction) in
+        [("rocksdb_forward", ScanDirection::Forward), ("rocksdb_reverse", ScanDirection::Reverse)]
+    {
         group.bench_function(name, |b| {
             b.iter(|| {
                 index = (index + 7_919) % (KEYS - 1_000);
@@ -82,7 +84,9 @@ fn reads(c: &mut Criterion) {
     group.bench_function("memory_forward", |b| {
         b.iter(|| {
             index = (index + 7_919) % (KEYS - 1_000);
-            black_box(memory.scan(&key(index), None, read_ts, ScanDirection::Forward, 1_000).unwrap());
+            black_box(
+                memory.scan(&key(index), None, read_ts, ScanDirection::Forward, 1_000).unwrap(),
+            );
         })
     });
     group.finish();

@@ -66,7 +66,11 @@ fn verify(directory: &Path, acknowledged: Option<u64>, seed: u64) -> Option<u64>
         let key = String::from_utf8(key).unwrap();
         let (index, batch) = key["k/".len()..].split_once('/').unwrap();
         let (index, batch): (u64, u64) = (index.parse().unwrap(), batch.parse().unwrap());
-        assert_eq!(value, batch_value(batch, index).into_bytes(), "seed {seed}: wrong value for {key}");
+        assert_eq!(
+            value,
+            batch_value(batch, index).into_bytes(),
+            "seed {seed}: wrong value for {key}"
+        );
         *keys_per_batch.entry(batch).or_default() += 1;
     }
     for (batch, count) in &keys_per_batch {
@@ -75,9 +79,13 @@ fn verify(directory: &Path, acknowledged: Option<u64>, seed: u64) -> Option<u64>
     let present = keys_per_batch.keys().next_back().copied();
     if let Some(acknowledged) = acknowledged {
         for batch in 0..=acknowledged {
-            assert!(keys_per_batch.contains_key(&batch), "seed {seed}: acknowledged batch {batch} lost");
+            assert!(
+                keys_per_batch.contains_key(&batch),
+                "seed {seed}: acknowledged batch {batch} lost"
+            );
         }
-        let last: u64 = String::from_utf8(engine.get(b"last").unwrap().unwrap()).unwrap().parse().unwrap();
+        let last: u64 =
+            String::from_utf8(engine.get(b"last").unwrap().unwrap()).unwrap().parse().unwrap();
         assert_eq!(Some(last), present, "seed {seed}: 'last' disagrees with the batches");
     }
     present
@@ -85,7 +93,8 @@ fn verify(directory: &Path, acknowledged: Option<u64>, seed: u64) -> Option<u64>
 
 #[test]
 fn acknowledged_batches_survive_kill_9() {
-    let seed = std::env::var("MERIDIAN_TEST_SEED").map_or_else(|_| rand::random(), |seed| seed.parse().unwrap());
+    let seed = std::env::var("MERIDIAN_TEST_SEED")
+        .map_or_else(|_| rand::random(), |seed| seed.parse().unwrap());
     println!("seed {seed} (replay with MERIDIAN_TEST_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let directory = tempfile::tempdir().unwrap();

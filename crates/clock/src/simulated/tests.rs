@@ -38,22 +38,15 @@ fn uncertainty_is_a_sawtooth() {
             clock.sync();
         }
         let reading = clock.read();
-        assert_eq!(
-            reading.uncertainty,
-            Duration::from_nanos(uncertainty_ns),
-            "step {index}"
-        );
+        assert_eq!(reading.uncertainty, Duration::from_nanos(uncertainty_ns), "step {index}");
         assert!(reading.interval().contains(time.now()), "step {index}");
     }
 }
 
 #[test]
 fn skew_and_drift_move_the_local_clock() {
-    let options = SimulatedClockOptions {
-        offset_at_sync_ns: -300_000,
-        drift_ppm: 150,
-        ..Default::default()
-    };
+    let options =
+        SimulatedClockOptions { offset_at_sync_ns: -300_000, drift_ppm: 150, ..Default::default() };
     let (time, clock) = clock(options);
     assert_eq!(clock.true_offset_ns(), -300_000);
     time.advance(Duration::from_secs(2));
@@ -72,21 +65,12 @@ fn skew_and_drift_move_the_local_clock() {
 fn options_validate() {
     let valid = SimulatedClockOptions::default();
     assert!(valid.validate().is_ok());
-    let drift = SimulatedClockOptions {
-        max_drift_ppm: MAX_DRIFT_BOUND_PPM + 1,
-        ..valid
-    };
+    let drift = SimulatedClockOptions { max_drift_ppm: MAX_DRIFT_BOUND_PPM + 1, ..valid };
     assert!(matches!(drift.validate(), Err(Error::InvalidInput(_))));
-    let offset = SimulatedClockOptions {
-        max_offset: Duration::from_secs(11),
-        ..valid
-    };
+    let offset = SimulatedClockOptions { max_offset: Duration::from_secs(11), ..valid };
     assert!(matches!(offset.validate(), Err(Error::InvalidInput(_))));
     // Behaviour beyond the claimed bounds is allowed, and reported as such.
-    let lying = SimulatedClockOptions {
-        offset_at_sync_ns: 2 * MS,
-        ..valid
-    };
+    let lying = SimulatedClockOptions { offset_at_sync_ns: 2 * MS, ..valid };
     assert!(lying.validate().is_ok());
     assert!(!lying.within_bounds());
 }
@@ -162,58 +146,25 @@ fn beyond_the_bound_intervals_miss_true_time() {
     // (name, options, ms to run without a sync, interval contains true time?)
     let base = SimulatedClockOptions::default();
     let cases = [
-        (
-            "skew at the bound",
-            SimulatedClockOptions {
-                offset_at_sync_ns: MS,
-                ..base
-            },
-            0,
-            true,
-        ),
+        ("skew at the bound", SimulatedClockOptions { offset_at_sync_ns: MS, ..base }, 0, true),
         (
             "skew past the bound",
-            SimulatedClockOptions {
-                offset_at_sync_ns: MS + 1,
-                ..base
-            },
+            SimulatedClockOptions { offset_at_sync_ns: MS + 1, ..base },
             0,
             false,
         ),
         (
             "slow skew past the bound",
-            SimulatedClockOptions {
-                offset_at_sync_ns: -MS - 1,
-                ..base
-            },
+            SimulatedClockOptions { offset_at_sync_ns: -MS - 1, ..base },
             0,
             false,
         ),
-        (
-            "drift at the bound",
-            SimulatedClockOptions {
-                drift_ppm: 200,
-                ..base
-            },
-            60_000,
-            true,
-        ),
+        ("drift at the bound", SimulatedClockOptions { drift_ppm: 200, ..base }, 60_000, true),
         // 300 ppm for 60 s gains 18 ms; ε grew by only 12 ms on top of its 1 ms.
-        (
-            "drift past the bound",
-            SimulatedClockOptions {
-                drift_ppm: 300,
-                ..base
-            },
-            60_000,
-            false,
-        ),
+        ("drift past the bound", SimulatedClockOptions { drift_ppm: 300, ..base }, 60_000, false),
         (
             "slow drift past the bound",
-            SimulatedClockOptions {
-                drift_ppm: -300,
-                ..base
-            },
+            SimulatedClockOptions { drift_ppm: -300, ..base },
             60_000,
             false,
         ),
@@ -222,11 +173,7 @@ fn beyond_the_bound_intervals_miss_true_time() {
         let (time, clock) = clock(options);
         time.advance(Duration::from_millis(run_ms));
         assert_eq!(options.within_bounds(), contains, "{name}");
-        assert_eq!(
-            clock.read().interval().contains(time.now()),
-            contains,
-            "{name}"
-        );
+        assert_eq!(clock.read().interval().contains(time.now()), contains, "{name}");
     }
 }
 
@@ -236,13 +183,8 @@ fn beyond_the_bound_intervals_miss_true_time() {
 fn commit_then_read(offset_a_ns: i64, offset_b_ns: i64) -> (Timestamp, Timestamp) {
     let time = SimulatedTime::new(START);
     let node = |offset_at_sync_ns| {
-        let options = SimulatedClockOptions {
-            offset_at_sync_ns,
-            ..Default::default()
-        };
-        TrueTime::new(Arc::new(
-            SimulatedClock::new(time.clone(), options).unwrap(),
-        ))
+        let options = SimulatedClockOptions { offset_at_sync_ns, ..Default::default() };
+        TrueTime::new(Arc::new(SimulatedClock::new(time.clone(), options).unwrap()))
     };
     let (a, b) = (node(offset_a_ns), node(offset_b_ns));
     let commit_ts = a.now().latest;
@@ -274,25 +216,16 @@ fn commit_wait_gives_external_consistency_only_within_the_bound() {
     ];
     for (name, offset_a, offset_b, consistent) in cases {
         let (commit_ts, read_ts) = commit_then_read(offset_a, offset_b);
-        assert_eq!(
-            read_ts > commit_ts,
-            consistent,
-            "{name}: s={commit_ts:?} read={read_ts:?}"
-        );
+        assert_eq!(read_ts > commit_ts, consistent, "{name}: s={commit_ts:?} read={read_ts:?}");
     }
 }
 
 #[test]
 fn interval_of_reading_matches_truetime_now() {
-    let (time, clock) = clock(SimulatedClockOptions {
-        offset_at_sync_ns: 250_000,
-        ..Default::default()
-    });
+    let (time, clock) =
+        clock(SimulatedClockOptions { offset_at_sync_ns: 250_000, ..Default::default() });
     time.advance(Duration::from_secs(3));
     let reading = clock.read();
-    assert_eq!(
-        reading.interval(),
-        Interval::around(reading.local, reading.uncertainty)
-    );
+    assert_eq!(reading.interval(), Interval::around(reading.local, reading.uncertainty));
     assert_eq!(TrueTime::new(Arc::new(clock)).now(), reading.interval());
 }

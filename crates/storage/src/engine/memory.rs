@@ -58,12 +58,7 @@ impl ReadView for MemoryEngine {
     }
 
     fn scan(&self, start: &[u8], end: Option<&[u8]>, direction: ScanDirection) -> ScanIterator<'_> {
-        Box::new(MemoryScan::new(
-            self.data.read().clone(),
-            start,
-            end,
-            direction,
-        ))
+        Box::new(MemoryScan::new(self.data.read().clone(), start, end, direction))
     }
 }
 
@@ -86,9 +81,7 @@ impl Engine for MemoryEngine {
     }
 
     fn snapshot(&self) -> MemorySnapshot {
-        MemorySnapshot {
-            data: self.data.read().clone(),
-        }
+        MemorySnapshot { data: self.data.read().clone() }
     }
 }
 
@@ -111,13 +104,7 @@ impl MemoryScan {
     ) -> Self {
         let upper = end.map_or(Bound::Unbounded, |end| Bound::Excluded(end.to_vec()));
         let done = end.is_some_and(|end| start >= end);
-        MemoryScan {
-            data,
-            lower: Bound::Included(start.to_vec()),
-            upper,
-            direction,
-            done,
-        }
+        MemoryScan { data, lower: Bound::Included(start.to_vec()), upper, direction, done }
     }
 
     /// Returns whether the bounds still enclose at least one possible key.

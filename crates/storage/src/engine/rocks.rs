@@ -44,20 +44,14 @@ pub struct RocksEngine {
 
 impl std::fmt::Debug for RocksEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RocksEngine")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("RocksEngine").field("path", &self.path).finish()
     }
 }
 
 /// Converts a RocksDB error, keeping corruption apart from other failures.
 fn convert_error(error: rocksdb::Error) -> Error {
     let message = error.into_string();
-    if message.starts_with("Corruption") {
-        Error::Corruption(message)
-    } else {
-        Error::Io(message)
-    }
+    if message.starts_with("Corruption") { Error::Corruption(message) } else { Error::Io(message) }
 }
 
 impl RocksEngine {
@@ -139,9 +133,8 @@ impl ReadView for RocksEngine {
     }
 
     fn scan(&self, start: &[u8], end: Option<&[u8]>, direction: ScanDirection) -> ScanIterator<'_> {
-        let iterator = self
-            .db
-            .iterator_opt(iterator_mode(direction), bounded_read_options(start, end));
+        let iterator =
+            self.db.iterator_opt(iterator_mode(direction), bounded_read_options(start, end));
         scan_iterator(start, end, iterator)
     }
 }
@@ -159,15 +152,11 @@ impl Engine for RocksEngine {
         }
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
-        self.db
-            .write_opt(rocks_batch, &write_options)
-            .map_err(convert_error)
+        self.db.write_opt(rocks_batch, &write_options).map_err(convert_error)
     }
 
     fn snapshot(&self) -> RocksSnapshot<'_> {
-        RocksSnapshot {
-            snapshot: self.db.snapshot(),
-        }
+        RocksSnapshot { snapshot: self.db.snapshot() }
     }
 }
 
@@ -182,9 +171,8 @@ impl ReadView for RocksSnapshot<'_> {
     }
 
     fn scan(&self, start: &[u8], end: Option<&[u8]>, direction: ScanDirection) -> ScanIterator<'_> {
-        let iterator = self
-            .snapshot
-            .iterator_opt(iterator_mode(direction), bounded_read_options(start, end));
+        let iterator =
+            self.snapshot.iterator_opt(iterator_mode(direction), bounded_read_options(start, end));
         scan_iterator(start, end, iterator)
     }
 }

@@ -52,18 +52,8 @@ pub fn scan_ranges_and_directions(engine: impl Engine) {
     use ScanDirection::*;
     type Case<'a> = (&'a [u8], Option<&'a [u8]>, ScanDirection, Vec<&'a str>);
     let cases: Vec<Case> = vec![
-        (
-            b"",
-            None,
-            Forward,
-            vec!["a", "b", "ba", "bb", "c", "d\u{0}", "e"],
-        ),
-        (
-            b"",
-            None,
-            Reverse,
-            vec!["e", "d\u{0}", "c", "bb", "ba", "b", "a"],
-        ),
+        (b"", None, Forward, vec!["a", "b", "ba", "bb", "c", "d\u{0}", "e"]),
+        (b"", None, Reverse, vec!["e", "d\u{0}", "c", "bb", "ba", "b", "a"]),
         (b"b", Some(b"c"), Forward, vec!["b", "ba", "bb"]),
         (b"b", Some(b"c"), Reverse, vec!["bb", "ba", "b"]),
         (b"ba", Some(b"bb"), Forward, vec!["ba"]),
@@ -107,18 +97,9 @@ pub fn snapshots_are_isolated(engine: impl Engine) {
     assert_eq!(snapshot.get(b"a").unwrap(), Some(b"value of a".to_vec()));
     assert_eq!(snapshot.get(b"b").unwrap(), Some(b"value of b".to_vec()));
     assert_eq!(snapshot.get(b"d").unwrap(), None);
-    assert_eq!(
-        keys(&snapshot, b"", None, ScanDirection::Forward),
-        ["a", "b", "c"]
-    );
-    assert_eq!(
-        keys(&snapshot, b"", None, ScanDirection::Reverse),
-        ["c", "b", "a"]
-    );
-    assert_eq!(
-        keys(&engine, b"", None, ScanDirection::Forward),
-        ["a", "c", "d"]
-    );
+    assert_eq!(keys(&snapshot, b"", None, ScanDirection::Forward), ["a", "b", "c"]);
+    assert_eq!(keys(&snapshot, b"", None, ScanDirection::Reverse), ["c", "b", "a"]);
+    assert_eq!(keys(&engine, b"", None, ScanDirection::Forward), ["a", "c", "d"]);
 }
 
 pub fn scans_read_one_state(engine: impl Engine) {
@@ -143,10 +124,7 @@ pub enum ModelOp {
 }
 
 fn small_key() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(
-        prop_oneof![Just(0u8), Just(b'a'), Just(b'b'), Just(0xffu8)],
-        0..4,
-    )
+    proptest::collection::vec(prop_oneof![Just(0u8), Just(b'a'), Just(b'b'), Just(0xffu8)], 0..4)
 }
 
 pub fn model_ops() -> impl Strategy<Value = Vec<ModelOp>> {
@@ -155,11 +133,7 @@ pub fn model_ops() -> impl Strategy<Value = Vec<ModelOp>> {
         small_key().prop_map(ModelOp::Delete),
         proptest::collection::vec((small_key(), proptest::option::of(small_key())), 0..5)
             .prop_map(ModelOp::Batch),
-        (
-            small_key(),
-            proptest::option::of(small_key()),
-            any::<bool>()
-        )
+        (small_key(), proptest::option::of(small_key()), any::<bool>())
             .prop_map(|(start, end, reverse)| ModelOp::Scan(start, end, reverse)),
         small_key().prop_map(ModelOp::Get),
     ];
@@ -197,11 +171,8 @@ pub fn matches_model(engine: impl Engine, ops: Vec<ModelOp>) {
             }
             ModelOp::Get(key) => assert_eq!(engine.get(&key).unwrap(), model.get(&key).cloned()),
             ModelOp::Scan(start, end, reverse) => {
-                let direction = if reverse {
-                    ScanDirection::Reverse
-                } else {
-                    ScanDirection::Forward
-                };
+                let direction =
+                    if reverse { ScanDirection::Reverse } else { ScanDirection::Forward };
                 let got = collect(engine.scan(&start, end.as_deref(), direction));
                 let mut expected: Vec<KeyValue> = model
                     .iter()
@@ -269,10 +240,7 @@ impl TempRocks {
     pub fn new() -> Self {
         let directory = tempfile::tempdir().unwrap();
         let engine = RocksEngine::open(directory.path(), RocksOptions::default()).unwrap();
-        TempRocks {
-            engine,
-            _directory: directory,
-        }
+        TempRocks { engine, _directory: directory }
     }
 }
 
@@ -316,10 +284,7 @@ fn rocksdb_data_survives_reopen() {
 #[test]
 fn rocksdb_open_errors_are_reported() {
     let directory = tempfile::tempdir().unwrap();
-    let options = RocksOptions {
-        create_if_missing: false,
-        ..Default::default()
-    };
+    let options = RocksOptions { create_if_missing: false, ..Default::default() };
     let error = RocksEngine::open(directory.path().join("missing"), options).unwrap_err();
     assert!(matches!(error, crate::Error::Io(_)), "{error:?}");
     // A second open of a store in use fails on RocksDB's lock instead of corrupting it.

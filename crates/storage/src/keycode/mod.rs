@@ -111,11 +111,7 @@ fn canonical_float(float: f64) -> f64 {
 /// Returns the order-preserving bits of a float.
 fn float_key_bits(float: f64) -> u64 {
     let bits = canonical_float(float).to_bits();
-    if bits >> 63 == 1 {
-        !bits
-    } else {
-        bits ^ (1 << 63)
-    }
+    if bits >> 63 == 1 { !bits } else { bits ^ (1 << 63) }
 }
 
 impl Ord for Value {
@@ -157,11 +153,9 @@ impl fmt::Display for Value {
             Value::Float(value) => write!(f, "{value:?}"),
             Value::Decimal(value) => write!(f, "{value}"),
             Value::Text(value) => write!(f, "{value:?}"),
-            Value::Bytes(value) => write!(
-                f,
-                "x'{}'",
-                value.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            ),
+            Value::Bytes(value) => {
+                write!(f, "x'{}'", value.iter().map(|b| format!("{b:02x}")).collect::<String>())
+            }
             Value::Timestamp(micros) => write!(f, "timestamp({micros})"),
         }
     }
@@ -226,11 +220,7 @@ pub fn encode_value(value: &Value, direction: Direction, out: &mut Vec<u8>) {
 ///
 /// If `values` and `directions` differ in length: the schema defines both.
 pub fn encode_tuple(values: &[Value], directions: &[Direction]) -> Vec<u8> {
-    assert_eq!(
-        values.len(),
-        directions.len(),
-        "a key needs one direction per column"
-    );
+    assert_eq!(values.len(), directions.len(), "a key needs one direction per column");
     let mut out = Vec::new();
     for (value, direction) in values.iter().zip(directions) {
         encode_value(value, *direction, &mut out);
@@ -245,11 +235,7 @@ pub fn encode_tuple(values: &[Value], directions: &[Direction]) -> Vec<u8> {
 ///
 /// [`crate::Error::Corruption`] if the bytes are not such an encoding.
 pub fn decode_tuple(bytes: &[u8], directions: &[Direction]) -> Result<(Vec<Value>, usize)> {
-    let mut reader = Reader {
-        bytes,
-        position: 0,
-        mask: 0,
-    };
+    let mut reader = Reader { bytes, position: 0, mask: 0 };
     let mut values = Vec::with_capacity(directions.len());
     for direction in directions {
         reader.mask = direction.mask();
@@ -277,11 +263,7 @@ pub fn encode_escaped(bytes: &[u8], out: &mut Vec<u8>) {
 ///
 /// [`crate::Error::Corruption`] if the escaping is malformed or unterminated.
 pub fn decode_escaped(bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
-    let mut reader = Reader {
-        bytes,
-        position: 0,
-        mask: 0,
-    };
+    let mut reader = Reader { bytes, position: 0, mask: 0 };
     let decoded = reader.escaped()?;
     Ok((decoded, reader.position))
 }
@@ -319,10 +301,8 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn byte(&mut self) -> Result<u8> {
-        let byte = self
-            .bytes
-            .get(self.position)
-            .ok_or_else(|| corruption!("key ends inside a value"))?;
+        let byte =
+            self.bytes.get(self.position).ok_or_else(|| corruption!("key ends inside a value"))?;
         self.position += 1;
         Ok(byte ^ self.mask)
     }
@@ -370,9 +350,8 @@ impl Reader<'_> {
         }
         let mut scale = digit_count - exponent;
         while scale < 0 {
-            mantissa = mantissa
-                .checked_mul(10)
-                .ok_or_else(|| corruption!("decimal in key overflows"))?;
+            mantissa =
+                mantissa.checked_mul(10).ok_or_else(|| corruption!("decimal in key overflows"))?;
             scale += 1;
         }
         if negative {
@@ -392,11 +371,7 @@ impl Reader<'_> {
             TAG_INT => Value::Int((self.u64()? ^ (1 << 63)) as i64),
             TAG_FLOAT => {
                 let bits = self.u64()?;
-                let bits = if bits >> 63 == 1 {
-                    bits ^ (1 << 63)
-                } else {
-                    !bits
-                };
+                let bits = if bits >> 63 == 1 { bits ^ (1 << 63) } else { !bits };
                 Value::Float(f64::from_bits(bits))
             }
             TAG_DECIMAL_NEGATIVE => Value::Decimal(self.decimal(true)?),

@@ -18,15 +18,9 @@ fn value_of_type(rank: u8) -> BoxedStrategy<Value> {
     match rank {
         0 => Just(Value::Null).boxed(),
         1 => any::<bool>().prop_map(Value::Bool).boxed(),
-        2 => prop_oneof![
-            Just(i64::MIN),
-            Just(-1i64),
-            Just(0i64),
-            Just(i64::MAX),
-            any::<i64>()
-        ]
-        .prop_map(Value::Int)
-        .boxed(),
+        2 => prop_oneof![Just(i64::MIN), Just(-1i64), Just(0i64), Just(i64::MAX), any::<i64>()]
+            .prop_map(Value::Int)
+            .boxed(),
         3 => prop_oneof![
             Just(f64::NAN),
             Just(-f64::NAN),
@@ -175,43 +169,19 @@ fn known_encodings() {
         (Value::Null, Descending, &[0xfe]),
         (Value::Bool(true), Ascending, &[0x03]),
         (Value::Int(0), Ascending, &[0x04, 0x80, 0, 0, 0, 0, 0, 0, 0]),
-        (
-            Value::Int(-1),
-            Ascending,
-            &[0x04, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
-        ),
-        (
-            Value::Int(1),
-            Descending,
-            &[0xfb, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe],
-        ),
-        (
-            Value::Float(-0.0),
-            Ascending,
-            &[0x05, 0x80, 0, 0, 0, 0, 0, 0, 0],
-        ),
-        (
-            Value::Text("a\0b".into()),
-            Ascending,
-            &[0x09, b'a', 0x00, 0xff, b'b', 0x00, 0x01],
-        ),
+        (Value::Int(-1), Ascending, &[0x04, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+        (Value::Int(1), Descending, &[0xfb, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]),
+        (Value::Float(-0.0), Ascending, &[0x05, 0x80, 0, 0, 0, 0, 0, 0, 0]),
+        (Value::Text("a\0b".into()), Ascending, &[0x09, b'a', 0x00, 0xff, b'b', 0x00, 0x01]),
         (Value::Bytes(vec![]), Descending, &[0xf5, 0xff, 0xfe]),
         (decimal("0"), Ascending, &[0x07]),
         // 123.45 = 0.12345e3
-        (
-            decimal("123.45"),
-            Ascending,
-            &[0x08, 0x80, 0x03, 2, 3, 4, 5, 6, 0x00],
-        ),
+        (decimal("123.45"), Ascending, &[0x08, 0x80, 0x03, 2, 3, 4, 5, 6, 0x00]),
         // 100 = 0.1e3, and 100.00 encodes the same.
         (decimal("100"), Ascending, &[0x08, 0x80, 0x03, 2, 0x00]),
         (decimal("100.00"), Ascending, &[0x08, 0x80, 0x03, 2, 0x00]),
         // -0.001 = -0.1e-2
-        (
-            decimal("-0.001"),
-            Ascending,
-            &[0x06, !0x7f, !0xfe, !2, !0x00],
-        ),
+        (decimal("-0.001"), Ascending, &[0x06, !0x7f, !0xfe, !2, !0x00]),
     ];
     for (value, direction, expected) in cases {
         let mut encoded = Vec::new();
@@ -224,12 +194,7 @@ fn known_encodings() {
 fn ordering_examples() {
     // Each list is in ascending order.
     let chains: Vec<Vec<Value>> = vec![
-        vec![
-            Value::Null,
-            Value::Bool(false),
-            Value::Int(i64::MIN),
-            Value::Text(String::new()),
-        ],
+        vec![Value::Null, Value::Bool(false), Value::Int(i64::MIN), Value::Text(String::new())],
         vec![
             Value::Float(f64::NEG_INFINITY),
             Value::Float(-1.5),
@@ -263,12 +228,7 @@ fn ordering_examples() {
                 .iter()
                 .map(|value| encode_tuple(std::slice::from_ref(value), &[Direction::Ascending]))
                 .collect();
-            assert!(
-                encoded[0] < encoded[1],
-                "encode({}) < encode({})",
-                pair[0],
-                pair[1]
-            );
+            assert!(encoded[0] < encoded[1], "encode({}) < encode({})", pair[0], pair[1]);
         }
     }
 }
@@ -291,10 +251,7 @@ fn malformed_keys_are_corruption_errors() {
                 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0x00,
             ],
         ),
-        (
-            "decimal exponent out of range",
-            &[0x08, 0xff, 0xff, 2, 0x00],
-        ),
+        ("decimal exponent out of range", &[0x08, 0xff, 0xff, 2, 0x00]),
     ];
     for (name, bytes) in cases {
         match decode_tuple(bytes, &asc) {

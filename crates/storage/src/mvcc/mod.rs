@@ -155,11 +155,7 @@ impl<E: Engine> Mvcc<E> {
                     .map_err(|_| corruption!("invalid GC horizon {bytes:x?}"))?,
             ),
         };
-        Ok(Mvcc {
-            engine,
-            gc_horizon: AtomicU64::new(horizon),
-            gc_lock: Mutex::new(()),
-        })
+        Ok(Mvcc { engine, gc_horizon: AtomicU64::new(horizon), gc_lock: Mutex::new(()) })
     }
 
     /// Returns the underlying engine.
@@ -195,10 +191,7 @@ impl<E: Engine> Mvcc<E> {
                 write.commit_ts
             ));
         }
-        batch.put(
-            version_key(&write.key, write.commit_ts),
-            encode_value(write.value.as_deref()),
-        );
+        batch.put(version_key(&write.key, write.commit_ts), encode_value(write.value.as_deref()));
         Ok(())
     }
 
@@ -225,11 +218,7 @@ impl<E: Engine> Mvcc<E> {
     ///
     /// As [`Mvcc::write`].
     pub fn put(&self, key: &[u8], commit_ts: Timestamp, value: &[u8]) -> Result<()> {
-        let write = VersionWrite {
-            key: key.to_vec(),
-            commit_ts,
-            value: Some(value.to_vec()),
-        };
+        let write = VersionWrite { key: key.to_vec(), commit_ts, value: Some(value.to_vec()) };
         self.write(&[write], false)
     }
 
@@ -239,14 +228,7 @@ impl<E: Engine> Mvcc<E> {
     ///
     /// As [`Mvcc::write`].
     pub fn delete(&self, key: &[u8], commit_ts: Timestamp) -> Result<()> {
-        self.write(
-            &[VersionWrite {
-                key: key.to_vec(),
-                commit_ts,
-                value: None,
-            }],
-            false,
-        )
+        self.write(&[VersionWrite { key: key.to_vec(), commit_ts, value: None }], false)
     }
 
     /// Returns the version of `key` visible at `read_ts`: the newest with commit timestamp
@@ -259,20 +241,14 @@ impl<E: Engine> Mvcc<E> {
         let snapshot = self.engine.snapshot();
         self.check_read_ts(read_ts)?;
         let end = prefix_end(&key_prefix(key));
-        let mut scan = snapshot.scan(
-            &version_key(key, read_ts),
-            end.as_deref(),
-            ScanDirection::Forward,
-        );
+        let mut scan =
+            snapshot.scan(&version_key(key, read_ts), end.as_deref(), ScanDirection::Forward);
         let Some(entry) = scan.next() else {
             return Ok(None);
         };
         let (encoded_key, stored) = entry?;
         let (_, commit_ts) = decode_version_key(&encoded_key)?;
-        Ok(decode_value(&stored)?.map(|value| Version {
-            commit_ts,
-            value: value.to_vec(),
-        }))
+        Ok(decode_value(&stored)?.map(|value| Version { commit_ts, value: value.to_vec() }))
     }
 
     /// Returns the commit timestamp of the newest version of `key`, tombstones included, at any
@@ -284,9 +260,7 @@ impl<E: Engine> Mvcc<E> {
     pub fn latest_commit_ts(&self, key: &[u8]) -> Result<Option<Timestamp>> {
         let prefix = key_prefix(key);
         let end = prefix_end(&prefix);
-        let mut scan = self
-            .engine
-            .scan(&prefix, end.as_deref(), ScanDirection::Forward);
+        let mut scan = self.engine.scan(&prefix, end.as_deref(), ScanDirection::Forward);
         match scan.next() {
             None => Ok(None),
             Some(entry) => Ok(Some(decode_version_key(&entry?.0)?.1)),
@@ -325,10 +299,7 @@ impl<E: Engine> Mvcc<E> {
             }
             let (encoded_key, stored) = entry?;
             let (key, commit_ts) = decode_version_key(&encoded_key)?;
-            if current
-                .as_ref()
-                .is_none_or(|(current_key, _)| *current_key != key)
-            {
+            if current.as_ref().is_none_or(|(current_key, _)| *current_key != key) {
                 if let Some((done_key, Some(version))) = current.take() {
                     results.push((done_key, version));
                 }
@@ -338,10 +309,8 @@ impl<E: Engine> Mvcc<E> {
             if settled || commit_ts > read_ts {
                 continue;
             }
-            let visible = decode_value(&stored)?.map(|value| Version {
-                commit_ts,
-                value: value.to_vec(),
-            });
+            let visible =
+                decode_value(&stored)?.map(|value| Version { commit_ts, value: value.to_vec() });
             if let Some((_, slot)) = current.as_mut() {
                 *slot = visible;
             }
@@ -374,10 +343,7 @@ impl<E: Engine> Mvcc<E> {
             ));
         }
         let mut batch = WriteBatch::new();
-        batch.put(
-            GC_HORIZON_KEY.to_vec(),
-            horizon.as_nanos().to_be_bytes().to_vec(),
-        );
+        batch.put(GC_HORIZON_KEY.to_vec(), horizon.as_nanos().to_be_bytes().to_vec());
         self.engine.write(batch, true)?;
         self.gc_horizon.store(horizon.as_nanos(), Ordering::SeqCst);
 
@@ -424,18 +390,11 @@ impl<E: Engine> Mvcc<E> {
     pub fn dump(&self) -> Result<Vec<VersionWrite>> {
         let end = prefix_end(&[keyspace::MVCC]);
         let mut versions = Vec::new();
-        for entry in self
-            .engine
-            .scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward)
-        {
+        for entry in self.engine.scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward) {
             let (encoded_key, stored) = entry?;
             let (key, commit_ts) = decode_version_key(&encoded_key)?;
             let value = decode_value(&stored)?.map(<[u8]>::to_vec);
-            versions.push(VersionWrite {
-                key,
-                commit_ts,
-                value,
-            });
+            versions.push(VersionWrite { key, commit_ts, value });
         }
         Ok(versions)
     }

@@ -47,15 +47,12 @@ impl<E: Engine> goldenscript::Runner for MvccRunner<E> {
     ) -> ScriptResult<String> {
         let mut args = command.consume_args();
         let mut output = String::new();
-        let mut positional = || {
-            args.next_pos()
-                .ok_or_else(|| Box::<dyn StdError>::from("missing argument"))
-        };
+        let mut positional =
+            || args.next_pos().ok_or_else(|| Box::<dyn StdError>::from("missing argument"));
         match command.name.as_str() {
             "put" => {
                 let (key, ts, value) = (positional()?, positional()?, positional()?);
-                self.mvcc
-                    .put(key.as_bytes(), parse_ts(ts)?, value.as_bytes())?;
+                self.mvcc.put(key.as_bytes(), parse_ts(ts)?, value.as_bytes())?;
             }
             "delete" => {
                 let (key, ts) = (positional()?, positional()?);
@@ -90,11 +87,8 @@ impl<E: Engine> goldenscript::Runner for MvccRunner<E> {
                 let ts = parse_ts(positional()?)?;
                 let from = args.take_key("from").unwrap_or("");
                 let to = args.take_key("to");
-                let limit = args
-                    .take_key("limit")
-                    .map(str::parse)
-                    .transpose()?
-                    .unwrap_or(usize::MAX);
+                let limit =
+                    args.take_key("limit").map(str::parse).transpose()?.unwrap_or(usize::MAX);
                 let direction = match args.next_pos() {
                     Some("reverse") => ScanDirection::Reverse,
                     None => ScanDirection::Forward,
@@ -128,19 +122,9 @@ impl<E: Engine> goldenscript::Runner for MvccRunner<E> {
             }
             "dump" => {
                 writeln!(output, "gc horizon {}", self.mvcc.gc_horizon().as_nanos())?;
-                for VersionWrite {
-                    key,
-                    commit_ts,
-                    value,
-                } in self.mvcc.dump()?
-                {
+                for VersionWrite { key, commit_ts, value } in self.mvcc.dump()? {
                     let value = value.map_or("<tombstone>".to_string(), |value| show_key(&value));
-                    writeln!(
-                        output,
-                        "{}@{} = {value}",
-                        show_key(&key),
-                        commit_ts.as_nanos()
-                    )?;
+                    writeln!(output, "{}@{} = {value}", show_key(&key), commit_ts.as_nanos())?;
                 }
             }
             name => return Err(format!("unknown command {name}").into()),
@@ -187,36 +171,19 @@ fn corrupt_data_is_reported_not_returned() {
     let mvcc = Mvcc::new(engine.clone()).unwrap();
     mvcc.put(b"a", Timestamp::from_nanos(5), b"x").unwrap();
     // A version key with a 9-byte timestamp, and a value with an unknown tag.
-    engine
-        .put(
-            &[&[keyspace::MVCC, b'b', 0x00, 0x01][..], &[0xff; 9]].concat(),
-            b"\x01y",
-        )
-        .unwrap();
-    engine
-        .put(&version_key(b"c", Timestamp::from_nanos(3)), b"\x09")
-        .unwrap();
+    engine.put(&[&[keyspace::MVCC, b'b', 0x00, 0x01][..], &[0xff; 9]].concat(), b"\x01y").unwrap();
+    engine.put(&version_key(b"c", Timestamp::from_nanos(3)), b"\x09").unwrap();
     for key in [&b"b"[..], b"c"] {
         let error = mvcc.get(key, Timestamp::from_nanos(10)).unwrap_err();
         assert!(matches!(error, Error::Corruption(_)), "{error:?}");
         assert!(!error.is_deterministic());
     }
-    let error = mvcc
-        .scan(
-            b"",
-            None,
-            Timestamp::from_nanos(10),
-            ScanDirection::Forward,
-            10,
-        )
-        .unwrap_err();
+    let error =
+        mvcc.scan(b"", None, Timestamp::from_nanos(10), ScanDirection::Forward, 10).unwrap_err();
     assert!(matches!(error, Error::Corruption(_)), "{error:?}");
     // A malformed GC horizon fails the open.
     engine.put(GC_HORIZON_KEY, b"\x01").unwrap();
-    assert!(matches!(
-        Mvcc::new(engine).unwrap_err(),
-        Error::Corruption(_)
-    ));
+    assert!(matches!(Mvcc::new(engine).unwrap_err(), Error::Corruption(_)));
 }
 
 /// A naive model: every version of every key.
@@ -224,17 +191,11 @@ type Model = BTreeMap<Vec<u8>, BTreeMap<u64, Option<Vec<u8>>>>;
 
 fn model_get(model: &Model, key: &[u8], read_ts: u64) -> Option<Version> {
     let (ts, value) = model.get(key)?.range(..=read_ts).next_back()?;
-    value.clone().map(|value| Version {
-        commit_ts: Timestamp::from_nanos(*ts),
-        value,
-    })
+    value.clone().map(|value| Version { commit_ts: Timestamp::from_nanos(*ts), value })
 }
 
 fn model_scan(model: &Model, read_ts: u64) -> Vec<(Vec<u8>, Version)> {
-    model
-        .keys()
-        .filter_map(|key| Some((key.clone(), model_get(model, key, read_ts)?)))
-        .collect()
+    model.keys().filter_map(|key| Some((key.clone(), model_get(model, key, read_ts)?))).collect()
 }
 
 fn versions() -> impl Strategy<Value = Vec<(Vec<u8>, u64, Option<Vec<u8>>)>> {
