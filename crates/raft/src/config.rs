@@ -1,0 +1,89 @@
+//! Options of a Raft node.
+
+use crate::{Error, NodeId, Result};
+
+/// Options of one Raft node.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's id.
+    pub id: NodeId,
+    /// Ticks without hearing from a leader before a follower campaigns; the actual timeout is
+    /// drawn from `[election_timeout_ticks, 2 * election_timeout_ticks)` (Raft §5.2).
+    pub election_timeout_ticks: u64,
+    /// Ticks between heartbeat rounds of a leader.
+    pub heartbeat_interval_ticks: u64,
+    /// Appends a leader keeps in flight to one follower (pipelining and flow control).
+    pub max_inflight_appends: usize,
+    /// The most bytes of entries one append carries.
+    pub max_append_bytes: usize,
+    /// Whether candidates run a pre-vote round first (thesis §9.6).
+    pub pre_vote: bool,
+    /// Whether a leader steps down when it has not heard from a quorum within an election
+    /// timeout (thesis §6.2).
+    pub check_quorum: bool,
+    /// How long a heartbeat round acknowledged by a quorum lets the leader serve, in
+    /// nanoseconds of TrueTime; zero disables leases. Must be shorter than the election
+    /// timeout in real time, or leases delay elections.
+    pub lease_duration_ns: u64,
+    /// The seed of the election-timeout jitter, so that runs are reproducible.
+    pub seed: u64,
+    /// Test-only switches that break one safety rule each, so that tests can show the
+    /// simulator catches the violation. All off by default; never set them elsewhere.
+    #[doc(hidden)]
+    pub unsafe_switches: UnsafeSwitches,
+}
+
+/// Switches that deliberately break a Raft rule (see [`Config::unsafe_switches`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnsafeSwitches {
+    /// Grant votes without the log up-to-date check (breaks Raft §5.4.1).
+    pub vote_without_log_check: bool,
+    /// Commit entries of earlier terms by counting replicas (breaks Raft §5.4.2).
+    pub commit_previous_term_by_count: bool,
+    /// Serve lease reads after the lease has expired.
+    pub serve_expired_lease: bool,
+}
+
+impl Config {
+    /// Returns options with defaults for the node `id`: 10-tick elections, 2-tick heartbeats,
+    /// pre-vote and check-quorum on, no lease.
+    pub fn new(id: NodeId) -> Self {
+        Config {
+            id,
+            election_timeout_ticks: 10,
+            heartbeat_interval_ticks: 2,
+            max_inflight_appends: 64,
+            max_append_bytes: 1 << 20,
+            pre_vote: true,
+            check_quorum: true,
+            lease_duration_ns: 0,
+            seed: id.0,
+            unsafe_switches: UnsafeSwitches::default(),
+        }
+    }
+
+    /// Checks the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] if the id is zero, a tick count is zero, heartbeats are not more
+    /// frequent than elections, or flow-control limits are zero.
+    pub fn validate(&self) -> Result<()> {
+        if self.id.0 == 0 {
+            return Err(Error::InvalidConfig("node id 0 is reserved".into()));
+        }
+        if self.heartbeat_interval_ticks == 0 || self.election_timeout_ticks == 0 {
+            return Err(Error::InvalidConfig("tick counts must be positive".into()));
+        }
+        if self.heartbeat_interval_ticks >= self.election_timeout_ticks {
+            return Err(Error::InvalidConfig(format!(
+                "heartbeat interval ({} ticks) must be shorter than the election timeout ({} ticks)",
+                self.heartbeat_interval_ticks, self.election_timeout_ticks
+            )));
+        }
+        if self.max_inflight_appends == 0 || self.max_append_bytes == 0 {
+            return Err(Error::InvalidConfig("flow-control limits must be positive".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,547 @@
+//! The Raft node: roles, the input methods (`tick`, `step`, `propose`, ...) and the
+//! `ready`/`advance` output cycle. Elections, replication, reads and leases, and membership
+//! live in sibling modules as further `impl RawNode` blocks.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::log::RaftLog;
+use crate::progress::Progress;
+use crate::rng::SplitMix64;
+use crate::{
+    Config, Configuration, Entry, EntryKind, Error, HardState, Interval, LogIndex, Message,
+    MessageBody, NodeId, ReadState, Result, Snapshot, SnapshotMetadata, Storage, Term,
+};
+
+/// The role of a node (Raft §5.1, plus the pre-candidate of thesis §9.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Asks whether it could win an election before disrupting anyone.
+    PreCandidate,
+    /// Campaigns for votes in a new term.
+    Candidate,
+    /// Leads the group.
+    Leader,
+}
+
+/// What the application must do next, in order (see [`RawNode::ready`]):
+///
+/// 1. persist `snapshot` (install it), then `entries` (replacing stored entries from
+///    `entries[0].index` on), then `hard_state` — synced, since messages promise them;
+/// 2. send `messages`;
+/// 3. apply `committed_entries` to the state machine, in order;
+/// 4. serve the reads in `read_states` once their index is applied;
+/// 5. call [`RawNode::advance`] with this `Ready`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// A changed hard state to persist.
+    pub hard_state: Option<HardState>,
+    /// A snapshot from the leader to persist and install.
+    pub snapshot: Option<Snapshot>,
+    /// Entries to persist.
+    pub entries: Vec<Entry>,
+    /// Messages to send after persisting.
+    pub messages: Vec<Message>,
+    /// Committed entries to apply.
+    pub committed_entries: Vec<Entry>,
+    /// Confirmed ReadIndex reads.
+    pub read_states: Vec<ReadState>,
+}
+
+impl Ready {
+    /// Returns whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        *self == Ready::default()
+    }
+}
+
+/// A node's externally visible state, for status pages and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The node.
+    pub id: NodeId,
+    /// Its current term.
+    pub term: Term,
+    /// Its vote in that term.
+    pub vote: Option<NodeId>,
+    /// Its role.
+    pub role: Role,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// The last log index.
+    pub last_index: LogIndex,
+    /// The commit index.
+    pub commit: LogIndex,
+    /// The applied index.
+    pub applied: LogIndex,
+    /// The configuration in effect (applied).
+    pub configuration: Configuration,
+    /// The end of the leader's lease in TrueTime nanoseconds (0 if none).
+    pub lease_end: u64,
+}
+
+/// A Raft node as a pure state machine. See the crate docs.
+pub struct RawNode<S: Storage> {
+    pub(crate) config: Config,
+    pub(crate) id: NodeId,
+    pub(crate) term: Term,
+    pub(crate) vote: Option<NodeId>,
+    pub(crate) role: Role,
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) log: RaftLog<S>,
+    /// The configuration in effect: the latest applied one (configurations take effect when
+    /// applied, as in etcd; only one change may be pending at a time).
+    pub(crate) configuration: Configuration,
+    /// The index of the latest configuration entry appended by this leader.
+    pub(crate) pending_config_index: LogIndex,
+    /// Per-member progress, while leader (the leader included).
+    pub(crate) progress: BTreeMap<NodeId, Progress>,
+    /// Votes received, while (pre-)candidate.
+    pub(crate) votes: BTreeMap<NodeId, bool>,
+    pub(crate) election_elapsed: u64,
+    pub(crate) randomized_election_timeout: u64,
+    pub(crate) heartbeat_elapsed: u64,
+    pub(crate) rng: SplitMix64,
+    /// The TrueTime interval of the latest tick; older than the true "now", which keeps every
+    /// use of it conservative (see `reads.rs`).
+    pub(crate) now: Interval,
+    /// This node must not vote for anyone else until `after(promise_until)`.
+    pub(crate) promise_until: u64,
+    /// While leader: the lease lets it serve while `now().latest < lease_end`.
+    pub(crate) lease_end: u64,
+    /// While leader: it must not serve until `after(lease_floor)`.
+    pub(crate) lease_floor: u64,
+    /// While leader: the highest `now().latest` at which it served a lease read.
+    pub(crate) max_served_latest: u64,
+    /// While leader: set once it hands leadership away; no lease again in this term.
+    pub(crate) lease_relinquished: bool,
+    /// While leader: the latest heartbeat round and each unconfirmed round's send time
+    /// (`now().earliest`).
+    pub(crate) heartbeat_round: u64,
+    pub(crate) round_sent_earliest: BTreeMap<u64, u64>,
+    /// While leader: the highest round a quorum answered.
+    pub(crate) confirmed_round: u64,
+    /// While leader: ReadIndex requests waiting for a round: (context, index, round).
+    pub(crate) pending_reads: VecDeque<(u64, LogIndex, u64)>,
+    pub(crate) read_states: Vec<ReadState>,
+    /// While leader: the transfer target and ticks since the transfer began.
+    pub(crate) transfer: Option<(NodeId, u64)>,
+    /// Whether proposals or commits require sending appends at the next `ready`.
+    pub(crate) broadcast_pending: bool,
+    pub(crate) messages: Vec<Message>,
+    /// The hard state last handed out for persistence.
+    pub(crate) persisted_hard_state: HardState,
+}
+
+impl<S: Storage> std::fmt::Debug for RawNode<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawNode").field("status", &self.status()).finish()
+    }
+}
+
+impl<S: Storage> RawNode<S> {
+    /// Returns a node over `storage` (new, or holding the state of an earlier incarnation),
+    /// at the TrueTime interval `now`.
+    ///
+    /// A restarted node may have promised a lease to a leader before it crashed, and promises
+    /// are not persisted, so with leases enabled it refuses to vote until
+    /// `after(now.latest + (now.latest - now.earliest) + lease_duration)`, which covers any
+    /// promise made before the restart as long as every node has the same clock bound.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] if the options do not validate.
+    pub fn new(config: Config, storage: S, now: Interval) -> Result<Self> {
+        config.validate()?;
+        let hard_state = storage.hard_state();
+        let configuration = storage.snapshot_metadata().config;
+        let promise_until = if config.lease_duration_ns > 0 {
+            now.latest + (now.latest - now.earliest) + config.lease_duration_ns
+        } else {
+            0
+        };
+        let mut node = RawNode {
+            id: config.id,
+            rng: SplitMix64::new(config.seed),
+            config,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            log: RaftLog::new(storage),
+            configuration,
+            pending_config_index: LogIndex(0),
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            election_elapsed: 0,
+            randomized_election_timeout: 0,
+            heartbeat_elapsed: 0,
+            now,
+            promise_until,
+            lease_end: 0,
+            lease_floor: 0,
+            max_served_latest: 0,
+            lease_relinquished: false,
+            heartbeat_round: 0,
+            round_sent_earliest: BTreeMap::new(),
+            confirmed_round: 0,
+            pending_reads: VecDeque::new(),
+            read_states: Vec::new(),
+            transfer: None,
+            broadcast_pending: false,
+            messages: Vec::new(),
+            persisted_hard_state: hard_state,
+        };
+        node.reset_election_timeout();
+        Ok(node)
+    }
+
+    /// Returns this node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Returns the node's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Returns the current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Returns the leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// Returns the storage (the application persists `Ready` into it).
+    pub fn storage(&self) -> &S {
+        &self.log.storage
+    }
+
+    /// Returns the storage mutably, for persisting `Ready` and compaction.
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.log.storage
+    }
+
+    /// Returns the node's status.
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.id,
+            term: self.term,
+            vote: self.vote,
+            role: self.role,
+            leader: self.leader,
+            last_index: self.log.last_index(),
+            commit: self.log.committed,
+            applied: self.log.applied,
+            configuration: self.configuration.clone(),
+            lease_end: if self.role == Role::Leader { self.lease_end } else { 0 },
+        }
+    }
+
+    /// Returns the term of the entry at `index` in this node's log, if it has that entry.
+    pub fn log_term(&self, index: LogIndex) -> Option<Term> {
+        self.log.term(index).ok()
+    }
+
+    /// Returns the index of the first entry in this node's log (after its snapshot).
+    pub fn first_log_index(&self) -> LogIndex {
+        self.log.first_index()
+    }
+
+    /// Returns the metadata for a snapshot of the application's state at the applied index:
+    /// the application snapshots its state machine, then calls its storage's compaction with
+    /// this metadata.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors reading the applied entry's term.
+    pub fn applied_snapshot_metadata(&self) -> Result<SnapshotMetadata> {
+        let index = self.log.applied;
+        Ok(SnapshotMetadata {
+            index,
+            term: self.log.term(index)?,
+            config: self.configuration.clone(),
+        })
+    }
+
+    /// Returns whether this node may campaign: it votes in the configuration in effect.
+    pub(crate) fn is_promotable(&self) -> bool {
+        self.configuration.is_voter(self.id)
+    }
+
+    pub(crate) fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.log.committed }
+    }
+
+    pub(crate) fn reset_election_timeout(&mut self) {
+        let timeout = self.config.election_timeout_ticks;
+        self.randomized_election_timeout = self.rng.range(timeout, 2 * timeout);
+    }
+
+    /// Queues a message to `to`.
+    pub(crate) fn send(&mut self, to: NodeId, term: Term, body: MessageBody) {
+        self.messages.push(Message { from: self.id, to, term, body });
+    }
+
+    /// Advances logical time by one tick at the TrueTime interval `now`: followers and
+    /// candidates may start an election, leaders send heartbeats and check their quorum.
+    pub fn tick(&mut self, now: Interval) {
+        if now.earliest > self.now.earliest || now.latest > self.now.latest {
+            self.now = Interval {
+                earliest: now.earliest.max(self.now.earliest),
+                latest: now.latest.max(self.now.latest),
+            };
+        }
+        match self.role {
+            Role::Leader => self.tick_leader(),
+            Role::Follower | Role::PreCandidate | Role::Candidate => {
+                self.election_elapsed += 1;
+                if self.election_elapsed >= self.randomized_election_timeout && self.is_promotable()
+                {
+                    self.election_elapsed = 0;
+                    self.start_election(false);
+                }
+            }
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.heartbeat_elapsed >= self.config.heartbeat_interval_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat();
+        }
+        // A transfer that has not completed within an election timeout is abandoned.
+        if let Some((_, elapsed)) = self.transfer.as_mut() {
+            *elapsed += 1;
+            if *elapsed >= self.config.election_timeout_ticks {
+                self.transfer = None;
+            }
+        }
+        if self.election_elapsed >= self.config.election_timeout_ticks {
+            self.election_elapsed = 0;
+            if self.config.check_quorum {
+                let active: BTreeSet<NodeId> = self
+                    .progress
+                    .iter()
+                    .filter(|(id, progress)| **id == self.id || progress.recently_active)
+                    .map(|(id, _)| *id)
+                    .collect();
+                if !self.configuration.has_quorum(&active) {
+                    let term = self.term;
+                    self.become_follower(term, None);
+                    return;
+                }
+                for progress in self.progress.values_mut() {
+                    progress.recently_active = false;
+                }
+            }
+        }
+    }
+
+    /// Proposes an application command. Returns the index it will have if committed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeader`] on a non-leader; [`Error::TransferInProgress`] during a leadership
+    /// transfer.
+    pub fn propose(&mut self, command: Vec<u8>) -> Result<LogIndex> {
+        self.propose_entry(EntryKind::Command(command))
+    }
+
+    pub(crate) fn propose_entry(&mut self, kind: EntryKind) -> Result<LogIndex> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader { leader: self.leader });
+        }
+        if let Some((target, _)) = self.transfer {
+            return Err(Error::TransferInProgress(target));
+        }
+        Ok(self.append_entry(kind))
+    }
+
+    /// Appends an entry of the current term to the leader's log.
+    pub(crate) fn append_entry(&mut self, kind: EntryKind) -> LogIndex {
+        let index = self.log.last_index().next();
+        self.log.append(vec![Entry { index, term: self.term, kind }]);
+        self.broadcast_pending = true;
+        index
+    }
+
+    /// Processes a message from another node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] if the message is addressed to another node; storage errors.
+    pub fn step(&mut self, message: Message) -> Result<()> {
+        if message.to != self.id {
+            return Err(Error::InvalidRequest(format!(
+                "message for {} delivered to {}",
+                message.to, self.id
+            )));
+        }
+        if message.term > self.term {
+            if !self.accept_higher_term(&message) {
+                return Ok(());
+            }
+        } else if message.term < self.term {
+            self.on_stale_message(&message);
+            return Ok(());
+        }
+        match message.body {
+            MessageBody::PreVote { .. } | MessageBody::Vote { .. } => {
+                self.on_vote_request(&message)
+            }
+            MessageBody::PreVoteResponse { granted } | MessageBody::VoteResponse { granted } => {
+                self.on_vote_response(message.from, &message.body, granted)
+            }
+            MessageBody::Append { prev_index, prev_term, entries, commit } => {
+                self.on_leader_contact(message.from);
+                self.on_append(message.from, prev_index, prev_term, entries, commit);
+            }
+            MessageBody::Heartbeat { commit, round, promise_until } => {
+                self.on_leader_contact(message.from);
+                self.on_heartbeat(message.from, commit, round, promise_until);
+            }
+            MessageBody::InstallSnapshot { snapshot } => {
+                self.on_leader_contact(message.from);
+                self.on_install_snapshot(message.from, snapshot);
+            }
+            MessageBody::AppendResponse { index, reject } => {
+                if self.role == Role::Leader {
+                    self.on_append_response(message.from, index, reject);
+                }
+            }
+            MessageBody::HeartbeatResponse { round } => {
+                if self.role == Role::Leader {
+                    self.on_heartbeat_response(message.from, round);
+                }
+            }
+            MessageBody::TimeoutNow { lease_floor } => self.on_timeout_now(lease_floor),
+        }
+        Ok(())
+    }
+
+    /// Handles a message from a leader of the current term.
+    fn on_leader_contact(&mut self, leader: NodeId) {
+        if self.role != Role::Follower {
+            let term = self.term;
+            self.become_follower(term, Some(leader));
+        }
+        self.leader = Some(leader);
+        self.election_elapsed = 0;
+    }
+
+    /// Answers a message of an older term, so that a deposed leader or candidate learns the new
+    /// term (Raft §5.1); other stale messages are dropped.
+    fn on_stale_message(&mut self, message: &Message) {
+        match message.body {
+            MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallSnapshot { .. } => {
+                let body = MessageBody::AppendResponse { index: LogIndex(0), reject: None };
+                self.send(message.from, self.term, body);
+            }
+            MessageBody::PreVote { .. } => {
+                self.send(message.from, self.term, MessageBody::PreVoteResponse { granted: false });
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves to the follower role in `term`.
+    pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.reset_leader_state();
+        self.election_elapsed = 0;
+        self.reset_election_timeout();
+    }
+
+    /// Clears everything that only a leader keeps.
+    pub(crate) fn reset_leader_state(&mut self) {
+        self.progress.clear();
+        self.votes.clear();
+        self.transfer = None;
+        self.lease_end = 0;
+        self.lease_relinquished = false;
+        self.round_sent_earliest.clear();
+        self.pending_reads.clear();
+        self.broadcast_pending = false;
+    }
+
+    /// Returns whether there is anything for the application to do.
+    pub fn has_ready(&self) -> bool {
+        !self.messages.is_empty()
+            || !self.log.unstable_entries().is_empty()
+            || self.log.pending_snapshot().is_some()
+            || self.hard_state() != self.persisted_hard_state
+            || self.log.committed > self.log.applied
+            || !self.read_states.is_empty()
+            || self.broadcast_pending
+    }
+
+    /// Collects what the application must do next; see [`Ready`]. Call
+    /// [`RawNode::advance`] with it before the next `step`, `tick` or `ready`.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors reading committed entries.
+    pub fn ready(&mut self) -> Result<Ready> {
+        if self.broadcast_pending && self.role == Role::Leader {
+            self.broadcast_append();
+        }
+        self.broadcast_pending = false;
+        let hard_state = self.hard_state();
+        Ok(Ready {
+            hard_state: (hard_state != self.persisted_hard_state).then_some(hard_state),
+            snapshot: self.log.pending_snapshot().cloned(),
+            entries: self.log.unstable_entries().to_vec(),
+            messages: std::mem::take(&mut self.messages),
+            committed_entries: self.log.entries_to_apply(usize::MAX)?,
+            read_states: std::mem::take(&mut self.read_states),
+        })
+    }
+
+    /// Acknowledges that `ready` was persisted, sent and applied.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn advance(&mut self, ready: Ready) -> Result<()> {
+        if let Some(hard_state) = ready.hard_state {
+            self.persisted_hard_state = hard_state;
+        }
+        if let Some(snapshot) = &ready.snapshot {
+            self.log.stable_snapshot();
+            self.configuration = snapshot.metadata.config.clone();
+        }
+        if let Some(last) = ready.entries.last() {
+            self.log.stable_to(last.index, last.term);
+        }
+        for entry in &ready.committed_entries {
+            self.log.applied_to(entry.index);
+            if let EntryKind::ConfigChange(change) = &entry.kind {
+                self.apply_config_change(entry.index, change);
+            }
+        }
+        if self.role == Role::Leader {
+            let persisted = self.log.persisted_index();
+            if let Some(progress) = self.progress.get_mut(&self.id) {
+                progress.on_success(persisted);
+            }
+            self.maybe_commit();
+            self.release_reads_if_single_voter();
+        }
+        Ok(())
+    }
+}
