@@ -189,6 +189,12 @@ impl<S: Storage> RawNode<S> {
         if self.role == Role::Leader && !self.lease_relinquished { self.lease_end } else { 0 }
     }
 
+    /// Returns whether this leader gave up its lease for the rest of its term (it started a
+    /// leadership transfer).
+    pub fn lease_relinquished(&self) -> bool {
+        self.role == Role::Leader && self.lease_relinquished
+    }
+
     /// Hands leadership to `target` (thesis §3.10): no proposals are accepted meanwhile; the
     /// transfer is abandoned after an election timeout.
     ///

@@ -8,11 +8,14 @@
 use meridian_raft::UnsafeSwitches;
 use meridian_raft::sim::{Cluster, Report, SimOptions};
 
-/// Returns the options for `seed`: 3 or 5 nodes, with and without leases, alternating.
+/// Returns the options for `seed`: 3 or 5 nodes (5 of which 3 start as voters every fourth
+/// seed), with and without leases, alternating.
 fn options(seed: u64) -> SimOptions {
+    let nodes = if seed % 2 == 0 { 3 } else { 5 };
     SimOptions {
         seed,
-        nodes: if seed % 2 == 0 { 3 } else { 5 },
+        nodes,
+        initial_voters: if seed % 8 == 3 { 3 } else { nodes },
         lease_duration_ns: if seed % 4 < 2 { 60_000_000 } else { 0 },
         ..SimOptions::default()
     }
@@ -38,6 +41,8 @@ fn safety_holds_over_many_seeds() {
         totals.acknowledged_writes += report.acknowledged_writes;
         totals.lease_reads += report.lease_reads;
         totals.elections += report.elections;
+        totals.config_changes += report.config_changes;
+        totals.snapshots_installed += report.snapshots_installed;
         if !report.violations.is_empty() {
             eprintln!("seed {seed} failed (replay with MERIDIAN_RAFT_SEED={seed}):");
             for violation in &report.violations {
@@ -47,13 +52,16 @@ fn safety_holds_over_many_seeds() {
         }
     }
     println!(
-        "{} seeds: {} failed; {} operations completed, {} writes acknowledged, {} lease reads, {} leaders elected",
+        "{} seeds: {} failed; {} operations completed, {} writes acknowledged, {} lease reads, \
+         {} leaders elected, {} membership changes, {} snapshots installed",
         seeds.len(),
         failures.len(),
         totals.completed_operations,
         totals.acknowledged_writes,
         totals.lease_reads,
-        totals.elections
+        totals.elections,
+        totals.config_changes,
+        totals.snapshots_installed
     );
     assert!(
         failures.is_empty(),
@@ -68,6 +76,8 @@ fn safety_holds_over_many_seeds() {
             totals.acknowledged_writes
         );
         assert!(totals.lease_reads > 0, "no lease reads were served");
+        assert!(totals.config_changes > 0, "no membership change was committed");
+        assert!(totals.snapshots_installed > 0, "no snapshot was installed");
     }
 }
 

@@ -19,8 +19,13 @@ const EPOCH_NS: u64 = 1_767_225_600_000_000_000;
 pub struct SimOptions {
     /// The seed of everything random.
     pub seed: u64,
-    /// Number of nodes (all voters).
+    /// Number of nodes.
     pub nodes: u64,
+    /// How many of them (the lowest ids) are voters at the start; the others start outside the
+    /// group and may be added by membership changes.
+    pub initial_voters: u64,
+    /// Whether the nemesis changes membership and transfers leadership too.
+    pub reconfigure: bool,
     /// Steps (1 ms of simulated time each) with clients and faults.
     pub steps: u64,
     /// Steps between ticks.
@@ -62,6 +67,8 @@ impl Default for SimOptions {
         SimOptions {
             seed: 0,
             nodes: 3,
+            initial_voters: 3,
+            reconfigure: true,
             steps: 3_000,
             tick_interval_steps: 10,
             election_timeout_ticks: 10,
@@ -98,6 +105,10 @@ pub struct Report {
     pub lease_reads: usize,
     /// Leaders elected.
     pub elections: usize,
+    /// Membership change entries committed.
+    pub config_changes: usize,
+    /// Snapshots installed from a leader.
+    pub snapshots_installed: usize,
 }
 
 /// A node's key-value state machine.
@@ -202,15 +213,18 @@ pub struct Cluster {
     acknowledged: Vec<u64>,
     /// Lease reads: (term, true time, the lease's end when it served).
     lease_reads: Vec<(Term, u64, u64)>,
-    lease_ends: BTreeMap<Term, u64>,
+    /// Per term: the latest lease end granted, and when the leader gave the lease up.
+    lease_ends: BTreeMap<Term, (u64, Option<u64>)>,
     operations_per_key: BTreeMap<String, usize>,
+    snapshots_installed: usize,
 }
 
 impl Cluster {
     /// Returns a cluster of `options.nodes` voters, nothing elected yet.
     pub fn new(options: SimOptions) -> Self {
         let mut rng = SplitMix64::new(options.seed);
-        let voters: Vec<NodeId> = (1..=options.nodes).map(NodeId).collect();
+        let voters: Vec<NodeId> = (1..=options.initial_voters.min(options.nodes)).map(NodeId).collect();
+        let all: Vec<NodeId> = (1..=options.nodes).map(NodeId).collect();
         let mut cluster = Cluster {
             rng: SplitMix64::new(rng.next_u64()),
             step: 0,
@@ -231,9 +245,10 @@ impl Cluster {
             lease_reads: Vec::new(),
             lease_ends: BTreeMap::new(),
             operations_per_key: BTreeMap::new(),
+            snapshots_installed: 0,
             options,
         };
-        for id in &voters {
+        for id in &all {
             let storage = MemStorage::new(Configuration::with_voters(voters.iter().copied()));
             let node = SimNode {
                 raft: None,
@@ -352,8 +367,23 @@ impl Cluster {
         }
     }
 
+    /// Records the lease node `id` holds as leader, and when it gives it up.
+    fn observe_lease(&mut self, id: NodeId) {
+        let Some(raft) = self.nodes.get(&id).and_then(|node| node.raft.as_ref()) else { return };
+        if raft.role() != Role::Leader {
+            return;
+        }
+        let true_time = self.true_time();
+        let lease = self.lease_ends.entry(raft.term()).or_default();
+        lease.0 = lease.0.max(raft.lease_end());
+        if raft.lease_relinquished() && lease.1.is_none() {
+            lease.1 = Some(true_time);
+        }
+    }
+
     /// Runs the `Ready` cycle of node `id`: persist, send, apply, serve reads, compact.
     fn process_ready(&mut self, id: NodeId) {
+        self.observe_lease(id);
         for _ in 0..8 {
             let Some(raft) = self.nodes.get_mut(&id).and_then(|node| node.raft.as_mut()) else {
                 return;
@@ -396,6 +426,7 @@ impl Cluster {
 
     /// Replaces node `id`'s state machine with a snapshot's.
     fn install_snapshot(&mut self, id: NodeId, snapshot: &Snapshot) {
+        self.snapshots_installed += 1;
         let node = self.nodes.get_mut(&id).expect("known node");
         node.kv = Kv::restore(&snapshot.data, snapshot.metadata.index);
         // Writes waiting at indexes the snapshot covers either made it or not.
@@ -565,8 +596,6 @@ impl Cluster {
             let term = raft.term();
             let lease_end = raft.lease_end();
             self.lease_reads.push((term, true_time, lease_end));
-            let recorded = self.lease_ends.entry(term).or_default();
-            *recorded = (*recorded).max(lease_end);
             self.event_sequence += 1;
             let invoked = self.event_sequence;
             self.event_sequence += 1;
@@ -614,7 +643,8 @@ impl Cluster {
     /// Injects a random fault.
     fn nemesis(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        match self.rng.range(0, 6) {
+        let events = if self.options.reconfigure { 8 } else { 6 };
+        match self.rng.range(0, events) {
             0 | 1 => {
                 // Partition: a random non-empty proper subset, both ways or one way.
                 let side: Vec<NodeId> =
@@ -657,6 +687,15 @@ impl Cluster {
                     self.restart(id);
                 }
             }
+            6 => self.change_membership(),
+            7 => {
+                if let Some(leader) = self.current_leader() {
+                    let target = ids[self.rng.range(0, ids.len() as u64) as usize];
+                    let raft = self.nodes.get_mut(&leader).and_then(|node| node.raft.as_mut()).expect("live leader");
+                    let _ = raft.transfer_leadership(target);
+                    self.process_ready(leader);
+                }
+            }
             _ => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
                 let epsilon = self.options.epsilon_ns as i64;
@@ -664,6 +703,38 @@ impl Cluster {
                 self.nodes.get_mut(&id).expect("known").offset_ns = offset;
             }
         }
+    }
+
+    /// Returns a running leader, if any (the one of the highest term).
+    fn current_leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|(id, node)| node.raft.as_ref().map(|raft| (raft, *id)))
+            .filter(|(raft, _)| raft.role() == Role::Leader)
+            .max_by_key(|(raft, _)| raft.term())
+            .map(|(_, id)| id)
+    }
+
+    /// Asks the leader to move to a random configuration of at least three voters, with some
+    /// of the other nodes as learners.
+    fn change_membership(&mut self) {
+        let Some(leader) = self.current_leader() else { return };
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut voters = BTreeSet::new();
+        while voters.len() < 3.min(ids.len()) || (voters.len() < ids.len() && self.rng.range(0, 3) == 0) {
+            voters.insert(ids[self.rng.range(0, ids.len() as u64) as usize]);
+        }
+        let raft = self.nodes.get_mut(&leader).and_then(|node| node.raft.as_mut()).expect("live leader");
+        let current = raft.status().configuration;
+        // Voters cannot become learners in one step; the rest may join as learners.
+        let learners: BTreeSet<NodeId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !voters.contains(id) && !current.voters.contains(id))
+            .filter(|_| self.rng.range(0, 2) == 0)
+            .collect();
+        let _ = raft.propose_config_change(voters, learners);
+        self.process_ready(leader);
     }
 
     /// Checks invariants that hold at every step.
@@ -720,8 +791,13 @@ impl Cluster {
 
     /// Returns whether every node runs and has applied the same, fully committed log.
     fn converged(&self) -> bool {
+        let Some(leader) = self.current_leader() else { return false };
+        let members = self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members();
         let mut applied = BTreeSet::new();
-        for node in self.nodes.values() {
+        for (id, node) in &self.nodes {
+            if !members.contains(id) {
+                continue;
+            }
             let Some(raft) = node.raft.as_ref() else { return false };
             let status = raft.status();
             if status.commit != status.last_index || node.kv.applied_index != status.commit {
@@ -821,6 +897,12 @@ impl Cluster {
             acknowledged_writes: self.acknowledged.len(),
             lease_reads: self.lease_reads.len(),
             elections: self.leaders.len(),
+            config_changes: self
+                .committed
+                .values()
+                .filter(|(_, kind)| matches!(kind, EntryKind::ConfigChange(_)))
+                .count(),
+            snapshots_installed: self.snapshots_installed,
         }
     }
 
@@ -863,7 +945,14 @@ impl Cluster {
 
     /// Every acknowledged write is in every node's state.
     fn check_durability(&mut self) {
+        let members = match self.current_leader() {
+            Some(leader) => self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members(),
+            None => self.nodes.keys().copied().collect(),
+        };
         for (id, node) in &self.nodes {
+            if !members.contains(id) {
+                continue;
+            }
             for operation in &self.acknowledged {
                 if !node.kv.applied_operations.contains(operation) {
                     self.violations
@@ -892,8 +981,10 @@ impl Cluster {
                     return;
                 }
             }
-            for (term_b, lease_end) in &self.lease_ends {
-                if term_b < term_a && time_a <= lease_end {
+            for (term_b, (lease_end, relinquished_at)) in &self.lease_ends {
+                // A lease given up in a transfer ends there.
+                let lease_end = relinquished_at.map_or(*lease_end, |at| at.min(*lease_end));
+                if term_b < term_a && *time_a <= lease_end {
                     self.violations.push(format!(
                         "lease disjointness: a lease read of term {term_a} at {time_a} overlaps the lease of term {term_b} ending {lease_end}"
                     ));
