@@ -12,9 +12,18 @@
 use std::collections::BTreeSet;
 
 use crate::node::Role;
-use crate::{EntryKind, Message, MessageBody, NodeId, RawNode, Storage, Term};
+use crate::{CommitPoint, EntryKind, Message, MessageBody, NodeId, RawNode, Storage, Term};
 
 impl<S: Storage> RawNode<S> {
+    /// Starts an election now, as if the election timeout had elapsed (used to bootstrap a
+    /// group quickly and by tests). Does nothing on a node that does not vote.
+    pub fn campaign(&mut self) {
+        if self.role != Role::Leader {
+            self.election_elapsed = 0;
+            self.start_election(false);
+        }
+    }
+
     /// Starts an election: a pre-vote round first if enabled (and not a transfer), otherwise a
     /// real one.
     pub(crate) fn start_election(&mut self, transfer: bool) {
@@ -84,7 +93,7 @@ impl<S: Storage> RawNode<S> {
                 true
             }
             // Granted pre-votes carry the term the pre-candidate would campaign in.
-            MessageBody::PreVoteResponse { granted: true } => true,
+            MessageBody::PreVoteResponse { granted: true, .. } => true,
             MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
             | MessageBody::InstallSnapshot { .. } => {
@@ -130,13 +139,28 @@ impl<S: Storage> RawNode<S> {
         let granted = free_to_vote && up_to_date && lease_allows;
         if pre_vote {
             let term = if granted { message.term } else { self.term };
-            self.send(message.from, term, MessageBody::PreVoteResponse { granted });
+            let commit = self.commit_point();
+            self.send(message.from, term, MessageBody::PreVoteResponse { granted, commit });
         } else {
             if granted {
                 self.vote = Some(message.from);
                 self.election_elapsed = 0;
             }
-            self.send(message.from, self.term, MessageBody::VoteResponse { granted });
+            let commit = self.commit_point();
+            self.send(message.from, self.term, MessageBody::VoteResponse { granted, commit });
+        }
+    }
+
+    /// Returns this node's commit index with the term of its entry there.
+    pub(crate) fn commit_point(&self) -> CommitPoint {
+        let index = self.log.committed;
+        CommitPoint { index, term: self.log.term(index).unwrap_or_default() }
+    }
+
+    /// Learns that `commit` is committed if this log holds the same entry there.
+    pub(crate) fn learn_commit(&mut self, commit: CommitPoint) {
+        if commit.index > self.log.committed && self.log.matches(commit.index, commit.term) {
+            self.log.commit_to(commit.index);
         }
     }
 

@@ -60,7 +60,7 @@ pub use progress::ReplicationState;
 pub use rng::SplitMix64;
 pub use storage::{MemStorage, Storage};
 pub use types::{
-    ConfigChange, Configuration, Entry, EntryKind, HardState, Interval, LogIndex, Message,
-    MessageBody, NodeId, ReadState, RejectHint, Snapshot, SnapshotMetadata, Term,
+    CommitPoint, ConfigChange, Configuration, Entry, EntryKind, HardState, Interval, LogIndex,
+    Message, MessageBody, NodeId, ReadState, RejectHint, Snapshot, SnapshotMetadata, Term,
 };
 pub mod sim;

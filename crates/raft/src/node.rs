@@ -397,7 +397,9 @@ impl<S: Storage> RawNode<S> {
             MessageBody::PreVote { .. } | MessageBody::Vote { .. } => {
                 self.on_vote_request(&message)
             }
-            MessageBody::PreVoteResponse { granted } | MessageBody::VoteResponse { granted } => {
+            MessageBody::PreVoteResponse { granted, commit }
+            | MessageBody::VoteResponse { granted, commit } => {
+                self.learn_commit(commit);
                 self.on_vote_response(message.from, &message.body, granted)
             }
             MessageBody::Append { prev_index, prev_term, entries, commit } => {
@@ -448,7 +450,12 @@ impl<S: Storage> RawNode<S> {
                 self.send(message.from, self.term, body);
             }
             MessageBody::PreVote { .. } => {
-                self.send(message.from, self.term, MessageBody::PreVoteResponse { granted: false });
+                let commit = self.commit_point();
+                self.send(
+                    message.from,
+                    self.term,
+                    MessageBody::PreVoteResponse { granted: false, commit },
+                );
             }
             _ => {}
         }

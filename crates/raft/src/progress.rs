@@ -39,7 +39,7 @@ pub struct Progress {
     pub acked_round: u64,
     /// The match index at the previous heartbeat response; if a lagging member's match index
     /// has not moved between two heartbeat responses, appends were lost and the leader probes.
-    pub match_at_last_heartbeat: LogIndex,
+    pub match_at_last_heartbeat: Option<LogIndex>,
 }
 
 impl Progress {
@@ -54,7 +54,7 @@ impl Progress {
             probe_sent: false,
             recently_active: false,
             acked_round: 0,
-            match_at_last_heartbeat: LogIndex(0),
+            match_at_last_heartbeat: None,
         }
     }
 
@@ -68,6 +68,7 @@ impl Progress {
         self.state = ReplicationState::Probe;
         self.inflight.clear();
         self.probe_sent = false;
+        self.match_at_last_heartbeat = None;
     }
 
     /// Records a successful append up to `index`; returns whether the match index moved.

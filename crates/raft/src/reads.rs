@@ -76,16 +76,18 @@ impl<S: Storage> RawNode<S> {
         let Some(progress) = self.progress.get_mut(&from) else { return };
         progress.recently_active = true;
         progress.acked_round = progress.acked_round.max(round);
-        // A probe that got no answer is retried on every heartbeat response; a follower that is
-        // behind and made no progress since the last response lost appends (or the snapshot),
-        // so probe again.
-        progress.probe_sent = false;
+        // A follower that is behind and made no progress between two heartbeat responses lost
+        // an append, a probe or a snapshot: probe again.
         let behind = progress.match_index < self.log.last_index();
-        let stalled = progress.match_index == progress.match_at_last_heartbeat;
-        progress.match_at_last_heartbeat = progress.match_index;
+        let stalled = progress.match_at_last_heartbeat == Some(progress.match_index);
+        progress.match_at_last_heartbeat = Some(progress.match_index);
         if behind {
-            if stalled && progress.state != crate::ReplicationState::Probe {
-                progress.become_probe();
+            if stalled {
+                match progress.state {
+                    // Retry the lost probe where it was.
+                    crate::ReplicationState::Probe => progress.probe_sent = false,
+                    _ => progress.become_probe(),
+                }
             }
             self.send_append(from, true);
         }

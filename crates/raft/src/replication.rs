@@ -116,8 +116,12 @@ impl<S: Storage> RawNode<S> {
         progress.recently_active = true;
         match reject {
             None => {
+                let was_paused = progress.is_paused(self.config.max_inflight_appends);
                 if progress.on_success(index) && self.maybe_commit() {
                     self.broadcast_append();
+                } else if was_paused {
+                    // The follower may have missed commit updates while paused.
+                    self.send_append(from, true);
                 }
                 if let Some((target, _)) = self.transfer
                     && target == from

@@ -278,6 +278,8 @@ pub enum MessageBody {
     PreVoteResponse {
         /// Whether the recipient would vote.
         granted: bool,
+        /// The responder's commit index and the term of its entry there (see `VoteResponse`).
+        commit: CommitPoint,
     },
     /// Requests a vote (Raft §5.2).
     Vote {
@@ -294,6 +296,12 @@ pub enum MessageBody {
     VoteResponse {
         /// Whether the vote was granted.
         granted: bool,
+        /// The responder's commit index and the term of its entry there. A candidate holding
+        /// that entry learns that everything up to it is committed (log matching), which
+        /// matters when the only nodes that know it are no longer voters: after a leader leaves
+        /// a joint configuration and steps down, the new voters may still be waiting to apply
+        /// the change, and would otherwise never get a majority of the outgoing half.
+        commit: CommitPoint,
     },
     /// Replicates entries (Raft §5.3).
     Append {
@@ -340,6 +348,15 @@ pub enum MessageBody {
         /// serve lease reads or assign timestamps until `after(lease_floor)`.
         lease_floor: u64,
     },
+}
+
+/// An index known to be committed and the term of the entry there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitPoint {
+    /// The committed index.
+    pub index: LogIndex,
+    /// The term of the entry at `index`.
+    pub term: Term,
 }
 
 /// A read confirmed by ReadIndex: once the node has applied `index`, reading its state machine

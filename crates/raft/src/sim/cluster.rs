@@ -223,7 +223,8 @@ impl Cluster {
     /// Returns a cluster of `options.nodes` voters, nothing elected yet.
     pub fn new(options: SimOptions) -> Self {
         let mut rng = SplitMix64::new(options.seed);
-        let voters: Vec<NodeId> = (1..=options.initial_voters.min(options.nodes)).map(NodeId).collect();
+        let voters: Vec<NodeId> =
+            (1..=options.initial_voters.min(options.nodes)).map(NodeId).collect();
         let all: Vec<NodeId> = (1..=options.nodes).map(NodeId).collect();
         let mut cluster = Cluster {
             rng: SplitMix64::new(rng.next_u64()),
@@ -691,7 +692,11 @@ impl Cluster {
             7 => {
                 if let Some(leader) = self.current_leader() {
                     let target = ids[self.rng.range(0, ids.len() as u64) as usize];
-                    let raft = self.nodes.get_mut(&leader).and_then(|node| node.raft.as_mut()).expect("live leader");
+                    let raft = self
+                        .nodes
+                        .get_mut(&leader)
+                        .and_then(|node| node.raft.as_mut())
+                        .expect("live leader");
                     let _ = raft.transfer_leadership(target);
                     self.process_ready(leader);
                 }
@@ -721,10 +726,13 @@ impl Cluster {
         let Some(leader) = self.current_leader() else { return };
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let mut voters = BTreeSet::new();
-        while voters.len() < 3.min(ids.len()) || (voters.len() < ids.len() && self.rng.range(0, 3) == 0) {
+        while voters.len() < 3.min(ids.len())
+            || (voters.len() < ids.len() && self.rng.range(0, 3) == 0)
+        {
             voters.insert(ids[self.rng.range(0, ids.len() as u64) as usize]);
         }
-        let raft = self.nodes.get_mut(&leader).and_then(|node| node.raft.as_mut()).expect("live leader");
+        let raft =
+            self.nodes.get_mut(&leader).and_then(|node| node.raft.as_mut()).expect("live leader");
         let current = raft.status().configuration;
         // Voters cannot become learners in one step; the rest may join as learners.
         let learners: BTreeSet<NodeId> = ids
@@ -792,7 +800,8 @@ impl Cluster {
     /// Returns whether every node runs and has applied the same, fully committed log.
     fn converged(&self) -> bool {
         let Some(leader) = self.current_leader() else { return false };
-        let members = self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members();
+        let members =
+            self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members();
         let mut applied = BTreeSet::new();
         for (id, node) in &self.nodes {
             if !members.contains(id) {
@@ -946,7 +955,9 @@ impl Cluster {
     /// Every acknowledged write is in every node's state.
     fn check_durability(&mut self) {
         let members = match self.current_leader() {
-            Some(leader) => self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members(),
+            Some(leader) => {
+                self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members()
+            }
             None => self.nodes.keys().copied().collect(),
         };
         for (id, node) in &self.nodes {

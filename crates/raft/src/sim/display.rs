@@ -14,7 +14,11 @@ pub fn entry(entry: &Entry) -> String {
             let list = |set: &std::collections::BTreeSet<NodeId>| {
                 set.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",")
             };
-            format!("config voters={} learners={}", list(voters), list(learners))
+            if learners.is_empty() {
+                format!("config voters={}", list(voters))
+            } else {
+                format!("config voters={} learners={}", list(voters), list(learners))
+            }
         }
         EntryKind::ConfigChange(ConfigChange::Leave) => "config leave-joint".to_string(),
     };
@@ -28,8 +32,8 @@ pub fn message(message: &Message) -> String {
         MessageBody::PreVote { last_index, last_term } => {
             write!(out, "PreVote last={last_index}@{last_term}")
         }
-        MessageBody::PreVoteResponse { granted } => {
-            write!(out, "PreVoteResponse granted={granted}")
+        MessageBody::PreVoteResponse { granted, commit } => {
+            write!(out, "PreVoteResponse granted={granted} commit={}@{}", commit.index, commit.term)
         }
         MessageBody::Vote { last_index, last_term, transfer } => {
             write!(
@@ -38,7 +42,9 @@ pub fn message(message: &Message) -> String {
                 if *transfer { " transfer" } else { "" }
             )
         }
-        MessageBody::VoteResponse { granted } => write!(out, "VoteResponse granted={granted}"),
+        MessageBody::VoteResponse { granted, commit } => {
+            write!(out, "VoteResponse granted={granted} commit={}@{}", commit.index, commit.term)
+        }
         MessageBody::Append { prev_index, prev_term, entries, commit } => {
             let entries: Vec<String> = entries.iter().map(entry).collect();
             write!(
