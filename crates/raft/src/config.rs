@@ -87,3 +87,27 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_unusable_options() {
+        let valid = Config::new(NodeId(1));
+        assert!(valid.validate().is_ok());
+        type Change = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("zero id", Box::new(|config| config.id = NodeId(0))),
+            ("zero election timeout", Box::new(|config| config.election_timeout_ticks = 0)),
+            ("heartbeat not shorter", Box::new(|config| config.heartbeat_interval_ticks = 10)),
+            ("no in-flight appends", Box::new(|config| config.max_inflight_appends = 0)),
+            ("no append bytes", Box::new(|config| config.max_append_bytes = 0)),
+        ];
+        for (name, change) in cases {
+            let mut config = valid.clone();
+            change(&mut config);
+            assert!(matches!(config.validate(), Err(Error::InvalidConfig(_))), "{name}");
+        }
+    }
+}

@@ -314,3 +314,104 @@ impl<S: Storage> RaftLog<S> {
         self.applied = self.applied.max(index);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Configuration, EntryKind, MemStorage, RejectHint};
+
+    fn entries(terms: &[u64]) -> Vec<Entry> {
+        terms
+            .iter()
+            .enumerate()
+            .map(|(i, term)| Entry {
+                index: LogIndex(i as u64 + 1),
+                term: Term(*term),
+                kind: EntryKind::Noop,
+            })
+            .collect()
+    }
+
+    /// A log whose first `stable` entries are persisted and the rest unstable.
+    fn log(terms: &[u64], stable: usize) -> RaftLog<MemStorage> {
+        let all = entries(terms);
+        let mut storage = MemStorage::new(Configuration::default());
+        storage.append(&all[..stable]);
+        let mut log = RaftLog::new(storage);
+        log.append(all[stable..].to_vec());
+        log
+    }
+
+    #[test]
+    fn reject_hints_point_at_the_first_index_of_the_conflicting_term() {
+        // (log terms, prev_index of the rejected append, expected hint)
+        let cases = [
+            (vec![1, 1, 2, 2, 2], 4, (3, Some(2))),
+            (vec![1, 1, 2, 2, 2], 2, (1, Some(1))),
+            (vec![1, 1, 2], 7, (4, None)),
+            (vec![3], 1, (1, Some(3))),
+        ];
+        for (terms, prev_index, (conflict_index, conflict_term)) in cases {
+            for stable in [0, terms.len() / 2, terms.len()] {
+                let hint = log(&terms, stable).reject_hint(LogIndex(prev_index));
+                let expected = RejectHint {
+                    conflict_index: LogIndex(conflict_index),
+                    conflict_term: conflict_term.map(Term),
+                };
+                assert_eq!(hint, expected, "{terms:?} prev={prev_index} stable={stable}");
+            }
+        }
+    }
+
+    #[test]
+    fn maybe_append_skips_matches_and_replaces_conflicts() {
+        // (log terms, prev index, prev term, new entry terms, result, terms afterwards)
+        let cases: Vec<(Vec<u64>, u64, u64, Vec<u64>, Option<u64>, Vec<u64>)> = vec![
+            (vec![1, 1, 1], 3, 1, vec![2, 2], Some(5), vec![1, 1, 1, 2, 2]),
+            (vec![1, 1, 1], 1, 1, vec![1], Some(2), vec![1, 1, 1]),
+            (vec![1, 1, 1], 1, 1, vec![1, 2], Some(3), vec![1, 1, 2]),
+            (vec![1, 1, 1], 1, 2, vec![2], None, vec![1, 1, 1]),
+            (vec![1, 1, 1], 4, 1, vec![2], None, vec![1, 1, 1]),
+            (vec![], 0, 0, vec![1, 1], Some(2), vec![1, 1]),
+        ];
+        for (terms, prev_index, prev_term, new_terms, result, after) in cases {
+            for stable in [0, terms.len()] {
+                let mut log = log(&terms, stable);
+                let new: Vec<Entry> = new_terms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, term)| Entry {
+                        index: LogIndex(prev_index + i as u64 + 1),
+                        term: Term(*term),
+                        kind: EntryKind::Noop,
+                    })
+                    .collect();
+                assert_eq!(
+                    log.maybe_append(LogIndex(prev_index), Term(prev_term), new),
+                    result.map(LogIndex)
+                );
+                let got: Vec<u64> =
+                    (1..=log.last_index().0).map(|i| log.term(LogIndex(i)).unwrap().0).collect();
+                assert_eq!(got, after, "{terms:?} stable={stable}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "log matching violated")]
+    fn overwriting_a_committed_entry_panics() {
+        let mut log = log(&[1, 1, 1], 3);
+        log.commit_to(LogIndex(3));
+        log.maybe_append(LogIndex(1), Term(1), entries(&[1, 2, 2])[1..].to_vec());
+    }
+
+    #[test]
+    fn up_to_date_compares_last_term_then_index() {
+        let log = log(&[1, 2, 2], 3);
+        let cases =
+            [((3, 2), true), ((4, 2), true), ((2, 2), false), ((1, 3), true), ((9, 1), false)];
+        for ((index, term), expected) in cases {
+            assert_eq!(log.is_up_to_date(LogIndex(index), Term(term)), expected, "{index}@{term}");
+        }
+    }
+}

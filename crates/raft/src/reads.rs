@@ -110,10 +110,11 @@ impl<S: Storage> RawNode<S> {
             return;
         }
         self.confirmed_round = quorum_round;
-        if self.config.lease_duration_ns > 0 && !self.lease_relinquished {
-            if let Some(sent_earliest) = self.round_sent_earliest.get(&quorum_round) {
-                self.lease_end = self.lease_end.max(sent_earliest + self.config.lease_duration_ns);
-            }
+        if self.config.lease_duration_ns > 0
+            && !self.lease_relinquished
+            && let Some(sent_earliest) = self.round_sent_earliest.get(&quorum_round)
+        {
+            self.lease_end = self.lease_end.max(sent_earliest + self.config.lease_duration_ns);
         }
         self.round_sent_earliest.retain(|round, _| *round > quorum_round);
         self.resolve_pending_reads();

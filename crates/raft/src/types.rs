@@ -368,3 +368,57 @@ pub struct ReadState {
     /// The commit index the read must wait for.
     pub index: LogIndex,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(list: &[u64]) -> BTreeSet<NodeId> {
+        list.iter().map(|id| NodeId(*id)).collect()
+    }
+
+    #[test]
+    fn quorums_of_simple_and_joint_configurations() {
+        let simple = Configuration::with_voters(ids(&[1, 2, 3]));
+        let joint = Configuration {
+            voters: ids(&[3, 4, 5]),
+            outgoing_voters: ids(&[1, 2, 3]),
+            learners: ids(&[6]),
+        };
+        // (configuration, granted, has quorum)
+        let cases = [
+            (&simple, vec![1, 2], true),
+            (&simple, vec![3], false),
+            (&simple, vec![4, 5, 6], false),
+            (&joint, vec![1, 2], false),
+            (&joint, vec![1, 2, 4, 5], true),
+            (&joint, vec![3, 4], false),
+            (&joint, vec![2, 3, 4], true),
+            (&joint, vec![3, 6], false),
+        ];
+        for (configuration, granted, expected) in cases {
+            assert_eq!(
+                configuration.has_quorum(&ids(&granted)),
+                expected,
+                "{configuration} {granted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn quorum_value_is_the_highest_value_a_majority_reached_in_every_half() {
+        let simple = Configuration::with_voters(ids(&[1, 2, 3]));
+        let values = |id: NodeId| [0, 10, 7, 3, 9, 1][id.0 as usize];
+        assert_eq!(simple.quorum_value(values), 7);
+        let joint = Configuration {
+            voters: ids(&[3, 4, 5]),
+            outgoing_voters: ids(&[1, 2, 3]),
+            learners: BTreeSet::new(),
+        };
+        // Incoming {3, 9, 1} → 3; outgoing {10, 7, 3} → 7; both must agree → 3.
+        assert_eq!(joint.quorum_value(values), 3);
+        let even = Configuration::with_voters(ids(&[1, 2, 3, 4]));
+        // {10, 7, 3, 9}: three of four have at least 7.
+        assert_eq!(even.quorum_value(values), 7);
+    }
+}

@@ -11,7 +11,7 @@ use meridian_raft::sim::{Cluster, Report, SimOptions};
 /// Returns the options for `seed`: 3 or 5 nodes (5 of which 3 start as voters every fourth
 /// seed), with and without leases, alternating.
 fn options(seed: u64) -> SimOptions {
-    let nodes = if seed % 2 == 0 { 3 } else { 5 };
+    let nodes = if seed.is_multiple_of(2) { 3 } else { 5 };
     SimOptions {
         seed,
         nodes,

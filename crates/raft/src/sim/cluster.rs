@@ -781,7 +781,7 @@ impl Cluster {
     pub fn step_once(&mut self) {
         self.step += 1;
         self.deliver_due();
-        if self.step % self.options.tick_interval_steps == 0 {
+        if self.step.is_multiple_of(self.options.tick_interval_steps) {
             for id in self.live_nodes() {
                 let now = self.interval(id);
                 if let Some(raft) = self.nodes.get_mut(&id).and_then(|node| node.raft.as_mut()) {
@@ -854,7 +854,7 @@ impl Cluster {
         let mut converged = false;
         for _ in 0..10_000 {
             self.step_once();
-            if self.step % 10 == 0 && self.converged() {
+            if self.step.is_multiple_of(10) && self.converged() {
                 converged = true;
                 break;
             }
