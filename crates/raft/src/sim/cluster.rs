@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::display;
+use super::kv::Kv;
 use super::linearizability::{self, HistoryEntry, Operation};
 use crate::{
     Config, Configuration, Entry, EntryKind, Interval, LogIndex, MemStorage, Message, NodeId,
@@ -111,63 +112,13 @@ pub struct Report {
     pub snapshots_installed: usize,
 }
 
-/// A node's key-value state machine.
-#[derive(Clone, Debug, Default)]
-struct Kv {
-    data: BTreeMap<String, String>,
-    applied_operations: BTreeSet<u64>,
-    applied_index: LogIndex,
-}
-
-impl Kv {
-    /// Applies `put OP KEY VALUE` commands; other commands only advance the index.
-    fn apply(&mut self, entry: &Entry) {
-        if let EntryKind::Command(data) = &entry.kind
-            && let Ok(text) = std::str::from_utf8(data)
-            && let ["put", operation, key, value] = text.split(' ').collect::<Vec<_>>()[..]
-            && let Ok(operation) = operation.parse()
-        {
-            self.data.insert(key.to_string(), value.to_string());
-            self.applied_operations.insert(operation);
-        }
-        self.applied_index = entry.index;
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        let mut out = String::new();
-        for (key, value) in &self.data {
-            out.push_str(&format!("k {key} {value}\n"));
-        }
-        for operation in &self.applied_operations {
-            out.push_str(&format!("o {operation}\n"));
-        }
-        out.into_bytes()
-    }
-
-    fn restore(data: &[u8], index: LogIndex) -> Kv {
-        let mut kv = Kv { applied_index: index, ..Kv::default() };
-        for line in String::from_utf8_lossy(data).lines() {
-            match line.split(' ').collect::<Vec<_>>()[..] {
-                ["k", key, value] => {
-                    kv.data.insert(key.into(), value.into());
-                }
-                ["o", operation] => {
-                    kv.applied_operations.insert(operation.parse().unwrap_or_default());
-                }
-                _ => {}
-            }
-        }
-        kv
-    }
-}
-
 /// One simulated node.
-struct SimNode {
+pub(super) struct SimNode {
     /// The running node, or `None` while crashed.
-    raft: Option<RawNode<MemStorage>>,
+    pub(super) raft: Option<RawNode<MemStorage>>,
     /// The persisted state while crashed.
     saved: MemStorage,
-    kv: Kv,
+    pub(super) kv: Kv,
     /// The node's clock offset from true time, within ±ε.
     offset_ns: i64,
     /// Writes proposed here: index → client.
@@ -194,7 +145,7 @@ pub struct Cluster {
     options: SimOptions,
     rng: SplitMix64,
     step: u64,
-    nodes: BTreeMap<NodeId, SimNode>,
+    pub(super) nodes: BTreeMap<NodeId, SimNode>,
     /// Messages in flight, keyed by (delivery step, sequence).
     network: BTreeMap<(u64, u64), Message>,
     sequence: u64,
@@ -204,17 +155,17 @@ pub struct Cluster {
     // Monitors.
     leaders: BTreeMap<Term, NodeId>,
     committed: BTreeMap<LogIndex, (Term, EntryKind)>,
-    violations: Vec<String>,
+    pub(super) violations: Vec<String>,
     // Clients and their history.
     clients: Vec<Option<PendingOperation>>,
     history: Vec<(HistoryEntry, bool)>,
     event_sequence: u64,
     next_operation_id: u64,
-    acknowledged: Vec<u64>,
+    pub(super) acknowledged: Vec<u64>,
     /// Lease reads: (term, true time, the lease's end when it served).
-    lease_reads: Vec<(Term, u64, u64)>,
+    pub(super) lease_reads: Vec<(Term, u64, u64)>,
     /// Per term: the latest lease end granted, and when the leader gave the lease up.
-    lease_ends: BTreeMap<Term, (u64, Option<u64>)>,
+    pub(super) lease_ends: BTreeMap<Term, (u64, Option<u64>)>,
     operations_per_key: BTreeMap<String, usize>,
     snapshots_installed: usize,
 }
@@ -711,7 +662,7 @@ impl Cluster {
     }
 
     /// Returns a running leader, if any (the one of the highest term).
-    fn current_leader(&self) -> Option<NodeId> {
+    pub(super) fn current_leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
             .filter_map(|(id, node)| node.raft.as_ref().map(|raft| (raft, *id)))
@@ -912,96 +863,6 @@ impl Cluster {
                 .filter(|(_, kind)| matches!(kind, EntryKind::ConfigChange(_)))
                 .count(),
             snapshots_installed: self.snapshots_installed,
-        }
-    }
-
-    /// Log matching (§5.3): if two logs hold an entry with the same index and term, they hold
-    /// the same entries up to it.
-    fn check_log_matching(&mut self) {
-        let logs: Vec<(NodeId, BTreeMap<LogIndex, Entry>)> = self
-            .nodes
-            .iter()
-            .filter_map(|(id, node)| node.raft.as_ref().map(|raft| (*id, raft)))
-            .map(|(id, raft)| {
-                (
-                    id,
-                    raft.storage()
-                        .stored_entries()
-                        .iter()
-                        .map(|entry| (entry.index, entry.clone()))
-                        .collect(),
-                )
-            })
-            .collect();
-        for (a, (id_a, log_a)) in logs.iter().enumerate() {
-            for (id_b, log_b) in logs.iter().skip(a + 1) {
-                let mut matched = false;
-                for (index, entry_a) in log_a.iter().rev() {
-                    let Some(entry_b) = log_b.get(index) else { continue };
-                    if entry_a.term == entry_b.term {
-                        matched = true;
-                    }
-                    if matched && entry_a != entry_b {
-                        self.violations.push(format!(
-                            "log matching: nodes {id_a} and {id_b} differ at {index} below a common entry"
-                        ));
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every acknowledged write is in every node's state.
-    fn check_durability(&mut self) {
-        let members = match self.current_leader() {
-            Some(leader) => {
-                self.nodes[&leader].raft.as_ref().expect("live").status().configuration.members()
-            }
-            None => self.nodes.keys().copied().collect(),
-        };
-        for (id, node) in &self.nodes {
-            if !members.contains(id) {
-                continue;
-            }
-            for operation in &self.acknowledged {
-                if !node.kv.applied_operations.contains(operation) {
-                    self.violations
-                        .push(format!("durability: node {id} lost acknowledged write {operation}"));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Lease reads happen within their lease, after every earlier term's lease ended and after
-    /// every earlier term's lease reads.
-    fn check_leases(&mut self) {
-        for (term_a, time_a, lease_end_a) in &self.lease_reads {
-            if time_a >= lease_end_a {
-                self.violations.push(format!(
-                    "lease validity: a lease read of term {term_a} at {time_a} came after its lease ended at {lease_end_a}"
-                ));
-                return;
-            }
-            for (term_b, time_b, _) in &self.lease_reads {
-                if term_a < term_b && time_a >= time_b {
-                    self.violations.push(format!(
-                        "lease disjointness: a lease read of term {term_a} at {time_a} follows one of term {term_b} at {time_b}"
-                    ));
-                    return;
-                }
-            }
-            for (term_b, (lease_end, relinquished_at)) in &self.lease_ends {
-                // A lease given up in a transfer ends there.
-                let lease_end = relinquished_at.map_or(*lease_end, |at| at.min(*lease_end));
-                if term_b < term_a && *time_a <= lease_end {
-                    self.violations.push(format!(
-                        "lease disjointness: a lease read of term {term_a} at {time_a} overlaps the lease of term {term_b} ending {lease_end}"
-                    ));
-                    return;
-                }
-            }
         }
     }
 }

@@ -21,6 +21,8 @@
 
 mod cluster;
 pub mod display;
+mod invariants;
+mod kv;
 pub mod linearizability;
 
 pub use cluster::{Cluster, Report, SimOptions};
