@@ -1,11 +1,24 @@
 //! A Meridian node: the replicas of the ranges it hosts, each a Raft group whose log, hard
-//! state and state machine live in the node's single storage engine.
+//! state and state machine live in the node's single RocksDB store, served over gRPC.
 //!
-//! Built so far: [`RaftLogStore`], the persistent Raft log of one range replica. It implements
-//! [`meridian_raft::Storage`] over a [`meridian_storage::Engine`] and stages each `Ready` into a
-//! caller-supplied write batch, so that the multi-raft driver (next) can persist every range's
-//! ready state in one synced batch per cycle (group commit).
+//! - [`raft_store`](RaftLogStore): a range's persistent Raft log, staged into shared batches.
+//! - `state_machine`: MVCC writes at leader-assigned timestamps, applied state, snapshots.
+//! - `driver`: one task running every replica's Raft cycle with group commit.
+//! - `transport`: batched, per-peer gRPC streams for Raft messages.
+//! - `server`: the `Kv` and `Node` services, store identity checks and peer discovery.
+//!
+//! This is the first slice of the node: one range covering all keys, replicated on up to three
+//! nodes chosen at `init`. The meta range, splits, placement and metrics are not built yet.
 
+mod driver;
+mod error;
 mod raft_store;
+mod server;
+mod state_machine;
+mod transport;
 
+pub use driver::{FIRST_RANGE, RaftTiming};
+pub use error::{LEADER_ADDRESS_METADATA, NodeError};
 pub use raft_store::{RaftLogStore, RangeId, SnapshotSource, StagedReady};
+pub use server::{NodeOptions, run_node};
+pub use state_machine::{AppliedState, encode_delete, encode_put};

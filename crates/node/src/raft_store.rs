@@ -48,6 +48,8 @@ pub trait SnapshotSource: Send + Sync {
 const HARD_STATE: u8 = 0x01;
 const TRUNCATED_STATE: u8 = 0x02;
 const ENTRY: u8 = 0x03;
+/// The range's applied state (written by the state machine, see `state_machine.rs`).
+pub(crate) const APPLIED_STATE: u8 = 0x04;
 
 fn range_prefix(range: RangeId) -> Vec<u8> {
     let mut key = Vec::with_capacity(18);
@@ -56,7 +58,7 @@ fn range_prefix(range: RangeId) -> Vec<u8> {
     key
 }
 
-fn state_key(range: RangeId, kind: u8) -> Vec<u8> {
+pub(crate) fn state_key(range: RangeId, kind: u8) -> Vec<u8> {
     let mut key = range_prefix(range);
     key.push(kind);
     key

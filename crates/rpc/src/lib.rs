@@ -15,3 +15,15 @@ pub use convert::{Error, decode_message, encode_message};
 pub mod raft {
     include!(concat!(env!("OUT_DIR"), "/meridian.raft.rs"));
 }
+
+/// Types and the `Kv` service generated from `proto/kv.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod kv {
+    include!(concat!(env!("OUT_DIR"), "/meridian.kv.rs"));
+}
+
+/// Types and the `Node` service generated from `proto/node.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod node {
+    include!(concat!(env!("OUT_DIR"), "/meridian.node.rs"));
+}

@@ -381,6 +381,22 @@ impl<E: Engine> Mvcc<E> {
         Ok(stats)
     }
 
+    /// Adds the deletion of every stored version to `batch` (before installing a snapshot that
+    /// replaces the data). Returns how many versions it deletes.
+    ///
+    /// # Errors
+    ///
+    /// Engine errors.
+    pub fn stage_clear(&self, batch: &mut WriteBatch) -> Result<usize> {
+        let end = prefix_end(&[keyspace::MVCC]);
+        let mut count = 0;
+        for entry in self.engine.scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward) {
+            batch.delete(entry?.0);
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Returns every version stored, smallest key first and newest version first (for tests and
     /// debugging).
     ///

@@ -1,0 +1,65 @@
+//! Errors the node returns to clients, and their gRPC form.
+
+use meridian_raft::NodeId;
+
+/// Why a request failed, grouped by what the client must do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// Another node leads the range; retry there (the address is known if `address` is set).
+    #[error("not the leader{}", leader.map(|id| format!("; node {id} leads at {}", address.as_deref().unwrap_or("an unknown address"))).unwrap_or_default())]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeId>,
+        /// Its RPC address, if known.
+        address: Option<String>,
+    },
+    /// The range cannot serve right now (no leader, no lease yet, leadership lost); retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The request is invalid.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// The node is not part of an initialized cluster yet.
+    #[error("the node is not initialized: run `meridian init` against one node of the cluster")]
+    NotInitialized,
+    /// The cluster was already initialized.
+    #[error("the cluster is already initialized (cluster {0})")]
+    AlreadyInitialized(String),
+    /// A peer belongs to another cluster.
+    #[error("cluster mismatch: this node belongs to cluster {ours}, the peer to {theirs}")]
+    ClusterMismatch {
+        /// This node's cluster.
+        ours: String,
+        /// The peer's cluster.
+        theirs: String,
+    },
+    /// The node failed internally (storage); it stops.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The metadata key carrying the leader's address on a `NotLeader` error.
+pub const LEADER_ADDRESS_METADATA: &str = "x-meridian-leader-address";
+
+impl From<NodeError> for tonic::Status {
+    fn from(error: NodeError) -> Self {
+        let message = error.to_string();
+        match error {
+            NodeError::NotLeader { address, .. } => {
+                let mut status = tonic::Status::failed_precondition(message);
+                if let Some(address) = address
+                    && let Ok(value) = address.parse()
+                {
+                    status.metadata_mut().insert(LEADER_ADDRESS_METADATA, value);
+                }
+                status
+            }
+            NodeError::Unavailable(_) => tonic::Status::unavailable(message),
+            NodeError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            NodeError::NotInitialized => tonic::Status::failed_precondition(message),
+            NodeError::AlreadyInitialized(_) => tonic::Status::already_exists(message),
+            NodeError::ClusterMismatch { .. } => tonic::Status::permission_denied(message),
+            NodeError::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}

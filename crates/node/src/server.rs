@@ -1,0 +1,486 @@
+//! A running node: the store, the driver task, the gRPC services (`Kv` for clients, `Node` for
+//! peers and administration) and the hello loop that keeps the address book current.
+//!
+//! Identity and membership are checked at the edges: a store remembers the node id and cluster
+//! id it belongs to, so that starting a node with another node's or another cluster's store
+//! fails with a clear error, and batches from a node of another cluster are refused.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_clock::{ClockOptions, SystemClock, TrueTime};
+use meridian_raft::NodeId;
+use meridian_rpc::kv::kv_server::{Kv, KvServer};
+use meridian_rpc::kv::{
+    DeleteRequest, GetRequest, GetResponse, KeyValue, PutRequest, ScanRequest, ScanResponse,
+    WriteResponse,
+};
+use meridian_rpc::node::node_client::NodeClient;
+use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
+use meridian_rpc::node::{
+    Ack, BootstrapRequest, BootstrapResponse, HelloRequest, HelloResponse, InitRequest,
+    InitResponse, MessageBatch, Peer, RangeStatus, StatusRequest, StatusResponse,
+};
+use meridian_storage::{Engine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::driver::{Driver, Event, RaftTiming, ReadRequest, log_fatal};
+use crate::transport::Transport;
+use crate::{NodeError, RangeId};
+
+/// How a node is started.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// This node's id (never zero).
+    pub node_id: NodeId,
+    /// The store directory.
+    pub store: PathBuf,
+    /// The address to listen on for gRPC.
+    pub rpc_listen: SocketAddr,
+    /// The address peers and clients use to reach this node (defaults to `rpc_listen`).
+    pub advertise: String,
+    /// Addresses of nodes to say hello to.
+    pub join: Vec<String>,
+    /// The clock's bound when the operating system reports none.
+    pub clock: ClockOptions,
+    /// Raft timing.
+    pub timing: RaftTiming,
+}
+
+const NODE_ID_KEY: &[u8] = b"\x01node/id";
+const CLUSTER_ID_KEY: &[u8] = b"\x01node/cluster_id";
+const PEER_PREFIX: &[u8] = b"\x01node/peer/";
+/// How often a node says hello to the nodes it knows.
+const HELLO_INTERVAL: Duration = Duration::from_secs(2);
+/// Requests queued for the driver before clients are told to back off.
+const EVENT_QUEUE: usize = 16_384;
+
+/// State shared by the services.
+struct Shared {
+    node_id: NodeId,
+    advertise: String,
+    engine: Arc<RocksEngine>,
+    truetime: TrueTime,
+    transport: Arc<Transport>,
+    events: mpsc::Sender<Event>,
+    cluster_id: Mutex<String>,
+}
+
+impl Shared {
+    fn cluster_id(&self) -> String {
+        self.cluster_id.lock().clone()
+    }
+
+    /// Records a peer in the transport and the store.
+    fn remember_peer(&self, id: NodeId, address: &str) {
+        if id == self.node_id || id.0 == 0 || address.is_empty() {
+            return;
+        }
+        if self.transport.add_peer(id, address) {
+            let mut key = PEER_PREFIX.to_vec();
+            key.extend_from_slice(&id.0.to_be_bytes());
+            let mut batch = WriteBatch::new();
+            batch.put(key, address.as_bytes().to_vec());
+            if let Err(error) = self.engine.write(batch, false) {
+                warn!(%error, "could not persist a peer address");
+            }
+        }
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        let mut peers: Vec<Peer> = self
+            .transport
+            .peers()
+            .into_iter()
+            .map(|(id, address)| Peer { node_id: id.0, address })
+            .collect();
+        peers.push(Peer { node_id: self.node_id.0, address: self.advertise.clone() });
+        peers.sort_by_key(|peer| peer.node_id);
+        peers
+    }
+
+    /// Checks a peer's cluster id against ours (an empty one is a node not yet initialized).
+    fn check_cluster(&self, theirs: &str) -> Result<(), NodeError> {
+        let ours = self.cluster_id();
+        if !ours.is_empty() && !theirs.is_empty() && ours != theirs {
+            return Err(NodeError::ClusterMismatch { ours, theirs: theirs.to_string() });
+        }
+        Ok(())
+    }
+
+    async fn call<T>(
+        &self,
+        event: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Event,
+    ) -> Result<T, Status> {
+        let (reply, receiver) = oneshot::channel();
+        self.events
+            .try_send(event(reply))
+            .map_err(|_| Status::resource_exhausted("the node is overloaded; retry later"))?;
+        receiver
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?
+            .map_err(Status::from)
+    }
+
+    /// Persists the cluster id and creates the first range with `voters`.
+    async fn bootstrap(&self, cluster_id: &str, voters: &[Peer]) -> Result<(), Status> {
+        let current = self.cluster_id();
+        if !current.is_empty() && current != cluster_id {
+            return Err(NodeError::AlreadyInitialized(current).into());
+        }
+        if !voters.iter().any(|peer| peer.node_id == self.node_id.0) {
+            return Err(Status::invalid_argument("this node is not among the voters"));
+        }
+        for peer in voters {
+            self.remember_peer(NodeId(peer.node_id), &peer.address);
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(CLUSTER_ID_KEY.to_vec(), cluster_id.as_bytes().to_vec());
+        self.engine.write(batch, true).map_err(|error| Status::internal(error.to_string()))?;
+        *self.cluster_id.lock() = cluster_id.to_string();
+        self.transport.set_cluster_id(cluster_id);
+        let ids = voters.iter().map(|peer| NodeId(peer.node_id)).collect();
+        self.call(|reply| Event::Bootstrap { voters: ids, reply }).await
+    }
+}
+
+/// The `Node` gRPC service.
+struct NodeApi(Arc<Shared>);
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn raft(
+        &self,
+        request: Request<Streaming<MessageBatch>>,
+    ) -> Result<Response<Ack>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.0.check_cluster(&batch.cluster_id)?;
+            let mut messages = Vec::with_capacity(batch.messages.len());
+            for range_message in &batch.messages {
+                let message = range_message
+                    .message
+                    .as_ref()
+                    .ok_or_else(|| Status::invalid_argument("range message without a message"))?;
+                let message = meridian_raft::Message::try_from(message)
+                    .map_err(|error| Status::invalid_argument(error.to_string()))?;
+                if message.to != self.0.node_id {
+                    return Err(Status::invalid_argument(format!(
+                        "message for node {} sent to node {}",
+                        message.to, self.0.node_id
+                    )));
+                }
+                messages.push((RangeId(range_message.range_id), message));
+            }
+            // Raft tolerates loss: drop rather than block when the driver is busy.
+            if self.0.events.try_send(Event::Raft(messages)).is_err() {
+                warn!("driver queue full; dropping a raft batch");
+            }
+        }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloResponse>, Status> {
+        let request = request.into_inner();
+        self.0.check_cluster(&request.cluster_id)?;
+        if let Some(from) = &request.from {
+            self.0.remember_peer(NodeId(from.node_id), &from.address);
+        }
+        Ok(Response::new(HelloResponse {
+            node: Some(Peer { node_id: self.0.node_id.0, address: self.0.advertise.clone() }),
+            cluster_id: self.0.cluster_id(),
+            peers: self.0.peers(),
+            clock_nanos: self.0.truetime.read().local.as_nanos(),
+        }))
+    }
+
+    async fn init(&self, _: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        let current = self.0.cluster_id();
+        if !current.is_empty() {
+            return Err(NodeError::AlreadyInitialized(current).into());
+        }
+        // Up to three voters: this node and the known peers with the lowest ids.
+        let mut voters: Vec<Peer> = self
+            .0
+            .peers()
+            .into_iter()
+            .filter(|peer| peer.node_id != self.0.node_id.0)
+            .take(2)
+            .collect();
+        voters.push(Peer { node_id: self.0.node_id.0, address: self.0.advertise.clone() });
+        voters.sort_by_key(|peer| peer.node_id);
+        let cluster_id = new_cluster_id(self.0.node_id);
+        for peer in voters.iter().filter(|peer| peer.node_id != self.0.node_id.0) {
+            let mut client =
+                NodeClient::connect(format!("http://{}", peer.address)).await.map_err(|error| {
+                    Status::unavailable(format!(
+                        "cannot reach node {} at {}: {error}",
+                        peer.node_id, peer.address
+                    ))
+                })?;
+            client
+                .bootstrap(BootstrapRequest {
+                    cluster_id: cluster_id.clone(),
+                    voters: voters.clone(),
+                })
+                .await?;
+        }
+        self.0.bootstrap(&cluster_id, &voters).await?;
+        info!(%cluster_id, voters = ?voters.iter().map(|peer| peer.node_id).collect::<Vec<_>>(), "cluster initialized");
+        Ok(Response::new(InitResponse { cluster_id, voters }))
+    }
+
+    async fn bootstrap(
+        &self,
+        request: Request<BootstrapRequest>,
+    ) -> Result<Response<BootstrapResponse>, Status> {
+        let request = request.into_inner();
+        if request.cluster_id.is_empty() {
+            return Err(Status::invalid_argument("empty cluster id"));
+        }
+        self.0.bootstrap(&request.cluster_id, &request.voters).await?;
+        Ok(Response::new(BootstrapResponse {}))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let (reply, receiver) = oneshot::channel();
+        self.0
+            .events
+            .try_send(Event::Status { reply })
+            .map_err(|_| Status::resource_exhausted("the node is overloaded; retry later"))?;
+        let statuses =
+            receiver.await.map_err(|_| Status::unavailable("the node is shutting down"))?;
+        let reading = self.0.truetime.read();
+        let now = reading.local.as_nanos();
+        let ranges = statuses
+            .into_iter()
+            .map(|(range, status)| RangeStatus {
+                range_id: range.0,
+                role: format!("{:?}", status.role).to_lowercase(),
+                term: status.term.0,
+                leader: status.leader.map_or(0, |id| id.0),
+                commit: status.commit.0,
+                applied: status.applied.0,
+                last_index: status.last_index.0,
+                voters: status.configuration.voters.iter().map(|id| id.0).collect(),
+                learners: status.configuration.learners.iter().map(|id| id.0).collect(),
+                lease_remaining_ms: status.lease_end.saturating_sub(now) / 1_000_000,
+            })
+            .collect();
+        Ok(Response::new(StatusResponse {
+            node_id: self.0.node_id.0,
+            cluster_id: self.0.cluster_id(),
+            address: self.0.advertise.clone(),
+            peers: self.0.peers(),
+            ranges,
+            clock_uncertainty_ns: reading.uncertainty.as_nanos() as u64,
+            clock_bound: reading.bound.to_string(),
+        }))
+    }
+}
+
+/// The `Kv` gRPC service.
+struct KvApi(Arc<Shared>);
+
+#[tonic::async_trait]
+impl Kv for KvApi {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let key = request.into_inner().key;
+        let found = self.0.call(|reply| Event::Read(ReadRequest::Get { key, reply })).await?;
+        Ok(Response::new(match found {
+            Some((value, timestamp)) => GetResponse { value: Some(value), timestamp },
+            None => GetResponse { value: None, timestamp: 0 },
+        }))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let (key, value) = (request.key, request.value);
+        let timestamp =
+            self.0.call(|reply| Event::Write { key, value: Some(value), reply }).await?;
+        Ok(Response::new(WriteResponse { timestamp }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let key = request.into_inner().key;
+        let timestamp = self.0.call(|reply| Event::Write { key, value: None, reply }).await?;
+        Ok(Response::new(WriteResponse { timestamp }))
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let request = request.into_inner();
+        let end = (!request.end.is_empty()).then_some(request.end);
+        let limit = if request.limit == 0 { 1_000 } else { request.limit.min(100_000) as usize };
+        let start = request.start;
+        let rows = self
+            .0
+            .call(|reply| Event::Read(ReadRequest::Scan { start, end, limit, reply }))
+            .await?;
+        Ok(Response::new(ScanResponse {
+            rows: rows
+                .into_iter()
+                .map(|(key, value, timestamp)| KeyValue { key, value, timestamp })
+                .collect(),
+        }))
+    }
+}
+
+/// Returns a new cluster id: the time and the initializing node, in hex.
+fn new_cluster_id(node_id: NodeId) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |duration| duration.as_nanos());
+    format!("{nanos:x}-{:x}", node_id.0)
+}
+
+/// Opens the store, checks its identity, and returns the cluster id it belongs to (empty if
+/// not initialized).
+fn open_store(options: &NodeOptions) -> Result<(Arc<RocksEngine>, String), NodeError> {
+    std::fs::create_dir_all(&options.store).map_err(|error| {
+        NodeError::Internal(format!("cannot create store {}: {error}", options.store.display()))
+    })?;
+    let engine = RocksEngine::open(&options.store, RocksOptions::default()).map_err(|error| {
+        NodeError::Internal(format!("cannot open store {}: {error}", options.store.display()))
+    })?;
+    let engine = Arc::new(engine);
+    let internal = |error: meridian_storage::Error| NodeError::Internal(error.to_string());
+    match engine.get(NODE_ID_KEY).map_err(internal)? {
+        Some(bytes) => {
+            let stored = bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if stored != options.node_id.0 {
+                return Err(NodeError::InvalidArgument(format!(
+                    "store {} belongs to node {stored}, not node {}",
+                    options.store.display(),
+                    options.node_id
+                )));
+            }
+        }
+        None => {
+            let mut batch = WriteBatch::new();
+            batch.put(NODE_ID_KEY.to_vec(), options.node_id.0.to_be_bytes().to_vec());
+            engine.write(batch, true).map_err(internal)?;
+        }
+    }
+    let cluster_id = engine
+        .get(CLUSTER_ID_KEY)
+        .map_err(internal)?
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    debug_assert_eq!(NODE_ID_KEY[0], keyspace::META);
+    Ok((engine, cluster_id))
+}
+
+/// Runs a node until `shutdown` resolves or its driver fails.
+///
+/// # Errors
+///
+/// [`NodeError::InvalidArgument`] for a store of another node; [`NodeError::Internal`] if the
+/// store cannot be opened, the address cannot be bound, or storage fails while running.
+pub async fn run_node(
+    options: NodeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    if options.node_id.0 == 0 {
+        return Err(NodeError::InvalidArgument("node id 0 is reserved".into()));
+    }
+    let (engine, cluster_id) = open_store(&options)?;
+    let truetime = TrueTime::new(Arc::new(
+        SystemClock::new(options.clock)
+            .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
+    ));
+    let transport = Transport::new(options.node_id);
+    transport.set_cluster_id(&cluster_id);
+    let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+    let shared = Arc::new(Shared {
+        node_id: options.node_id,
+        advertise: options.advertise.clone(),
+        engine: engine.clone(),
+        truetime: truetime.clone(),
+        transport: transport.clone(),
+        events,
+        cluster_id: Mutex::new(cluster_id.clone()),
+    });
+    // Peers remembered from an earlier run.
+    let end = keyspace::prefix_end(PEER_PREFIX);
+    for entry in engine.scan(PEER_PREFIX, end.as_deref(), meridian_storage::ScanDirection::Forward)
+    {
+        let (key, address) = entry.map_err(|error| NodeError::Internal(error.to_string()))?;
+        if let Ok(id) = key[PEER_PREFIX.len()..].try_into().map(u64::from_be_bytes) {
+            transport.add_peer(NodeId(id), &String::from_utf8_lossy(&address));
+        }
+    }
+    let driver = Driver::open(
+        options.node_id,
+        engine,
+        truetime,
+        options.timing.clone(),
+        transport,
+        receiver,
+        !cluster_id.is_empty(),
+    )?;
+    let listener = tokio::net::TcpListener::bind(options.rpc_listen).await.map_err(|error| {
+        NodeError::Internal(format!("cannot listen on {}: {error}", options.rpc_listen))
+    })?;
+    info!(node = options.node_id.0, address = %options.advertise, cluster = %cluster_id, "node started");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(NodeServer::new(NodeApi(shared.clone())))
+        .add_service(KvServer::new(KvApi(shared.clone())))
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let hello = tokio::spawn(hello_loop(shared.clone(), options.join.clone()));
+    let result = tokio::select! {
+        result = driver.run() => result,
+        result = server => result.map_err(|error| NodeError::Internal(format!("gRPC server failed: {error}"))),
+    };
+    hello.abort();
+    if let Err(error) = &result {
+        log_fatal(error);
+    }
+    result
+}
+
+/// Says hello to the join addresses and every known peer, forever, merging what they know.
+async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
+    loop {
+        let mut targets: Vec<String> = join.clone();
+        targets.extend(shared.transport.peers().into_values());
+        targets.sort();
+        targets.dedup();
+        for address in targets {
+            let request = HelloRequest {
+                from: Some(Peer { node_id: shared.node_id.0, address: shared.advertise.clone() }),
+                cluster_id: shared.cluster_id(),
+            };
+            let attempt = async {
+                let mut client = NodeClient::connect(format!("http://{address}")).await.ok()?;
+                client
+                    .hello(request)
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|status| {
+                        warn!(%address, %status, "hello refused");
+                    })
+                    .ok()
+            };
+            let Ok(Some(response)) = tokio::time::timeout(Duration::from_secs(1), attempt).await
+            else {
+                continue;
+            };
+            for peer in response.peers {
+                shared.remember_peer(NodeId(peer.node_id), &peer.address);
+            }
+        }
+        tokio::time::sleep(HELLO_INTERVAL).await;
+    }
+}

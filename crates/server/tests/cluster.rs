@@ -1,0 +1,314 @@
+//! Multi-process tests: real `meridian` processes on 127.0.0.1 ports picked at run time.
+//! Every process is killed and every store removed when a test ends, passing or not; every
+//! wait is bounded in time.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meridian_node::LEADER_ADDRESS_METADATA;
+use meridian_rpc::kv::kv_client::KvClient;
+use meridian_rpc::kv::{GetRequest, PutRequest};
+use meridian_rpc::node::node_client::NodeClient;
+use meridian_rpc::node::{MessageBatch, RangeMessage, StatusRequest, StatusResponse};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
+
+/// Returns a port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A cluster of `meridian start` processes; kills them all when dropped.
+struct Cluster {
+    directory: tempfile::TempDir,
+    addresses: Vec<String>,
+    processes: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    fn start(nodes: usize) -> Cluster {
+        let directory = tempfile::tempdir().unwrap();
+        let addresses: Vec<String> =
+            (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut cluster = Cluster { directory, addresses, processes: Vec::new() };
+        for index in 0..nodes {
+            let child = cluster.spawn(index);
+            cluster.processes.push(Some(child));
+        }
+        cluster
+    }
+
+    fn store(&self, index: usize) -> PathBuf {
+        self.directory.path().join(format!("node{}", index + 1))
+    }
+
+    fn spawn(&self, index: usize) -> Child {
+        let log =
+            std::fs::File::create(self.directory.path().join(format!("node{}.log", index + 1)))
+                .unwrap();
+        Command::new(BINARY)
+            .args(["start", "--node-id", &(index + 1).to_string()])
+            .arg("--store")
+            .arg(self.store(index))
+            .args(["--rpc-listen", &self.addresses[index], "--join", &self.addresses.join(",")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.processes[index].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn restart(&mut self, index: usize) {
+        self.kill(index);
+        let child = self.spawn(index);
+        self.processes[index] = Some(child);
+    }
+
+    fn logs(&self) -> String {
+        (0..self.addresses.len())
+            .map(|index| {
+                let path = self.directory.path().join(format!("node{}.log", index + 1));
+                format!(
+                    "--- node {} ---\n{}",
+                    index + 1,
+                    std::fs::read_to_string(path).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for index in 0..self.processes.len() {
+            if let Some(mut child) = self.processes[index].take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn meridian(args: &[&str]) -> Output {
+    Command::new(BINARY).args(args).output().unwrap()
+}
+
+/// Retries `attempt` every 100 ms until it returns `Some`, for at most `limit`.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> Option<T> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(value) = attempt().await {
+            return Some(value);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+async fn status(address: &str) -> Option<StatusResponse> {
+    let mut client = NodeClient::connect(format!("http://{address}")).await.ok()?;
+    Some(client.status(StatusRequest {}).await.ok()?.into_inner())
+}
+
+/// Initializes the cluster once every node answers, and waits for a leader.
+async fn init(cluster: &Cluster) {
+    for address in &cluster.addresses {
+        let ready = eventually(Duration::from_secs(20), || async {
+            status(address).await.filter(|s| s.peers.len() == cluster.addresses.len())
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "node {address} did not come up knowing every peer\n{}",
+            cluster.logs()
+        );
+    }
+    let output = meridian(&["init", "--host", &cluster.addresses[0]]);
+    assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+    let leader = eventually(Duration::from_secs(20), || async {
+        let status = status(&cluster.addresses[0]).await?;
+        status.ranges.first().filter(|range| range.leader != 0).map(|range| range.leader)
+    })
+    .await;
+    assert!(leader.is_some(), "no leader elected\n{}", cluster.logs());
+}
+
+/// Writes a key through any node, following leader hints; returns whether it was acknowledged.
+async fn put(addresses: &[String], key: &str, value: &str) -> bool {
+    for attempt in 0..10 {
+        let mut target = addresses[attempt % addresses.len()].clone();
+        for _ in 0..3 {
+            let Ok(mut client) = KvClient::connect(format!("http://{target}")).await else { break };
+            let request =
+                PutRequest { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() };
+            match client.put(request).await {
+                Ok(_) => return true,
+                Err(status) => match status
+                    .metadata()
+                    .get(LEADER_ADDRESS_METADATA)
+                    .and_then(|value| value.to_str().ok())
+                {
+                    Some(leader) => target = leader.to_string(),
+                    None => break,
+                },
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn get(addresses: &[String], key: &str) -> Option<Vec<u8>> {
+    eventually(Duration::from_secs(10), || async {
+        for address in addresses {
+            let mut target = address.clone();
+            for _ in 0..3 {
+                let Ok(mut client) = KvClient::connect(format!("http://{target}")).await else {
+                    break;
+                };
+                match client.get(GetRequest { key: key.as_bytes().to_vec() }).await {
+                    Ok(response) => return Some(response.into_inner().value.unwrap_or_default()),
+                    Err(status) => match status
+                        .metadata()
+                        .get(LEADER_ADDRESS_METADATA)
+                        .and_then(|value| value.to_str().ok())
+                    {
+                        Some(leader) => target = leader.to_string(),
+                        None => break,
+                    },
+                }
+            }
+        }
+        None
+    })
+    .await
+}
+
+#[tokio::test]
+async fn writes_survive_killing_the_leader_and_the_node_catches_up() {
+    let mut cluster = Cluster::start(3);
+    init(&cluster).await;
+    let addresses = cluster.addresses.clone();
+    let mut acknowledged = Vec::new();
+    for i in 0..100 {
+        let (key, value) = (format!("key{i:04}"), format!("value{i}"));
+        if put(&addresses, &key, &value).await {
+            acknowledged.push((key, value));
+        }
+    }
+    assert_eq!(acknowledged.len(), 100, "writes failed on a healthy cluster\n{}", cluster.logs());
+
+    // Kill the leader with SIGKILL and keep writing through the others.
+    let leader = status(&addresses[0]).await.unwrap().ranges[0].leader as usize;
+    cluster.kill(leader - 1);
+    let survivors: Vec<String> = addresses
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != leader - 1)
+        .map(|(_, address)| address.clone())
+        .collect();
+    let failover = Instant::now();
+    let mut first_after_failover = None;
+    for i in 100..200 {
+        let (key, value) = (format!("key{i:04}"), format!("value{i}"));
+        if put(&survivors, &key, &value).await {
+            first_after_failover.get_or_insert(failover.elapsed());
+            acknowledged.push((key, value));
+        }
+    }
+    println!("first write after killing the leader acknowledged after {first_after_failover:?}");
+    assert!(
+        acknowledged.len() > 150,
+        "service did not resume after the leader died\n{}",
+        cluster.logs()
+    );
+
+    // No acknowledged write is lost.
+    for (key, value) in &acknowledged {
+        assert_eq!(
+            get(&survivors, key).await.as_deref(),
+            Some(value.as_bytes()),
+            "lost {key}\n{}",
+            cluster.logs()
+        );
+    }
+
+    // The killed node restarts with its store and catches up.
+    cluster.restart(leader - 1);
+    let restarted = addresses[leader - 1].clone();
+    let caught_up = eventually(Duration::from_secs(30), || async {
+        let mine = status(&restarted).await?.ranges.first()?.applied;
+        let theirs = status(&survivors[0]).await?.ranges.first()?.commit;
+        (mine >= theirs && theirs > 0).then_some(())
+    })
+    .await;
+    assert!(caught_up.is_some(), "the restarted node did not catch up\n{}", cluster.logs());
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
+    let cluster = Cluster::start(3);
+    // Before init, the key-value API says the node is not initialized.
+    let address = cluster.addresses[0].clone();
+    let up = eventually(Duration::from_secs(20), || status(&address)).await;
+    assert!(up.is_some(), "node did not start\n{}", cluster.logs());
+    let output = meridian(&["kv", "--host", &address, "get", "x"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not initialized"), "{output:?}");
+
+    init(&cluster).await;
+    // A second init is refused.
+    let output = meridian(&["init", "--host", &cluster.addresses[1]]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already initialized"), "{output:?}");
+
+    // Malformed Raft batches end the stream with an error; the node keeps serving.
+    let mut client = NodeClient::connect(format!("http://{address}")).await.unwrap();
+    let cluster_id = status(&address).await.unwrap().cluster_id;
+    let missing_message = MessageBatch {
+        from_node: 9,
+        cluster_id: cluster_id.clone(),
+        messages: vec![RangeMessage { range_id: 1, message: None }],
+    };
+    let error = client.raft(tokio_stream::iter(vec![missing_message])).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    let other_cluster =
+        MessageBatch { from_node: 9, cluster_id: "another-cluster".into(), messages: vec![] };
+    let error = client.raft(tokio_stream::iter(vec![other_cluster])).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error:?}");
+    assert!(put(&cluster.addresses, "after-bad-input", "ok").await, "{}", cluster.logs());
+
+    // Wrong flags and a store that belongs to another node fail with a message and exit code.
+    let output =
+        meridian(&["start", "--node-id", "0", "--store", "unused", "--rpc-listen", "127.0.0.1:1"]);
+    assert!(!output.status.success());
+    let store = cluster.store(0);
+    let output = meridian(&[
+        "start",
+        "--node-id",
+        "7",
+        "--store",
+        store.to_str().unwrap(),
+        "--rpc-listen",
+        "127.0.0.1:1",
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("store"), "{output:?}");
+    let output =
+        meridian(&["start", "--node-id", "1", "--store", "x", "--rpc-listen", "not-an-address"]);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "clap reports bad flags with exit code 2: {output:?}"
+    );
+}
