@@ -364,6 +364,8 @@ impl Driver {
             readies.push((replica.range, ready));
         }
         if readies.is_empty() && durable.is_empty() {
+            // Lease reads of this cycle may be servable at once.
+            self.serve_confirmed_reads();
             return Ok(());
         }
         let mut staged = Vec::new();

@@ -437,11 +437,17 @@ pub async fn run_node(
     let server = tonic::transport::Server::builder()
         .add_service(NodeServer::new(NodeApi(shared.clone())))
         .add_service(KvServer::new(KvApi(shared.clone())))
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .serve_with_incoming(incoming);
     let hello = tokio::spawn(hello_loop(shared.clone(), options.join.clone()));
+    // Shutdown does not wait for connections to drain: peers hold Raft streams open forever,
+    // and everything acknowledged is already on disk.
     let result = tokio::select! {
         result = driver.run() => result,
         result = server => result.map_err(|error| NodeError::Internal(format!("gRPC server failed: {error}"))),
+        () = shutdown => {
+            info!(node = options.node_id.0, "shutting down");
+            Ok(())
+        }
     };
     hello.abort();
     if let Err(error) = &result {

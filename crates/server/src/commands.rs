@@ -111,6 +111,7 @@ async fn start(args: StartArgs) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if args.node_id == 0 {
         bail!("--node-id must be a positive number");
