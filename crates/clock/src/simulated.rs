@@ -146,8 +146,8 @@ struct ClockState {
     options: SimulatedClockOptions,
     /// The true time at which the current drift rate took effect.
     rate_anchor_true: i128,
-    /// The local time at `rate_anchor_true`.
-    rate_anchor_local: i128,
+    /// The local time at `rate_anchor_true`, in millionths of a nanosecond (exact).
+    rate_anchor_local_scaled: i128,
     /// The local time of the last sync, from which the uncertainty grows.
     synced_local: i128,
 }
@@ -155,10 +155,13 @@ struct ClockState {
 impl ClockState {
     /// Returns the local clock's value at true time `now`.
     fn local_at(&self, now: i128) -> i128 {
+        self.local_scaled_at(now).div_euclid(PPM)
+    }
+
+    /// Returns the local clock's value at true time `now` in millionths of a nanosecond.
+    fn local_scaled_at(&self, now: i128) -> i128 {
         let elapsed = now - self.rate_anchor_true;
-        self.rate_anchor_local
-            + elapsed
-            + (elapsed * i128::from(self.options.drift_ppm)).div_euclid(PPM)
+        self.rate_anchor_local_scaled + elapsed * (PPM + i128::from(self.options.drift_ppm))
     }
 
     /// Returns the uncertainty ε when the local clock reads `local`.
@@ -168,8 +171,8 @@ impl ClockState {
         let growth = if elapsed_local == 0 || rho == 0 {
             0
         } else {
-            // ceil(elapsed * ρ / (10⁶ − ρ)) + 1 ns; see the module docs.
-            (elapsed_local * rho + (PPM - rho) - 1) / (PPM - rho) + 1
+            // ceil(elapsed * ρ / (10⁶ − ρ)) + 2 ns; see the module docs.
+            (elapsed_local * rho + (PPM - rho) - 1) / (PPM - rho) + 2
         };
         self.options.max_offset.as_nanos() as i128 + growth
     }
@@ -188,7 +191,7 @@ impl SimulatedClock {
         let state = ClockState {
             options,
             rate_anchor_true: now,
-            rate_anchor_local: local,
+            rate_anchor_local_scaled: local * PPM,
             synced_local: local,
         };
         Ok(SimulatedClock { time, state: Mutex::new(state) })
@@ -201,7 +204,7 @@ impl SimulatedClock {
         let mut state = self.state.lock();
         let local = now + i128::from(state.options.offset_at_sync_ns);
         state.rate_anchor_true = now;
-        state.rate_anchor_local = local;
+        state.rate_anchor_local_scaled = local * PPM;
         state.synced_local = local;
     }
 
@@ -214,9 +217,9 @@ impl SimulatedClock {
     pub fn set_drift_ppm(&self, drift_ppm: i64) {
         let now = i128::from(self.time.now().as_nanos());
         let mut state = self.state.lock();
-        let local = state.local_at(now);
+        let local_scaled = state.local_scaled_at(now);
         state.rate_anchor_true = now;
-        state.rate_anchor_local = local;
+        state.rate_anchor_local_scaled = local_scaled;
         state.options.drift_ppm = drift_ppm;
     }
 
@@ -224,7 +227,7 @@ impl SimulatedClock {
     /// account for it: a jump beyond the bound makes the clock lie.
     pub fn jump(&self, delta_ns: i64) {
         let mut state = self.state.lock();
-        state.rate_anchor_local += i128::from(delta_ns);
+        state.rate_anchor_local_scaled += i128::from(delta_ns) * PPM;
     }
 
     /// Returns the clock's current real offset from true time (local − true), in ns.
