@@ -218,14 +218,37 @@ impl NodeService for NodeApi {
         voters.push(Peer { node_id: self.0.node_id.0, address: self.0.advertise.clone() });
         voters.sort_by_key(|peer| peer.node_id);
         let cluster_id = new_cluster_id(self.0.node_id);
+        // Check every voter first, so that an unreachable or already initialized one fails the
+        // init before any node is bootstrapped.
+        let mut clients = Vec::new();
         for peer in voters.iter().filter(|peer| peer.node_id != self.0.node_id.0) {
-            let mut client =
-                NodeClient::connect(format!("http://{}", peer.address)).await.map_err(|error| {
-                    Status::unavailable(format!(
-                        "cannot reach node {} at {}: {error}",
-                        peer.node_id, peer.address
-                    ))
-                })?;
+            let unreachable = |error: String| {
+                Status::unavailable(format!(
+                    "cannot reach node {} at {}: {error}",
+                    peer.node_id, peer.address
+                ))
+            };
+            let mut client = NodeClient::connect(format!("http://{}", peer.address))
+                .await
+                .map_err(|error| unreachable(error.to_string()))?;
+            let hello = HelloRequest {
+                from: Some(Peer { node_id: self.0.node_id.0, address: self.0.advertise.clone() }),
+                cluster_id: String::new(),
+            };
+            let answer = client
+                .hello(hello)
+                .await
+                .map_err(|status| unreachable(status.message().to_string()))?;
+            let answer = answer.into_inner();
+            if !answer.cluster_id.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "node {} already belongs to cluster {}",
+                    peer.node_id, answer.cluster_id
+                )));
+            }
+            clients.push(client);
+        }
+        for mut client in clients {
             client
                 .bootstrap(BootstrapRequest {
                     cluster_id: cluster_id.clone(),
