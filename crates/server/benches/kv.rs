@@ -1,0 +1,130 @@
+//! Key-value latency and throughput of a 3-node cluster of real `meridian` processes on this
+//! machine: single-key puts (each synced, replicated and commit-waited) and gets, with 1, 16
+//! and 64 concurrent clients. Run with `cargo bench -p meridian-server --bench kv`; results are
+//! in `bench/README.md`. Not a criterion benchmark: the measured system runs in other processes.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meridian_rpc::kv::kv_client::KvClient;
+use meridian_rpc::kv::{GetRequest, PutRequest};
+use meridian_rpc::node::StatusRequest;
+use meridian_rpc::node::node_client::NodeClient;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
+const MEASURE: Duration = Duration::from_secs(5);
+
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    sorted[((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1)]
+}
+
+async fn leader_address(addresses: &[String]) -> String {
+    for _ in 0..200 {
+        if let Ok(mut client) = NodeClient::connect(format!("http://{}", addresses[0])).await
+            && let Ok(status) = client.status(StatusRequest {}).await
+        {
+            let status = status.into_inner();
+            if let Some(range) = status.ranges.first()
+                && range.leader != 0
+                && let Some(peer) = status.peers.iter().find(|peer| peer.node_id == range.leader)
+            {
+                // Wait until the leader accepts writes (it holds its lease).
+                let mut kv = KvClient::connect(format!("http://{}", peer.address)).await.unwrap();
+                let put = PutRequest { key: b"warmup".to_vec(), value: b"x".to_vec() };
+                if kv.put(put).await.is_ok() {
+                    return peer.address.clone();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no leader");
+}
+
+/// Runs `clients` concurrent loops of puts (or gets) for `MEASURE`; returns sorted latencies.
+async fn run(leader: &str, clients: usize, writes: bool) -> Vec<Duration> {
+    let deadline = Instant::now() + MEASURE;
+    let mut tasks = Vec::new();
+    for client_index in 0..clients {
+        let address = format!("http://{leader}");
+        tasks.push(tokio::spawn(async move {
+            let mut client = KvClient::connect(address).await.unwrap();
+            let mut latencies = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let key = format!("bench/{client_index}/{}", i % 1000).into_bytes();
+                let started = Instant::now();
+                if writes {
+                    client.put(PutRequest { key, value: vec![b'v'; 100] }).await.unwrap();
+                } else {
+                    client.get(GetRequest { key }).await.unwrap();
+                }
+                latencies.push(started.elapsed());
+                i += 1;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort();
+    all
+}
+
+#[tokio::main]
+async fn main() {
+    let directory = tempfile::tempdir().unwrap();
+    let addresses: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut processes = Processes(Vec::new());
+    for (index, address) in addresses.iter().enumerate() {
+        processes.0.push(
+            Command::new(BINARY)
+                .args(["start", "--node-id", &(index + 1).to_string(), "--rpc-listen", address])
+                .arg("--store")
+                .arg(directory.path().join(format!("node{index}")))
+                .args(["--join", &addresses.join(",")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let init = Command::new(BINARY).args(["init", "--host", &addresses[0]]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let leader = leader_address(&addresses).await;
+    println!("3 nodes, leader at {leader}; {MEASURE:?} per row; 100-byte values");
+    println!("{:<6} {:>8} {:>10} {:>10} {:>10} {:>12}", "op", "clients", "ops", "p50", "p99", "ops/s");
+    for writes in [true, false] {
+        for clients in [1, 16, 64] {
+            let latencies = run(&leader, clients, writes).await;
+            println!(
+                "{:<6} {:>8} {:>10} {:>10.2?} {:>10.2?} {:>12.0}",
+                if writes { "put" } else { "get" },
+                clients,
+                latencies.len(),
+                percentile(&latencies, 0.50),
+                percentile(&latencies, 0.99),
+                latencies.len() as f64 / MEASURE.as_secs_f64()
+            );
+        }
+    }
+    drop(processes);
+}
