@@ -26,17 +26,21 @@
 //! every interval it returns contains true time. The tests show this over random skews and drifts
 //! and show exactly what breaks (external consistency) when the bound is violated.
 //!
+//! [`SkewedClock`] shifts another source by a settable skew, for fault injection.
+//!
 //! Left out on purpose: measuring offsets between nodes and self-eviction belong to the node
-//! layer, which feeds its RPC round trips to the clock-offset monitor there.
+//! layer, which measures them on its RPC round trips.
 
 mod error;
 mod interval;
 mod simulated;
+mod skewed;
 mod system;
 mod truetime;
 
 pub use error::{Error, Result};
 pub use interval::{Interval, Timestamp};
 pub use simulated::{SimulatedClock, SimulatedClockOptions, SimulatedTime};
-pub use system::{ClockOptions, SystemClock};
+pub use skewed::SkewedClock;
+pub use system::{ClockOptions, DEFAULT_MAX_CLOCK_OFFSET, SystemClock};
 pub use truetime::{ClockReading, ClockSource, CommitWait, TrueTime, UncertaintyBound};

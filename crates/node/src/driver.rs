@@ -91,6 +91,9 @@ pub enum Event {
     Bootstrap { voters: Vec<NodeId>, reply: Reply<()> },
     /// Report the replicas' status.
     Status { reply: oneshot::Sender<Vec<(RangeId, meridian_raft::Status)>> },
+    /// Whether this node's clock agrees with its peers; a node whose clock does not gives up
+    /// leadership.
+    ClockHealth { healthy: bool },
 }
 
 struct PendingWrite {
@@ -125,6 +128,7 @@ pub struct Driver {
     transport: Arc<Transport>,
     replicas: BTreeMap<RangeId, Replica>,
     events: mpsc::Receiver<Event>,
+    clock_healthy: bool,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -161,6 +165,7 @@ impl Driver {
             transport,
             replicas: BTreeMap::new(),
             events,
+            clock_healthy: true,
         };
         if initialized {
             driver.open_replica(FIRST_RANGE, Configuration::default())?;
@@ -224,6 +229,14 @@ impl Driver {
                     let now = raft_interval(&self.truetime);
                     for replica in self.replicas.values_mut() {
                         replica.raft.tick(now);
+                        // A node whose clock cannot be trusted must not assign timestamps:
+                        // hand leadership to another voter.
+                        if !self.clock_healthy && replica.raft.role() == Role::Leader {
+                            let voters = replica.raft.status().configuration.voters;
+                            if let Some(target) = voters.iter().find(|id| **id != self.node_id) {
+                                let _ = replica.raft.transfer_leadership(*target);
+                            }
+                        }
                     }
                 }
             }
@@ -251,6 +264,7 @@ impl Driver {
                 };
                 let _ = reply.send(result);
             }
+            Event::ClockHealth { healthy } => self.clock_healthy = healthy,
             Event::Status { reply } => {
                 let statuses = self
                     .replicas

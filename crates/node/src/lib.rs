@@ -6,10 +6,12 @@
 //! - `driver`: one task running every replica's Raft cycle with group commit.
 //! - `transport`: batched, per-peer gRPC streams for Raft messages.
 //! - `server`: the `Kv` and `Node` services, store identity checks and peer discovery.
+//! - `clock_monitor`: clock offsets measured on hello round trips, and self-eviction.
 //!
 //! This is the first slice of the node: one range covering all keys, replicated on up to three
 //! nodes chosen at `init`. The meta range, splits, placement and metrics are not built yet.
 
+mod clock_monitor;
 mod driver;
 mod error;
 mod raft_store;

@@ -8,9 +8,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use meridian_clock::{ClockOptions, SystemClock, TrueTime};
+use meridian_clock::{ClockOptions, ClockSource, SkewedClock, SystemClock, TrueTime};
 use meridian_raft::NodeId;
 use meridian_rpc::kv::kv_server::{Kv, KvServer};
 use meridian_rpc::kv::{
@@ -21,7 +21,7 @@ use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
 use meridian_rpc::node::{
     Ack, BootstrapRequest, BootstrapResponse, HelloRequest, HelloResponse, InitRequest,
-    InitResponse, MessageBatch, Peer, RangeStatus, StatusRequest, StatusResponse,
+    InitResponse, MessageBatch, Peer, PeerClock, RangeStatus, StatusRequest, StatusResponse,
 };
 use meridian_storage::{Engine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace};
 use parking_lot::Mutex;
@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::clock_monitor::ClockMonitor;
 use crate::driver::{Driver, Event, RaftTiming, ReadRequest, log_fatal};
 use crate::transport::Transport;
 use crate::{NodeError, RangeId};
@@ -50,6 +51,8 @@ pub struct NodeOptions {
     pub clock: ClockOptions,
     /// Raft timing.
     pub timing: RaftTiming,
+    /// Fault injection for tests of the clock checks: shift this node's clock by this many ns.
+    pub inject_clock_skew_ns: i64,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -69,11 +72,22 @@ struct Shared {
     transport: Arc<Transport>,
     events: mpsc::Sender<Event>,
     cluster_id: Mutex<String>,
+    clock: Mutex<ClockMonitor>,
+    /// Why this node refuses to serve, while its clock disagrees with its peers.
+    clock_problem: Mutex<Option<String>>,
 }
 
 impl Shared {
     fn cluster_id(&self) -> String {
         self.cluster_id.lock().clone()
+    }
+
+    /// Fails if this node's clock disagrees with a majority of its peers.
+    fn check_clock(&self) -> Result<(), Status> {
+        match self.clock_problem.lock().as_ref() {
+            Some(problem) => Err(Status::unavailable(problem.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Records a peer in the transport and the store.
@@ -306,6 +320,19 @@ impl NodeService for NodeApi {
             ranges,
             clock_uncertainty_ns: reading.uncertainty.as_nanos() as u64,
             clock_bound: reading.bound.to_string(),
+            peer_clocks: self
+                .0
+                .clock
+                .lock()
+                .samples()
+                .iter()
+                .map(|(peer, sample)| PeerClock {
+                    node_id: peer.0,
+                    offset_ns: sample.offset_ns,
+                    round_trip_ns: sample.round_trip_ns,
+                })
+                .collect(),
+            clock_problem: self.0.clock_problem.lock().clone().unwrap_or_default(),
         }))
     }
 }
@@ -316,6 +343,7 @@ struct KvApi(Arc<Shared>);
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.0.check_clock()?;
         let key = request.into_inner().key;
         let found = self.0.call(|reply| Event::Read(ReadRequest::Get { key, reply })).await?;
         Ok(Response::new(match found {
@@ -325,6 +353,7 @@ impl Kv for KvApi {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
+        self.0.check_clock()?;
         let request = request.into_inner();
         let (key, value) = (request.key, request.value);
         let timestamp =
@@ -336,12 +365,14 @@ impl Kv for KvApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
+        self.0.check_clock()?;
         let key = request.into_inner().key;
         let timestamp = self.0.call(|reply| Event::Write { key, value: None, reply }).await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        self.0.check_clock()?;
         let request = request.into_inner();
         let end = (!request.end.is_empty()).then_some(request.end);
         let limit = if request.limit == 0 { 1_000 } else { request.limit.min(100_000) as usize };
@@ -418,10 +449,19 @@ pub async fn run_node(
         return Err(NodeError::InvalidArgument("node id 0 is reserved".into()));
     }
     let (engine, cluster_id) = open_store(&options)?;
-    let truetime = TrueTime::new(Arc::new(
+    let system: Arc<dyn ClockSource> = Arc::new(
         SystemClock::new(options.clock)
             .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
-    ));
+    );
+    let truetime = if options.inject_clock_skew_ns == 0 {
+        TrueTime::new(system)
+    } else {
+        warn!(
+            skew_ns = options.inject_clock_skew_ns,
+            "fault injection: this node's clock is skewed"
+        );
+        TrueTime::new(Arc::new(SkewedClock::new(system, options.inject_clock_skew_ns)))
+    };
     let transport = Transport::new(options.node_id);
     transport.set_cluster_id(&cluster_id);
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
@@ -433,6 +473,8 @@ pub async fn run_node(
         transport: transport.clone(),
         events,
         cluster_id: Mutex::new(cluster_id.clone()),
+        clock: Mutex::new(ClockMonitor::new(options.clock.max_clock_offset)),
+        clock_problem: Mutex::new(None),
     });
     // Peers remembered from an earlier run.
     let end = keyspace::prefix_end(PEER_PREFIX);
@@ -479,7 +521,8 @@ pub async fn run_node(
     result
 }
 
-/// Says hello to the join addresses and every known peer, forever, merging what they know.
+/// Says hello to the join addresses and every known peer, forever, merging what they know and
+/// measuring clock offsets on each round trip.
 async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
     loop {
         let mut targets: Vec<String> = join.clone();
@@ -493,23 +536,54 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
             };
             let attempt = async {
                 let mut client = NodeClient::connect(format!("http://{address}")).await.ok()?;
-                client
+                let sent = shared.truetime.read().local.as_nanos();
+                let response = client
                     .hello(request)
                     .await
                     .map(Response::into_inner)
                     .map_err(|status| {
                         warn!(%address, %status, "hello refused");
                     })
-                    .ok()
+                    .ok()?;
+                let received = shared.truetime.read().local.as_nanos();
+                Some((response, sent, received))
             };
-            let Ok(Some(response)) = tokio::time::timeout(Duration::from_secs(1), attempt).await
+            let Ok(Some((response, sent, received))) =
+                tokio::time::timeout(Duration::from_secs(1), attempt).await
             else {
                 continue;
             };
+            if let Some(node) = &response.node
+                && node.node_id != shared.node_id.0
+            {
+                let peer = NodeId(node.node_id);
+                shared.clock.lock().record(
+                    peer,
+                    sent,
+                    received,
+                    response.clock_nanos,
+                    Instant::now(),
+                );
+            }
             for peer in response.peers {
                 shared.remember_peer(NodeId(peer.node_id), &peer.address);
             }
         }
+        update_clock_health(&shared);
         tokio::time::sleep(HELLO_INTERVAL).await;
     }
+}
+
+/// Re-evaluates the clock checks; tells the driver and logs when the verdict changes.
+fn update_clock_health(shared: &Shared) {
+    let problem = shared.clock.lock().problem(shared.transport.peers().len(), Instant::now());
+    let mut current = shared.clock_problem.lock();
+    if current.is_some() != problem.is_some() {
+        match &problem {
+            Some(problem) => tracing::error!(%problem, "clock check failed"),
+            None => info!("clock agrees with the peers again; serving"),
+        }
+        let _ = shared.events.try_send(Event::ClockHealth { healthy: problem.is_none() });
+    }
+    *current = problem;
 }

@@ -111,7 +111,10 @@ async fn main() {
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     let leader = leader_address(&addresses).await;
     println!("3 nodes, leader at {leader}; {MEASURE:?} per row; 100-byte values");
-    println!("{:<6} {:>8} {:>10} {:>10} {:>10} {:>12}", "op", "clients", "ops", "p50", "p99", "ops/s");
+    println!(
+        "{:<6} {:>8} {:>10} {:>10} {:>10} {:>12}",
+        "op", "clients", "ops", "p50", "p99", "ops/s"
+    );
     for writes in [true, false] {
         for clients in [1, 16, 64] {
             let latencies = run(&leader, clients, writes).await;

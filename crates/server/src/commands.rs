@@ -68,8 +68,12 @@ struct StartArgs {
     #[arg(long, value_delimiter = ',')]
     join: Vec<String>,
     /// The bound on this node's clock offset when the operating system reports none, in ms.
+    /// A node whose clock is further than this from a majority of its peers refuses to serve.
     #[arg(long, default_value_t = 7)]
     max_clock_offset_ms: u64,
+    /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    inject_clock_skew_ms: i64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,6 +133,7 @@ async fn start(args: StartArgs) -> Result<()> {
         join: args.join.into_iter().filter(|address| !address.is_empty()).collect(),
         clock,
         timing: RaftTiming::default(),
+        inject_clock_skew_ns: args.inject_clock_skew_ms.saturating_mul(1_000_000),
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())
@@ -196,9 +201,24 @@ async fn status(host: &str) -> Result<()> {
         status.clock_uncertainty_ns as f64 / 1e6,
         status.clock_bound
     );
+    if !status.clock_problem.is_empty() {
+        println!("CLOCK PROBLEM: {}", status.clock_problem);
+    }
     println!("nodes:");
     for peer in &status.peers {
-        println!("  {:>4}  {}", peer.node_id, peer.address);
+        let clock = status
+            .peer_clocks
+            .iter()
+            .find(|clock| clock.node_id == peer.node_id)
+            .map(|clock| {
+                format!(
+                    "clock offset {:+.3} ms (round trip {:.3} ms)",
+                    clock.offset_ns as f64 / 1e6,
+                    clock.round_trip_ns as f64 / 1e6
+                )
+            })
+            .unwrap_or_default();
+        println!("  {:>4}  {:<22} {clock}", peer.node_id, peer.address);
     }
     println!("ranges:");
     println!(

@@ -44,6 +44,11 @@ impl Cluster {
     }
 
     fn spawn(&self, index: usize) -> Child {
+        self.spawn_with(index, &[])
+    }
+
+    /// Starts node `index` with extra flags.
+    fn spawn_with(&self, index: usize, extra: &[&str]) -> Child {
         let log =
             std::fs::File::create(self.directory.path().join(format!("node{}.log", index + 1)))
                 .unwrap();
@@ -52,6 +57,7 @@ impl Cluster {
             .arg("--store")
             .arg(self.store(index))
             .args(["--rpc-listen", &self.addresses[index], "--join", &self.addresses.join(",")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -337,4 +343,40 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
         Some(2),
         "clap reports bad flags with exit code 2: {output:?}"
     );
+}
+
+#[tokio::test]
+async fn a_node_whose_clock_is_off_refuses_to_serve() {
+    let mut cluster = Cluster::start(3);
+    // Node 3's clock runs 500 ms behind, far beyond the 7 ms bound.
+    cluster.kill(2);
+    let skewed = cluster.spawn_with(2, &["--inject-clock-skew-ms", "-500"]);
+    cluster.processes[2] = Some(skewed);
+    init(&cluster).await;
+    let skewed_address = cluster.addresses[2].clone();
+    let problem = eventually(Duration::from_secs(20), || async {
+        status(&skewed_address)
+            .await
+            .map(|status| status.clock_problem)
+            .filter(|problem| !problem.is_empty())
+    })
+    .await;
+    assert!(
+        problem.is_some_and(|problem| problem.contains("refuses to serve")),
+        "{}",
+        cluster.logs()
+    );
+    // It says why to clients...
+    let mut client = KvClient::connect(format!("http://{skewed_address}")).await.unwrap();
+    let error =
+        client.put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec() }).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("clock"), "{error:?}");
+    // ...while the healthy majority keeps serving, with no problem of its own.
+    let healthy = cluster.addresses[..2].to_vec();
+    assert!(put(&healthy, "k", "v").await, "{}", cluster.logs());
+    assert_eq!(get(&healthy, "k").await.as_deref(), Some(&b"v"[..]));
+    for address in &healthy {
+        assert_eq!(status(address).await.unwrap().clock_problem, "", "{address}");
+    }
 }
