@@ -465,7 +465,32 @@ impl Driver {
             }
         }
         self.serve_confirmed_reads();
+        self.fail_requests_of_former_leaders();
         Ok(())
+    }
+
+    /// Fails the requests a replica can no longer answer because it lost leadership: reads
+    /// still waiting for their ReadIndex round, and writes not yet applied (their outcome is
+    /// unknown: the entry may still commit under the new leader).
+    fn fail_requests_of_former_leaders(&mut self) {
+        for replica in self.replicas.values_mut() {
+            if replica.raft.role() == Role::Leader {
+                continue;
+            }
+            for (_, request) in std::mem::take(&mut replica.reads) {
+                fail_read(
+                    request,
+                    NodeError::Unavailable(
+                        "leadership changed before the read was confirmed".into(),
+                    ),
+                );
+            }
+            for (_, write) in std::mem::take(&mut replica.writes) {
+                let _ = write.reply.send(Err(NodeError::Unavailable(
+                    "leadership changed before the write was applied; it may or may not take effect".into(),
+                )));
+            }
+        }
     }
 
     fn serve_confirmed_reads(&mut self) {
