@@ -116,6 +116,8 @@ struct Replica {
     next_read_context: u64,
     /// A compaction to stage into the next synced batch.
     compaction: Option<SnapshotMetadata>,
+    /// The last term in which this replica was seen leading (to count elections won).
+    led_term: Option<Term>,
 }
 
 /// The driver of one node. Run it with [`Driver::run`].
@@ -199,6 +201,7 @@ impl Driver {
                 confirmed: Vec::new(),
                 next_read_context: 1,
                 compaction: None,
+                led_term: None,
             },
         );
         Ok(())
@@ -247,6 +250,8 @@ impl Driver {
     fn handle(&mut self, event: Event) -> Result<(), NodeError> {
         match event {
             Event::Raft(messages) => {
+                metrics::counter!("meridian_raft_messages_received_total")
+                    .increment(messages.len() as u64);
                 for (range, message) in messages {
                     let Some(replica) = self.replicas.get_mut(&range) else { continue };
                     if let Err(error) = replica.raft.step(message) {
@@ -317,6 +322,7 @@ impl Driver {
         };
         match replica.raft.propose(command) {
             Ok(index) => {
+                metrics::counter!("meridian_raft_proposals_total").increment(1);
                 replica.max_assigned = timestamp;
                 let term = replica.raft.term();
                 replica.writes.insert(index, PendingWrite { term, timestamp, reply });
@@ -388,7 +394,11 @@ impl Driver {
             staged.push(replica.raft.storage().stage(ready, &mut durable));
         }
         if !durable.is_empty() {
+            let (size, started) = (durable.size_bytes(), std::time::Instant::now());
             self.engine.write(durable, true).map_err(internal)?;
+            metrics::histogram!("meridian_storage_sync_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("meridian_storage_sync_batch_bytes").record(size as f64);
         }
         // Messages grouped by destination node, sent only now that their promises are durable.
         let mut outgoing: BTreeMap<NodeId, Vec<(RangeId, Message)>> = BTreeMap::new();
@@ -400,12 +410,15 @@ impl Driver {
             }
         }
         for (to, messages) in outgoing {
+            metrics::counter!("meridian_raft_messages_sent_total").increment(messages.len() as u64);
             self.transport.send(to, messages);
         }
         let mut applied_batch = WriteBatch::new();
         let mut acknowledgements = Vec::new();
         for (range, ready) in readies {
             let replica = self.replicas.get_mut(&range).expect("replica exists");
+            metrics::counter!("meridian_raft_entries_applied_total")
+                .increment(ready.committed_entries.len() as u64);
             for entry in &ready.committed_entries {
                 let outcome = replica.state.apply(entry, &mut applied_batch).map_err(internal)?;
                 if let Some(write) = replica.writes.remove(&entry.index) {
@@ -452,6 +465,10 @@ impl Driver {
                         let waited = truetime
                             .wait_until_after(Timestamp::from_nanos(timestamp), MAX_COMMIT_WAIT)
                             .await;
+                        if let Ok(waited) = &waited {
+                            metrics::histogram!("meridian_commit_wait_seconds")
+                                .record(waited.as_secs_f64());
+                        }
                         let _ = reply.send(
                             waited
                                 .map(|_| timestamp)
@@ -466,7 +483,28 @@ impl Driver {
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
+        self.record_gauges();
         Ok(())
+    }
+
+    /// Updates the gauges describing the replicas, and counts elections won.
+    fn record_gauges(&mut self) {
+        let mut led = 0;
+        let mut apply_lag = 0;
+        for replica in self.replicas.values_mut() {
+            let status = replica.raft.status();
+            if status.role == Role::Leader {
+                led += 1;
+                if replica.led_term != Some(status.term) {
+                    replica.led_term = Some(status.term);
+                    metrics::counter!("meridian_raft_leader_elections_won_total").increment(1);
+                }
+            }
+            apply_lag += status.commit.0 - status.applied.0;
+        }
+        metrics::gauge!("meridian_ranges").set(self.replicas.len() as f64);
+        metrics::gauge!("meridian_ranges_led").set(f64::from(led));
+        metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);
     }
 
     /// Fails the requests a replica can no longer answer because it lost leadership: reads

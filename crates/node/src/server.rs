@@ -53,6 +53,8 @@ pub struct NodeOptions {
     pub timing: RaftTiming,
     /// Fault injection for tests of the clock checks: shift this node's clock by this many ns.
     pub inject_clock_skew_ns: i64,
+    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    pub http_listen: Option<SocketAddr>,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -125,6 +127,28 @@ impl Shared {
             return Err(NodeError::ClusterMismatch { ours, theirs: theirs.to_string() });
         }
         Ok(())
+    }
+
+    /// Sends a client request to the driver unless the clock check fails, and counts and times
+    /// it.
+    async fn request<T>(
+        &self,
+        operation: &'static str,
+        event: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Event,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = match self.check_clock() {
+            Ok(()) => self.call(event).await,
+            Err(status) => Err(status),
+        };
+        let outcome = match &result {
+            Ok(_) => "Ok".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        metrics::counter!("meridian_kv_requests_total", "operation" => operation, "outcome" => outcome).increment(1);
+        metrics::histogram!("meridian_kv_request_seconds", "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     async fn call<T>(
@@ -343,9 +367,9 @@ struct KvApi(Arc<Shared>);
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        self.0.check_clock()?;
         let key = request.into_inner().key;
-        let found = self.0.call(|reply| Event::Read(ReadRequest::Get { key, reply })).await?;
+        let found =
+            self.0.request("get", |reply| Event::Read(ReadRequest::Get { key, reply })).await?;
         Ok(Response::new(match found {
             Some((value, timestamp)) => GetResponse { value: Some(value), timestamp },
             None => GetResponse { value: None, timestamp: 0 },
@@ -353,11 +377,10 @@ impl Kv for KvApi {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
-        self.0.check_clock()?;
         let request = request.into_inner();
         let (key, value) = (request.key, request.value);
         let timestamp =
-            self.0.call(|reply| Event::Write { key, value: Some(value), reply }).await?;
+            self.0.request("put", |reply| Event::Write { key, value: Some(value), reply }).await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
 
@@ -365,21 +388,20 @@ impl Kv for KvApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        self.0.check_clock()?;
         let key = request.into_inner().key;
-        let timestamp = self.0.call(|reply| Event::Write { key, value: None, reply }).await?;
+        let timestamp =
+            self.0.request("delete", |reply| Event::Write { key, value: None, reply }).await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        self.0.check_clock()?;
         let request = request.into_inner();
         let end = (!request.end.is_empty()).then_some(request.end);
         let limit = if request.limit == 0 { 1_000 } else { request.limit.min(100_000) as usize };
         let start = request.start;
         let rows = self
             .0
-            .call(|reply| Event::Read(ReadRequest::Scan { start, end, limit, reply }))
+            .request("scan", |reply| Event::Read(ReadRequest::Scan { start, end, limit, reply }))
             .await?;
         Ok(Response::new(ScanResponse {
             rows: rows
@@ -447,6 +469,15 @@ pub async fn run_node(
 ) -> Result<(), NodeError> {
     if options.node_id.0 == 0 {
         return Err(NodeError::InvalidArgument("node id 0 is reserved".into()));
+    }
+    if let Some(address) = options.http_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(address)
+            .install()
+            .map_err(|error| {
+                NodeError::InvalidArgument(format!("cannot serve metrics on {address}: {error}"))
+            })?;
+        info!(%address, "serving Prometheus metrics over HTTP");
     }
     let (engine, cluster_id) = open_store(&options)?;
     let system: Arc<dyn ClockSource> = Arc::new(
@@ -576,7 +607,17 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
 
 /// Re-evaluates the clock checks; tells the driver and logs when the verdict changes.
 fn update_clock_health(shared: &Shared) {
+    let reading = shared.truetime.read();
+    metrics::gauge!("meridian_clock_uncertainty_seconds").set(reading.uncertainty.as_secs_f64());
+    for (peer, sample) in shared.clock.lock().samples() {
+        let peer = peer.0.to_string();
+        metrics::gauge!("meridian_clock_peer_offset_seconds", "peer" => peer.clone())
+            .set(sample.offset_ns as f64 / 1e9);
+        metrics::gauge!("meridian_rpc_round_trip_seconds", "peer" => peer)
+            .set(sample.round_trip_ns as f64 / 1e9);
+    }
     let problem = shared.clock.lock().problem(shared.transport.peers().len(), Instant::now());
+    metrics::gauge!("meridian_clock_problem").set(if problem.is_some() { 1.0 } else { 0.0 });
     let mut current = shared.clock_problem.lock();
     if current.is_some() != problem.is_some() {
         match &problem {

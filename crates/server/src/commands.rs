@@ -71,6 +71,9 @@ struct StartArgs {
     /// A node whose clock is further than this from a majority of its peers refuses to serve.
     #[arg(long, default_value_t = 7)]
     max_clock_offset_ms: u64,
+    /// The address to serve Prometheus metrics on over HTTP (HOST:PORT); none if absent.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     inject_clock_skew_ms: i64,
@@ -134,6 +137,7 @@ async fn start(args: StartArgs) -> Result<()> {
         clock,
         timing: RaftTiming::default(),
         inject_clock_skew_ns: args.inject_clock_skew_ms.saturating_mul(1_000_000),
+        http_listen: args.http_listen,
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())

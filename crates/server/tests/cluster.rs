@@ -380,3 +380,55 @@ async fn a_node_whose_clock_is_off_refuses_to_serve() {
         assert_eq!(status(address).await.unwrap().clock_problem, "", "{address}");
     }
 }
+
+/// Fetches `http://address/metrics` with a bare HTTP/1.0 request.
+fn fetch_metrics(address: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[tokio::test]
+async fn metrics_are_served_over_http() {
+    let mut cluster = Cluster::start(3);
+    let http = format!("127.0.0.1:{}", free_port());
+    cluster.kill(0);
+    let node = cluster.spawn_with(0, &["--http-listen", &http]);
+    cluster.processes[0] = Some(node);
+    init(&cluster).await;
+    for i in 0..5 {
+        assert!(put(&cluster.addresses, &format!("m{i}"), "v").await, "{}", cluster.logs());
+    }
+    let metrics = eventually(Duration::from_secs(10), || async {
+        fetch_metrics(&http).filter(|body| body.contains("meridian_raft_entries_applied_total"))
+    })
+    .await
+    .unwrap_or_else(|| panic!("no metrics at {http}\n{}", cluster.logs()));
+    for name in [
+        "meridian_ranges 1",
+        "meridian_raft_messages_sent_total",
+        "meridian_storage_sync_seconds",
+        "meridian_clock_uncertainty_seconds",
+        "meridian_clock_peer_offset_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    // A metrics address already in use is a startup error, not a silent failure.
+    let output = meridian(&[
+        "start",
+        "--node-id",
+        "9",
+        "--store",
+        cluster.directory.path().join("node9").to_str().unwrap(),
+        "--rpc-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--http-listen",
+        &http,
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("metrics"), "{output:?}");
+}
