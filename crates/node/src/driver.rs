@@ -13,19 +13,20 @@
 //! A storage failure while persisting or applying stops the node: it must not diverge from its
 //! peers. Client-visible failures are [`NodeError`]s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_clock::{Timestamp, TrueTime};
 use meridian_raft::{
-    Config as RaftConfig, Configuration, Interval, LogIndex, Message, NodeId, RawNode, Ready, Role,
-    SnapshotMetadata, Storage, Term,
+    Config as RaftConfig, ConfigChange, Configuration, Entry, EntryKind, HardState, Interval,
+    LogIndex, Message, NodeId, RawNode, Ready, Role, SnapshotMetadata, Storage, Term,
 };
 use meridian_storage::{Engine, Mvcc, RocksEngine, ScanDirection, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::placement::{PlacementInput, plan};
 use crate::state_machine::{
     Applied, MvccSnapshotSource, RangeStateMachine, encode_delete, encode_put,
 };
@@ -36,6 +37,8 @@ use crate::{NodeError, RaftLogStore, RangeId};
 pub const FIRST_RANGE: RangeId = RangeId(1);
 /// Compact a range's log when this many applied entries sit above its truncation point.
 const COMPACTION_THRESHOLD: u64 = 1_000;
+/// Ticks between placement checks of the ranges this node leads.
+const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
 const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -94,6 +97,11 @@ pub enum Event {
     /// Whether this node's clock agrees with its peers; a node whose clock does not gives up
     /// leadership.
     ClockHealth { healthy: bool },
+    /// This node joined an initialized cluster (it learned the cluster id from a peer).
+    Joined,
+    /// Which nodes were heard from recently, and which not for longer than the dead-node
+    /// timeout (for placement).
+    Liveness { live: BTreeSet<NodeId>, dead: BTreeSet<NodeId> },
 }
 
 struct PendingWrite {
@@ -131,6 +139,12 @@ pub struct Driver {
     replicas: BTreeMap<RangeId, Replica>,
     events: mpsc::Receiver<Event>,
     clock_healthy: bool,
+    /// Whether the node belongs to an initialized cluster.
+    joined: bool,
+    /// Live and dead nodes, from the hello rounds.
+    liveness: (BTreeSet<NodeId>, BTreeSet<NodeId>),
+    /// Ticks since the last placement check.
+    ticks_since_placement: u64,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -168,18 +182,49 @@ impl Driver {
             replicas: BTreeMap::new(),
             events,
             clock_healthy: true,
+            joined: initialized,
+            liveness: (BTreeSet::new(), BTreeSet::new()),
+            ticks_since_placement: 0,
         };
         if initialized {
-            driver.open_replica(FIRST_RANGE, Configuration::default())?;
+            driver.open_replica(FIRST_RANGE, None)?;
         }
         Ok(driver)
     }
 
-    fn open_replica(&mut self, range: RangeId, initial: Configuration) -> Result<(), NodeError> {
+    /// Opens (or creates) the replica of `range`. With `bootstrap_voters`, a new replica's log
+    /// starts with the initial configuration as entry 1, committed in term 1 — identical on
+    /// every bootstrapped voter — so that nodes added later learn it from the log.
+    fn open_replica(
+        &mut self,
+        range: RangeId,
+        bootstrap_voters: Option<Vec<NodeId>>,
+    ) -> Result<(), NodeError> {
         let source = Arc::new(MvccSnapshotSource { range, mvcc: self.mvcc.clone() });
-        let metadata = SnapshotMetadata { index: LogIndex(0), term: Term(0), config: initial };
-        let store =
+        let metadata = SnapshotMetadata {
+            index: LogIndex(0),
+            term: Term(0),
+            config: Configuration::default(),
+        };
+        let mut store =
             RaftLogStore::open(self.engine.clone(), range, metadata, source).map_err(internal)?;
+        if let Some(voters) = bootstrap_voters
+            && store.last_index() == LogIndex(0)
+        {
+            let change = ConfigChange::Enter {
+                voters: voters.into_iter().collect(),
+                learners: BTreeSet::new(),
+            };
+            let entry =
+                Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::ConfigChange(change) };
+            let hard_state = HardState { term: Term(1), vote: None, commit: LogIndex(1) };
+            let ready =
+                Ready { entries: vec![entry], hard_state: Some(hard_state), ..Ready::default() };
+            let mut batch = WriteBatch::new();
+            let staged = store.stage(&ready, &mut batch);
+            self.engine.write(batch, true).map_err(internal)?;
+            store.on_persisted(staged);
+        }
         let mut config = RaftConfig::new(self.node_id);
         config.election_timeout_ticks = self.timing.election_timeout_ticks;
         config.heartbeat_interval_ticks = self.timing.heartbeat_interval_ticks;
@@ -229,6 +274,11 @@ impl Driver {
                     }
                 }
                 _ = ticker.tick() => {
+                    self.ticks_since_placement += 1;
+                    if self.ticks_since_placement >= PLACEMENT_INTERVAL_TICKS {
+                        self.ticks_since_placement = 0;
+                        self.place_replicas();
+                    }
                     let now = raft_interval(&self.truetime);
                     for replica in self.replicas.values_mut() {
                         replica.raft.tick(now);
@@ -250,6 +300,15 @@ impl Driver {
     fn handle(&mut self, event: Event) -> Result<(), NodeError> {
         match event {
             Event::Raft(messages) => {
+                // A node that joined an initialized cluster gets its replica when the leader
+                // first reaches out (it was added as a learner); the log or a snapshot brings
+                // the configuration.
+                if self.joined
+                    && !self.replicas.contains_key(&FIRST_RANGE)
+                    && messages.iter().any(|(range, _)| *range == FIRST_RANGE)
+                {
+                    self.open_replica(FIRST_RANGE, None)?;
+                }
                 metrics::counter!("meridian_raft_messages_received_total")
                     .increment(messages.len() as u64);
                 for (range, message) in messages {
@@ -262,13 +321,16 @@ impl Driver {
             Event::Write { key, value, reply } => self.write(key, value, reply),
             Event::Read(request) => self.read(request),
             Event::Bootstrap { voters, reply } => {
+                self.joined = true;
                 let result = if self.replicas.contains_key(&FIRST_RANGE) {
                     Ok(())
                 } else {
-                    self.open_replica(FIRST_RANGE, Configuration::with_voters(voters))
+                    self.open_replica(FIRST_RANGE, Some(voters))
                 };
                 let _ = reply.send(result);
             }
+            Event::Joined => self.joined = true,
+            Event::Liveness { live, dead } => self.liveness = (live, dead),
             Event::ClockHealth { healthy } => self.clock_healthy = healthy,
             Event::Status { reply } => {
                 let statuses = self
@@ -280,6 +342,38 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Lets every range this node leads move toward its target placement (see `placement.rs`).
+    fn place_replicas(&mut self) {
+        let (live, dead) = &self.liveness;
+        let mut live = live.clone();
+        live.insert(self.node_id);
+        for replica in self.replicas.values_mut() {
+            if replica.raft.role() != Role::Leader || replica.raft.config_change_pending() {
+                continue;
+            }
+            let status = replica.raft.status();
+            let learner_match = status
+                .configuration
+                .learners
+                .iter()
+                .map(|learner| (*learner, replica.raft.match_index(*learner).unwrap_or_default()))
+                .collect();
+            let input = PlacementInput {
+                config: status.configuration.clone(),
+                live: live.clone(),
+                dead: dead.clone(),
+                commit: status.commit,
+                learner_match,
+            };
+            if let Some((voters, learners)) = plan(&input) {
+                info!(range = replica.range.0, from = %status.configuration, ?voters, ?learners, "changing replicas");
+                if let Err(error) = replica.raft.propose_config_change(voters, learners) {
+                    warn!(range = replica.range.0, %error, "could not change replicas");
+                }
+            }
+        }
     }
 
     /// Returns the error for a request that reached a non-leader.

@@ -7,13 +7,16 @@
 //! - `transport`: batched, per-peer gRPC streams for Raft messages.
 //! - `server`: the `Kv` and `Node` services, store identity checks and peer discovery.
 //! - `clock_monitor`: clock offsets measured on hello round trips, and self-eviction.
+//! - `placement`: the leader keeps three live voters, replacing dead ones through learners.
 //!
 //! This is the first slice of the node: one range covering all keys, replicated on up to three
-//! nodes chosen at `init`. The meta range, splits, placement and metrics are not built yet.
+//! nodes chosen at `init` and replaced when they die. The meta range and splits are not built
+//! yet.
 
 mod clock_monitor;
 mod driver;
 mod error;
+mod placement;
 mod raft_store;
 mod server;
 mod state_machine;

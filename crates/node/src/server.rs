@@ -5,6 +5,7 @@
 //! id it belongs to, so that starting a node with another node's or another cluster's store
 //! fails with a clear error, and batches from a node of another cluster are refused.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct NodeOptions {
     pub inject_clock_skew_ns: i64,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub http_listen: Option<SocketAddr>,
+    /// How long a node may go unheard before its replicas are replaced elsewhere.
+    pub dead_node_timeout: Duration,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -77,6 +80,11 @@ struct Shared {
     clock: Mutex<ClockMonitor>,
     /// Why this node refuses to serve, while its clock disagrees with its peers.
     clock_problem: Mutex<Option<String>>,
+    /// When each peer last answered a hello.
+    last_seen: Mutex<BTreeMap<NodeId, Instant>>,
+    /// When this node started (a peer never heard from counts as dead only after the timeout).
+    started: Instant,
+    dead_node_timeout: Duration,
 }
 
 impl Shared {
@@ -506,6 +514,9 @@ pub async fn run_node(
         cluster_id: Mutex::new(cluster_id.clone()),
         clock: Mutex::new(ClockMonitor::new(options.clock.max_clock_offset)),
         clock_problem: Mutex::new(None),
+        last_seen: Mutex::new(BTreeMap::new()),
+        started: Instant::now(),
+        dead_node_timeout: options.dead_node_timeout,
     });
     // Peers remembered from an earlier run.
     let end = keyspace::prefix_end(PEER_PREFIX);
@@ -595,14 +606,50 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
                     response.clock_nanos,
                     Instant::now(),
                 );
+                shared.last_seen.lock().insert(peer, Instant::now());
+            }
+            if !response.cluster_id.is_empty() && shared.cluster_id().is_empty() {
+                join_cluster(&shared, &response.cluster_id);
             }
             for peer in response.peers {
                 shared.remember_peer(NodeId(peer.node_id), &peer.address);
             }
         }
         update_clock_health(&shared);
+        report_liveness(&shared);
         tokio::time::sleep(HELLO_INTERVAL).await;
     }
+}
+
+/// Adopts the cluster id a peer reported: this node joins an initialized cluster, and gets
+/// replicas when a leader adds it.
+fn join_cluster(shared: &Shared, cluster_id: &str) {
+    let mut batch = WriteBatch::new();
+    batch.put(CLUSTER_ID_KEY.to_vec(), cluster_id.as_bytes().to_vec());
+    if let Err(error) = shared.engine.write(batch, true) {
+        warn!(%error, "could not persist the cluster id");
+        return;
+    }
+    *shared.cluster_id.lock() = cluster_id.to_string();
+    shared.transport.set_cluster_id(cluster_id);
+    info!(%cluster_id, "joined the cluster");
+    let _ = shared.events.try_send(Event::Joined);
+}
+
+/// Tells the driver which peers are live and which are dead.
+fn report_liveness(shared: &Shared) {
+    let now = Instant::now();
+    let last_seen = shared.last_seen.lock();
+    let (mut live, mut dead) = (BTreeSet::new(), BTreeSet::new());
+    for peer in shared.transport.peers().into_keys() {
+        let since = last_seen.get(&peer).copied().unwrap_or(shared.started);
+        if now.saturating_duration_since(since) > shared.dead_node_timeout {
+            dead.insert(peer);
+        } else if last_seen.contains_key(&peer) {
+            live.insert(peer);
+        }
+    }
+    let _ = shared.events.try_send(Event::Liveness { live, dead });
 }
 
 /// Re-evaluates the clock checks; tells the driver and logs when the verdict changes.

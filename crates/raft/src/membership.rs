@@ -55,6 +55,20 @@ impl<S: Storage> RawNode<S> {
         Ok(index)
     }
 
+    /// Returns whether a configuration change is in flight (proposed and not yet applied, or a
+    /// joint configuration not yet left), so that a new one would be refused.
+    pub fn config_change_pending(&self) -> bool {
+        self.pending_config_index > self.log.applied || self.configuration.is_joint()
+    }
+
+    /// Returns, while leader, the highest index known to match `member`'s log.
+    pub fn match_index(&self, member: NodeId) -> Option<LogIndex> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        self.progress.get(&member).map(|progress| progress.match_index)
+    }
+
     /// Applies a committed configuration change (called as the entry is applied).
     pub(crate) fn apply_config_change(&mut self, index: LogIndex, change: &ConfigChange) {
         let next = match change {

@@ -74,6 +74,9 @@ struct StartArgs {
     /// The address to serve Prometheus metrics on over HTTP (HOST:PORT); none if absent.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// How long a node may go unheard before the replicas it holds are replaced elsewhere, in s.
+    #[arg(long, default_value_t = 60)]
+    dead_node_timeout_s: u64,
     /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     inject_clock_skew_ms: i64,
@@ -138,6 +141,7 @@ async fn start(args: StartArgs) -> Result<()> {
         timing: RaftTiming::default(),
         inject_clock_skew_ns: args.inject_clock_skew_ms.saturating_mul(1_000_000),
         http_listen: args.http_listen,
+        dead_node_timeout: Duration::from_secs(args.dead_node_timeout_s),
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())

@@ -24,14 +24,21 @@ struct Cluster {
     directory: tempfile::TempDir,
     addresses: Vec<String>,
     processes: Vec<Option<Child>>,
+    /// Flags every node is started with.
+    flags: Vec<String>,
 }
 
 impl Cluster {
     fn start(nodes: usize) -> Cluster {
+        Cluster::start_with(nodes, &[])
+    }
+
+    fn start_with(nodes: usize, flags: &[&str]) -> Cluster {
         let directory = tempfile::tempdir().unwrap();
         let addresses: Vec<String> =
             (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut cluster = Cluster { directory, addresses, processes: Vec::new() };
+        let flags = flags.iter().map(|flag| flag.to_string()).collect();
+        let mut cluster = Cluster { directory, addresses, processes: Vec::new(), flags };
         for index in 0..nodes {
             let child = cluster.spawn(index);
             cluster.processes.push(Some(child));
@@ -57,6 +64,7 @@ impl Cluster {
             .arg("--store")
             .arg(self.store(index))
             .args(["--rpc-listen", &self.addresses[index], "--join", &self.addresses.join(",")])
+            .args(&self.flags)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -431,4 +439,51 @@ async fn metrics_are_served_over_http() {
     ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("metrics"), "{output:?}");
+}
+
+#[tokio::test]
+async fn a_dead_voter_is_replaced_by_a_spare_node() {
+    let mut cluster = Cluster::start_with(4, &["--dead-node-timeout-s", "3"]);
+    init(&cluster).await;
+    let voters = status(&cluster.addresses[0]).await.unwrap().ranges[0].voters.clone();
+    assert_eq!(voters, [1, 2, 3], "init picks the initializing node and the two lowest peers");
+    let mut written = Vec::new();
+    for i in 0..30 {
+        let (key, value) = (format!("a{i:02}"), format!("{i}"));
+        assert!(put(&cluster.addresses, &key, &value).await, "{}", cluster.logs());
+        written.push((key, value));
+    }
+
+    // Node 3 dies; after the dead-node timeout the leader adds node 4 as a learner, lets it
+    // catch up and swaps it in.
+    cluster.kill(2);
+    let survivors = vec![
+        cluster.addresses[0].clone(),
+        cluster.addresses[1].clone(),
+        cluster.addresses[3].clone(),
+    ];
+    let replaced = eventually(Duration::from_secs(60), || async {
+        let range = status(&survivors[0]).await?.ranges.first()?.clone();
+        (range.voters == [1, 2, 4] && range.learners.is_empty()).then_some(())
+    })
+    .await;
+    assert!(replaced.is_some(), "node 3 was not replaced\n{}", cluster.logs());
+    for i in 30..60 {
+        let (key, value) = (format!("a{i:02}"), format!("{i}"));
+        assert!(put(&survivors, &key, &value).await, "{}", cluster.logs());
+        written.push((key, value));
+    }
+
+    // Node 4 is a full voter: with node 2 gone too, nodes 1 and 4 still form a quorum.
+    cluster.kill(1);
+    let quorum = vec![cluster.addresses[0].clone(), cluster.addresses[3].clone()];
+    assert!(put(&quorum, "after", "both-died").await, "{}", cluster.logs());
+    for (key, value) in &written {
+        assert_eq!(
+            get(&quorum, key).await.as_deref(),
+            Some(value.as_bytes()),
+            "lost {key}\n{}",
+            cluster.logs()
+        );
+    }
 }
