@@ -82,6 +82,16 @@ pub enum ReadRequest {
     },
 }
 
+/// A replica's state for `meridian status`.
+pub struct RangeReport {
+    /// The range.
+    pub range: RangeId,
+    /// Its Raft status.
+    pub status: meridian_raft::Status,
+    /// On the leader: each member's match index.
+    pub progress: Vec<(NodeId, LogIndex)>,
+}
+
 /// What the driver reacts to.
 pub enum Event {
     /// Raft messages from a peer.
@@ -93,7 +103,7 @@ pub enum Event {
     /// Create the first range with these voters (cluster initialization).
     Bootstrap { voters: Vec<NodeId>, reply: Reply<()> },
     /// Report the replicas' status.
-    Status { reply: oneshot::Sender<Vec<(RangeId, meridian_raft::Status)>> },
+    Status { reply: oneshot::Sender<Vec<RangeReport>> },
     /// Whether this node's clock agrees with its peers; a node whose clock does not gives up
     /// leadership.
     ClockHealth { healthy: bool },
@@ -336,7 +346,18 @@ impl Driver {
                 let statuses = self
                     .replicas
                     .iter()
-                    .map(|(range, replica)| (*range, replica.raft.status()))
+                    .map(|(range, replica)| {
+                        let status = replica.raft.status();
+                        let progress = status
+                            .configuration
+                            .members()
+                            .into_iter()
+                            .filter_map(|member| {
+                                replica.raft.match_index(member).map(|index| (member, index))
+                            })
+                            .collect();
+                        RangeReport { range: *range, status, progress }
+                    })
                     .collect();
                 let _ = reply.send(statuses);
             }

@@ -22,7 +22,8 @@ use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
 use meridian_rpc::node::{
     Ack, BootstrapRequest, BootstrapResponse, HelloRequest, HelloResponse, InitRequest,
-    InitResponse, MessageBatch, Peer, PeerClock, RangeStatus, StatusRequest, StatusResponse,
+    InitResponse, MessageBatch, Peer, PeerClock, PeerLiveness, RangeStatus, ReplicaProgress,
+    StatusRequest, StatusResponse,
 };
 use meridian_storage::{Engine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace};
 use parking_lot::Mutex;
@@ -31,7 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::clock_monitor::ClockMonitor;
-use crate::driver::{Driver, Event, RaftTiming, ReadRequest, log_fatal};
+use crate::driver::{Driver, Event, RaftTiming, RangeReport, ReadRequest, log_fatal};
 use crate::transport::Transport;
 use crate::{NodeError, RangeId};
 
@@ -98,6 +99,26 @@ impl Shared {
             Some(problem) => Err(Status::unavailable(problem.clone())),
             None => Ok(()),
         }
+    }
+
+    /// Returns when each known peer was last heard from, and whether it counts as dead.
+    fn liveness(&self) -> Vec<PeerLiveness> {
+        let now = Instant::now();
+        let last_seen = self.last_seen.lock();
+        self.transport
+            .peers()
+            .into_keys()
+            .map(|peer| {
+                let heard = last_seen.get(&peer).copied();
+                let since = heard.unwrap_or(self.started);
+                PeerLiveness {
+                    node_id: peer.0,
+                    last_heard_ms: heard
+                        .map(|at| now.saturating_duration_since(at).as_millis() as u64),
+                    dead: now.saturating_duration_since(since) > self.dead_node_timeout,
+                }
+            })
+            .collect()
     }
 
     /// Records a peer in the transport and the store.
@@ -331,7 +352,7 @@ impl NodeService for NodeApi {
         let now = reading.local.as_nanos();
         let ranges = statuses
             .into_iter()
-            .map(|(range, status)| RangeStatus {
+            .map(|RangeReport { range, status, progress }| RangeStatus {
                 range_id: range.0,
                 role: format!("{:?}", status.role).to_lowercase(),
                 term: status.term.0,
@@ -342,6 +363,10 @@ impl NodeService for NodeApi {
                 voters: status.configuration.voters.iter().map(|id| id.0).collect(),
                 learners: status.configuration.learners.iter().map(|id| id.0).collect(),
                 lease_remaining_ms: status.lease_end.saturating_sub(now) / 1_000_000,
+                replicas: progress
+                    .into_iter()
+                    .map(|(node, index)| ReplicaProgress { node_id: node.0, match_index: index.0 })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(StatusResponse {
@@ -365,6 +390,7 @@ impl NodeService for NodeApi {
                 })
                 .collect(),
             clock_problem: self.0.clock_problem.lock().clone().unwrap_or_default(),
+            liveness: self.0.liveness(),
         }))
     }
 }
@@ -638,15 +664,12 @@ fn join_cluster(shared: &Shared, cluster_id: &str) {
 
 /// Tells the driver which peers are live and which are dead.
 fn report_liveness(shared: &Shared) {
-    let now = Instant::now();
-    let last_seen = shared.last_seen.lock();
     let (mut live, mut dead) = (BTreeSet::new(), BTreeSet::new());
-    for peer in shared.transport.peers().into_keys() {
-        let since = last_seen.get(&peer).copied().unwrap_or(shared.started);
-        if now.saturating_duration_since(since) > shared.dead_node_timeout {
-            dead.insert(peer);
-        } else if last_seen.contains_key(&peer) {
-            live.insert(peer);
+    for peer in shared.liveness() {
+        if peer.dead {
+            dead.insert(NodeId(peer.node_id));
+        } else if peer.last_heard_ms.is_some() {
+            live.insert(NodeId(peer.node_id));
         }
     }
     let _ = shared.events.try_send(Event::Liveness { live, dead });

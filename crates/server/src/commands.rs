@@ -213,35 +213,65 @@ async fn status(host: &str) -> Result<()> {
         println!("CLOCK PROBLEM: {}", status.clock_problem);
     }
     println!("nodes:");
+    println!("  {:>4}  {:<22} {:<18} clock", "id", "address", "liveness");
     for peer in &status.peers {
+        let liveness = if peer.node_id == status.node_id {
+            "this node".to_string()
+        } else {
+            match status.liveness.iter().find(|liveness| liveness.node_id == peer.node_id) {
+                Some(liveness) => match (liveness.dead, liveness.last_heard_ms) {
+                    (true, Some(ms)) => format!("dead ({:.1} s)", ms as f64 / 1e3),
+                    (true, None) => "dead (never heard)".to_string(),
+                    (false, Some(ms)) => format!("live ({:.1} s)", ms as f64 / 1e3),
+                    (false, None) => "unknown".to_string(),
+                },
+                None => "unknown".to_string(),
+            }
+        };
         let clock = status
             .peer_clocks
             .iter()
             .find(|clock| clock.node_id == peer.node_id)
             .map(|clock| {
                 format!(
-                    "clock offset {:+.3} ms (round trip {:.3} ms)",
+                    "offset {:+.3} ms (round trip {:.3} ms)",
                     clock.offset_ns as f64 / 1e6,
                     clock.round_trip_ns as f64 / 1e6
                 )
             })
             .unwrap_or_default();
-        println!("  {:>4}  {:<22} {clock}", peer.node_id, peer.address);
+        println!("  {:>4}  {:<22} {liveness:<18} {clock}", peer.node_id, peer.address);
     }
     println!("ranges:");
     println!(
-        "  {:>5}  {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  voters",
+        "  {:>5}  {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  replicas (lag in entries, on the leader)",
         "range", "role", "term", "leader", "last", "commit", "applied", "lease"
     );
     for range in &status.ranges {
-        let voters = range.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
         let lease = if range.lease_remaining_ms > 0 {
             format!("{}ms", range.lease_remaining_ms)
         } else {
             "-".into()
         };
+        let describe = |node: u64| {
+            let lag = range
+                .replicas
+                .iter()
+                .find(|replica| replica.node_id == node)
+                .map(|replica| {
+                    format!("(lag {})", range.last_index.saturating_sub(replica.match_index))
+                })
+                .unwrap_or_default();
+            format!("{node}{lag}")
+        };
+        let voters: Vec<String> = range.voters.iter().map(|node| describe(*node)).collect();
+        let learners: Vec<String> = range.learners.iter().map(|node| describe(*node)).collect();
+        let mut replicas = format!("voters {}", voters.join(" "));
+        if !learners.is_empty() {
+            replicas.push_str(&format!(", learners {}", learners.join(" ")));
+        }
         println!(
-            "  {:>5}  {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  {voters}",
+            "  {:>5}  {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  {replicas}",
             range.range_id,
             range.role,
             range.term,

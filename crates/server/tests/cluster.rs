@@ -226,8 +226,32 @@ async fn writes_survive_killing_the_leader_and_the_node_catches_up() {
     }
     assert_eq!(acknowledged.len(), 100, "writes failed on a healthy cluster\n{}", cluster.logs());
 
+    // The leader reports every replica's progress.
+    let replicas = eventually(Duration::from_secs(10), || async {
+        for address in &addresses {
+            let Some(view) = status(address).await else { continue };
+            if let Some(range) = view.ranges.first().filter(|range| range.role == "leader") {
+                return Some(
+                    range.replicas.iter().map(|replica| replica.node_id).collect::<Vec<_>>(),
+                );
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(replicas, Some(vec![1, 2, 3]), "{}", cluster.logs());
+
     // Kill the leader with SIGKILL and keep writing through the others.
-    let leader = status(&addresses[0]).await.unwrap().ranges[0].leader as usize;
+    let leader = eventually(Duration::from_secs(10), || async {
+        status(&addresses[0])
+            .await?
+            .ranges
+            .first()
+            .map(|range| range.leader)
+            .filter(|leader| *leader != 0)
+    })
+    .await
+    .expect("node 1 knows a leader") as usize;
     cluster.kill(leader - 1);
     let survivors: Vec<String> = addresses
         .iter()
@@ -468,6 +492,13 @@ async fn a_dead_voter_is_replaced_by_a_spare_node() {
     })
     .await;
     assert!(replaced.is_some(), "node 3 was not replaced\n{}", cluster.logs());
+    let view = status(&survivors[0]).await.unwrap();
+    assert!(view.liveness.iter().any(|peer| peer.node_id == 3 && peer.dead), "{:?}", view.liveness);
+    assert!(
+        view.liveness.iter().any(|peer| peer.node_id == 4 && !peer.dead),
+        "{:?}",
+        view.liveness
+    );
     for i in 30..60 {
         let (key, value) = (format!("a{i:02}"), format!("{i}"));
         assert!(put(&survivors, &key, &value).await, "{}", cluster.logs());
