@@ -41,6 +41,15 @@ pub enum NodeError {
 /// The metadata key carrying the leader's address on a `NotLeader` error.
 pub const LEADER_ADDRESS_METADATA: &str = "x-meridian-leader-address";
 
+/// Returns the leader's address a `NotLeader` status carries, if any: where a client should
+/// retry.
+pub fn leader_hint(status: &tonic::Status) -> Option<&str> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    status.metadata().get(LEADER_ADDRESS_METADATA).and_then(|value| value.to_str().ok())
+}
+
 impl From<NodeError> for tonic::Status {
     fn from(error: NodeError) -> Self {
         let message = error.to_string();

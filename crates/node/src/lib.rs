@@ -23,7 +23,7 @@ mod state_machine;
 mod transport;
 
 pub use driver::{FIRST_RANGE, RaftTiming};
-pub use error::{LEADER_ADDRESS_METADATA, NodeError};
+pub use error::{LEADER_ADDRESS_METADATA, NodeError, leader_hint};
 pub use raft_store::{RaftLogStore, RangeId, SnapshotSource, StagedReady};
 pub use server::{NodeOptions, run_node};
 pub use state_machine::{AppliedState, encode_delete, encode_put};

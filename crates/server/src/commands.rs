@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meridian_clock::ClockOptions;
-use meridian_node::{LEADER_ADDRESS_METADATA, NodeOptions, RaftTiming, run_node};
+use meridian_node::{NodeOptions, RaftTiming, leader_hint, run_node};
 use meridian_raft::NodeId;
 use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::kv::{DeleteRequest, GetRequest, PutRequest, ScanRequest};
@@ -336,15 +336,9 @@ async fn kv(host: &str, operation: KvOperation) -> Result<()> {
         };
         match result {
             Ok(()) => return Ok(()),
-            Err(status) => match status
-                .metadata()
-                .get(LEADER_ADDRESS_METADATA)
-                .and_then(|value| value.to_str().ok())
-            {
-                Some(leader) if status.code() == tonic::Code::FailedPrecondition => {
-                    target = leader.to_string()
-                }
-                _ => bail!("{}", status.message()),
+            Err(status) => match leader_hint(&status) {
+                Some(leader) => target = leader.to_string(),
+                None => bail!("{}", status.message()),
             },
         }
     }

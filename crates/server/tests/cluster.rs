@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian_node::LEADER_ADDRESS_METADATA;
+use meridian_node::leader_hint;
 use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::kv::{GetRequest, PutRequest};
 use meridian_rpc::node::node_client::NodeClient;
@@ -171,11 +171,7 @@ async fn put(addresses: &[String], key: &str, value: &str) -> bool {
                 PutRequest { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() };
             match client.put(request).await {
                 Ok(_) => return true,
-                Err(status) => match status
-                    .metadata()
-                    .get(LEADER_ADDRESS_METADATA)
-                    .and_then(|value| value.to_str().ok())
-                {
+                Err(status) => match leader_hint(&status) {
                     Some(leader) => target = leader.to_string(),
                     None => break,
                 },
@@ -196,11 +192,7 @@ async fn get(addresses: &[String], key: &str) -> Option<Vec<u8>> {
                 };
                 match client.get(GetRequest { key: key.as_bytes().to_vec() }).await {
                     Ok(response) => return Some(response.into_inner().value.unwrap_or_default()),
-                    Err(status) => match status
-                        .metadata()
-                        .get(LEADER_ADDRESS_METADATA)
-                        .and_then(|value| value.to_str().ok())
-                    {
+                    Err(status) => match leader_hint(&status) {
                         Some(leader) => target = leader.to_string(),
                         None => break,
                     },
@@ -435,20 +427,25 @@ async fn metrics_are_served_over_http() {
     for i in 0..5 {
         assert!(put(&cluster.addresses, &format!("m{i}"), "v").await, "{}", cluster.logs());
     }
-    let metrics = eventually(Duration::from_secs(10), || async {
-        fetch_metrics(&http).filter(|body| body.contains("meridian_raft_entries_applied_total"))
-    })
-    .await
-    .unwrap_or_else(|| panic!("no metrics at {http}\n{}", cluster.logs()));
-    for name in [
+    // Clock metrics appear after the first full hello round (every 2 s), so wait for all.
+    let expected = [
         "meridian_ranges 1",
+        "meridian_raft_entries_applied_total",
         "meridian_raft_messages_sent_total",
         "meridian_storage_sync_seconds",
         "meridian_clock_uncertainty_seconds",
         "meridian_clock_peer_offset_seconds",
-    ] {
-        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
-    }
+    ];
+    let complete = eventually(Duration::from_secs(20), || async {
+        fetch_metrics(&http).filter(|body| expected.iter().all(|name| body.contains(name)))
+    })
+    .await;
+    assert!(
+        complete.is_some(),
+        "metrics at {http} lack some of {expected:?}:\n{}\n{}",
+        fetch_metrics(&http).unwrap_or_default(),
+        cluster.logs()
+    );
     // A metrics address already in use is a startup error, not a silent failure.
     let output = meridian(&[
         "start",
