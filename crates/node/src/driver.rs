@@ -22,7 +22,7 @@ use meridian_raft::{
     Config as RaftConfig, ConfigChange, Configuration, Entry, EntryKind, HardState, Interval,
     LogIndex, Message, NodeId, RawNode, Ready, Role, SnapshotMetadata, Storage, Term,
 };
-use meridian_storage::{Engine, Mvcc, RocksEngine, ScanDirection, WriteBatch};
+use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -120,10 +120,10 @@ struct PendingWrite {
     reply: Reply<u64>,
 }
 
-struct Replica {
+struct Replica<E: Engine> {
     range: RangeId,
-    raft: RawNode<RaftLogStore<RocksEngine>>,
-    state: RangeStateMachine<RocksEngine>,
+    raft: RawNode<RaftLogStore<E>>,
+    state: RangeStateMachine<E>,
     /// The highest timestamp this replica assigned as leader.
     max_assigned: u64,
     writes: BTreeMap<LogIndex, PendingWrite>,
@@ -139,14 +139,14 @@ struct Replica {
 }
 
 /// The driver of one node. Run it with [`Driver::run`].
-pub struct Driver {
+pub struct Driver<E: Engine> {
     node_id: NodeId,
-    engine: Arc<RocksEngine>,
-    mvcc: Arc<Mvcc<RocksEngine>>,
+    engine: Arc<E>,
+    mvcc: Arc<Mvcc<E>>,
     truetime: TrueTime,
     timing: RaftTiming,
     transport: Arc<Transport>,
-    replicas: BTreeMap<RangeId, Replica>,
+    replicas: BTreeMap<RangeId, Replica<E>>,
     events: mpsc::Receiver<Event>,
     clock_healthy: bool,
     /// Whether the node belongs to an initialized cluster.
@@ -166,7 +166,7 @@ fn internal(error: impl std::fmt::Display) -> NodeError {
     NodeError::Internal(error.to_string())
 }
 
-impl Driver {
+impl<E: Engine> Driver<E> {
     /// Returns a driver over the node's engine, opening the replicas the store holds.
     ///
     /// # Errors
@@ -174,7 +174,7 @@ impl Driver {
     /// [`NodeError::Internal`] if the store's Raft state cannot be read.
     pub fn open(
         node_id: NodeId,
-        engine: Arc<RocksEngine>,
+        engine: Arc<E>,
         truetime: TrueTime,
         timing: RaftTiming,
         transport: Arc<Transport>,
@@ -659,7 +659,7 @@ impl Driver {
     }
 }
 
-fn serve_read(mvcc: &Mvcc<RocksEngine>, request: ReadRequest) {
+fn serve_read<E: Engine>(mvcc: &Mvcc<E>, request: ReadRequest) {
     match request {
         ReadRequest::Get { key, reply } => {
             let result = mvcc

@@ -25,7 +25,9 @@ use meridian_rpc::node::{
     InitResponse, MessageBatch, Peer, PeerClock, PeerLiveness, RangeStatus, ReplicaProgress,
     StatusRequest, StatusResponse,
 };
-use meridian_storage::{Engine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace};
+use meridian_storage::{
+    Engine, FaultyEngine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace,
+};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
@@ -59,6 +61,8 @@ pub struct NodeOptions {
     pub http_listen: Option<SocketAddr>,
     /// How long a node may go unheard before its replicas are replaced elsewhere.
     pub dead_node_timeout: Duration,
+    /// Fault injection for tests: writes fail, as on a full disk, after this many bytes.
+    pub inject_disk_full_after_bytes: Option<u64>,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -69,11 +73,23 @@ const HELLO_INTERVAL: Duration = Duration::from_secs(2);
 /// Requests queued for the driver before clients are told to back off.
 const EVENT_QUEUE: usize = 16_384;
 
+/// Writes node metadata; the object-safe slice of [`Engine`] the services need.
+trait MetaStore: Send + Sync {
+    fn write_meta(&self, batch: WriteBatch, sync: bool) -> meridian_storage::Result<()>;
+}
+
+impl<E: Engine> MetaStore for E {
+    fn write_meta(&self, batch: WriteBatch, sync: bool) -> meridian_storage::Result<()> {
+        self.write(batch, sync)
+    }
+}
+
 /// State shared by the services.
 struct Shared {
     node_id: NodeId,
     advertise: String,
-    engine: Arc<RocksEngine>,
+    /// Where node metadata (cluster id, peer addresses) is written.
+    meta: Arc<dyn MetaStore>,
     truetime: TrueTime,
     transport: Arc<Transport>,
     events: mpsc::Sender<Event>,
@@ -131,7 +147,7 @@ impl Shared {
             key.extend_from_slice(&id.0.to_be_bytes());
             let mut batch = WriteBatch::new();
             batch.put(key, address.as_bytes().to_vec());
-            if let Err(error) = self.engine.write(batch, false) {
+            if let Err(error) = self.meta.write_meta(batch, false) {
                 warn!(%error, "could not persist a peer address");
             }
         }
@@ -208,7 +224,7 @@ impl Shared {
         }
         let mut batch = WriteBatch::new();
         batch.put(CLUSTER_ID_KEY.to_vec(), cluster_id.as_bytes().to_vec());
-        self.engine.write(batch, true).map_err(|error| Status::internal(error.to_string()))?;
+        self.meta.write_meta(batch, true).map_err(|error| Status::internal(error.to_string()))?;
         *self.cluster_id.lock() = cluster_id.to_string();
         self.transport.set_cluster_id(cluster_id);
         let ids = voters.iter().map(|peer| NodeId(peer.node_id)).collect();
@@ -456,14 +472,13 @@ fn new_cluster_id(node_id: NodeId) -> String {
 
 /// Opens the store, checks its identity, and returns the cluster id it belongs to (empty if
 /// not initialized).
-fn open_store(options: &NodeOptions) -> Result<(Arc<RocksEngine>, String), NodeError> {
+fn open_store(options: &NodeOptions) -> Result<(RocksEngine, String), NodeError> {
     std::fs::create_dir_all(&options.store).map_err(|error| {
         NodeError::Internal(format!("cannot create store {}: {error}", options.store.display()))
     })?;
     let engine = RocksEngine::open(&options.store, RocksOptions::default()).map_err(|error| {
         NodeError::Internal(format!("cannot open store {}: {error}", options.store.display()))
     })?;
-    let engine = Arc::new(engine);
     let internal = |error: meridian_storage::Error| NodeError::Internal(error.to_string());
     match engine.get(NODE_ID_KEY).map_err(internal)? {
         Some(bytes) => {
@@ -514,6 +529,22 @@ pub async fn run_node(
         info!(%address, "serving Prometheus metrics over HTTP");
     }
     let (engine, cluster_id) = open_store(&options)?;
+    match options.inject_disk_full_after_bytes {
+        None => serve(options, Arc::new(engine), cluster_id, shutdown).await,
+        Some(budget) => {
+            warn!(budget_bytes = budget, "fault injection: writes fail once the budget is spent");
+            serve(options, Arc::new(FaultyEngine::new(engine, budget)), cluster_id, shutdown).await
+        }
+    }
+}
+
+/// Runs the node's services and driver over `engine`.
+async fn serve<E: Engine>(
+    options: NodeOptions,
+    engine: Arc<E>,
+    cluster_id: String,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
     let system: Arc<dyn ClockSource> = Arc::new(
         SystemClock::new(options.clock)
             .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
@@ -533,7 +564,7 @@ pub async fn run_node(
     let shared = Arc::new(Shared {
         node_id: options.node_id,
         advertise: options.advertise.clone(),
-        engine: engine.clone(),
+        meta: engine.clone(),
         truetime: truetime.clone(),
         transport: transport.clone(),
         events,
@@ -652,7 +683,7 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
 fn join_cluster(shared: &Shared, cluster_id: &str) {
     let mut batch = WriteBatch::new();
     batch.put(CLUSTER_ID_KEY.to_vec(), cluster_id.as_bytes().to_vec());
-    if let Err(error) = shared.engine.write(batch, true) {
+    if let Err(error) = shared.meta.write_meta(batch, true) {
         warn!(%error, "could not persist the cluster id");
         return;
     }

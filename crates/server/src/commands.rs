@@ -77,6 +77,9 @@ struct StartArgs {
     /// How long a node may go unheard before the replicas it holds are replaced elsewhere, in s.
     #[arg(long, default_value_t = 60)]
     dead_node_timeout_s: u64,
+    /// Fault injection for tests: writes fail, as on a full disk, after this many MiB.
+    #[arg(long)]
+    inject_disk_full_after_mb: Option<u64>,
     /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     inject_clock_skew_ms: i64,
@@ -142,6 +145,9 @@ async fn start(args: StartArgs) -> Result<()> {
         inject_clock_skew_ns: args.inject_clock_skew_ms.saturating_mul(1_000_000),
         http_listen: args.http_listen,
         dead_node_timeout: Duration::from_secs(args.dead_node_timeout_s),
+        inject_disk_full_after_bytes: args
+            .inject_disk_full_after_mb
+            .map(|mb| mb.saturating_mul(1 << 20)),
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())

@@ -515,3 +515,53 @@ async fn a_dead_voter_is_replaced_by_a_spare_node() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_node_whose_disk_fills_stops_and_loses_nothing() {
+    let mut cluster = Cluster::start(3);
+    // Node 3's writes fail, as on a full disk, after 1 MiB.
+    cluster.kill(2);
+    let full = cluster.spawn_with(2, &["--inject-disk-full-after-mb", "1"]);
+    cluster.processes[2] = Some(full);
+    init(&cluster).await;
+    let healthy = cluster.addresses[..2].to_vec();
+    let value = "x".repeat(20_000);
+    let mut written = Vec::new();
+    for i in 0..100 {
+        let key = format!("big{i:03}");
+        assert!(put(&healthy, &key, &value).await, "write {i} failed\n{}", cluster.logs());
+        written.push(key);
+    }
+    // The node stopped with an error that names the cause; the others carried on.
+    let mut child = cluster.processes[2].take().unwrap();
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break Some(exit);
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.is_some_and(|exit| !exit.success()), "node 3 did not stop\n{}", cluster.logs());
+    assert!(cluster.logs().contains("No space left on device"), "{}", cluster.logs());
+    // Restarted with room again, it catches up from its intact store.
+    cluster.restart(2);
+    let caught_up = eventually(Duration::from_secs(30), || async {
+        let mine = status(&cluster.addresses[2]).await?.ranges.first()?.applied;
+        let theirs = status(&healthy[0]).await?.ranges.first()?.commit;
+        (mine >= theirs && theirs > 0).then_some(())
+    })
+    .await;
+    assert!(caught_up.is_some(), "node 3 did not catch up\n{}", cluster.logs());
+    for key in &written {
+        assert_eq!(
+            get(&cluster.addresses, key).await.as_deref(),
+            Some(value.as_bytes()),
+            "lost {key}"
+        );
+    }
+}

@@ -19,7 +19,8 @@ pub mod keyspace;
 pub mod mvcc;
 
 pub use engine::{
-    Engine, MemoryEngine, ReadView, RocksEngine, RocksOptions, ScanDirection, WriteBatch,
+    Engine, FaultyEngine, MemoryEngine, ReadView, RocksEngine, RocksOptions, ScanDirection,
+    WriteBatch,
 };
 pub use error::{Error, Result};
 pub use mvcc::{GcStats, Mvcc, Version, VersionWrite};

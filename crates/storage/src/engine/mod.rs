@@ -10,11 +10,13 @@
 //! Both pass the same test suite (`engine::suite`). Scans take a half-open range
 //! `[start, end)` (`end = None` means unbounded) and a [`ScanDirection`].
 
+mod faulty;
 mod memory;
 mod rocks;
 #[cfg(test)]
 mod suite;
 
+pub use faulty::FaultyEngine;
 pub use memory::{MemoryEngine, MemorySnapshot};
 pub use rocks::{RocksEngine, RocksOptions, RocksSnapshot};
 
