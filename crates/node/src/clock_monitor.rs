@@ -5,9 +5,10 @@
 //! of our send and receive readings, give or take half the round trip. A peer is *beyond the
 //! bound* when even the most favourable reading of the sample, `|offset| − round_trip / 2`,
 //! exceeds the maximum clock offset. When that holds for more than half of the known peers
-//! (with samples younger than [`SAMPLE_LIFETIME`]), this node's own clock is the likely culprit:
-//! it refuses to serve and says why. A lone outlier peer does not make its healthy neighbours
-//! stop.
+//! (with samples younger than [`SAMPLE_LIFETIME`]), and for at least two of them, this node's
+//! own clock is the likely culprit: it refuses to serve and says why. A lone outlier peer does
+//! not make its healthy neighbours stop, and a disagreement with a single peer blames neither
+//! side (with two nodes, or while a node has heard of only one peer so far).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ impl ClockMonitor {
             })
             .map(|(peer, sample)| format!("node {peer} by {:.1} ms", sample.offset_ns as f64 / 1e6))
             .collect();
-        (known_peers > 0 && beyond.len() * 2 > known_peers).then(|| {
+        (beyond.len() >= 2 && beyond.len() * 2 > known_peers).then(|| {
             format!(
                 "this node's clock is off from a majority of its peers ({}), beyond the {:.1} ms bound; it refuses to serve",
                 beyond.join(", "),
@@ -110,6 +111,8 @@ mod tests {
             (vec![], 2, false),
             (vec![(2, 1, 0, true), (3, -2, 0, true)], 2, false),
             (vec![(2, 50, 0, true)], 2, false),
+            // One peer alone cannot tell whose clock is wrong.
+            (vec![(2, 50, 0, true)], 1, false),
             (vec![(2, 50, 0, true), (3, -50, 0, true)], 2, true),
             // The round trip could explain 8 of the 12 ms: within the 7 ms bound.
             (vec![(2, 12, 16, true), (3, 12, 16, true)], 2, false),
