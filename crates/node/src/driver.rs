@@ -295,7 +295,7 @@ impl<E: Engine> Driver<E> {
                         // A node whose clock cannot be trusted must not assign timestamps:
                         // hand leadership to another voter.
                         if !self.clock_healthy && replica.raft.role() == Role::Leader {
-                            let voters = replica.raft.status().configuration.voters;
+                            let voters = replica.raft.configuration().voters.clone();
                             if let Some(target) = voters.iter().find(|id| **id != self.node_id) {
                                 let _ = replica.raft.transfer_leadership(*target);
                             }
@@ -558,9 +558,9 @@ impl<E: Engine> Driver<E> {
             if had_committed {
                 replica
                     .state
-                    .stage_applied_state(replica.raft.status().configuration, &mut applied_batch);
+                    .stage_applied_state(replica.raft.configuration().clone(), &mut applied_batch);
             }
-            let applied = replica.raft.status().applied;
+            let applied = replica.raft.applied_index();
             if applied.0 > replica.raft.storage().first_index().0 + COMPACTION_THRESHOLD
                 && let Ok(metadata) = replica.raft.applied_snapshot_metadata()
             {
@@ -607,15 +607,16 @@ impl<E: Engine> Driver<E> {
         let mut led = 0;
         let mut apply_lag = 0;
         for replica in self.replicas.values_mut() {
-            let status = replica.raft.status();
-            if status.role == Role::Leader {
+            // Cheap accessors only: this runs every cycle (`status()` clones the configuration).
+            let raft = &replica.raft;
+            if raft.role() == Role::Leader {
                 led += 1;
-                if replica.led_term != Some(status.term) {
-                    replica.led_term = Some(status.term);
+                if replica.led_term != Some(raft.term()) {
+                    replica.led_term = Some(raft.term());
                     metrics::counter!("meridian_raft_leader_elections_won_total").increment(1);
                 }
             }
-            apply_lag += status.commit.0 - status.applied.0;
+            apply_lag += raft.commit_index().0 - raft.applied_index().0;
         }
         metrics::gauge!("meridian_ranges").set(self.replicas.len() as f64);
         metrics::gauge!("meridian_ranges_led").set(f64::from(led));

@@ -243,6 +243,21 @@ impl<S: Storage> RawNode<S> {
         }
     }
 
+    /// Returns the configuration in effect (the latest applied one).
+    pub fn configuration(&self) -> &Configuration {
+        &self.configuration
+    }
+
+    /// Returns the highest index handed to the application and acknowledged.
+    pub fn applied_index(&self) -> LogIndex {
+        self.log.applied
+    }
+
+    /// Returns the highest index known to be committed.
+    pub fn commit_index(&self) -> LogIndex {
+        self.log.committed
+    }
+
     /// Returns the term of the entry at `index` in this node's log, if it has that entry.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
         self.log.term(index).ok()
@@ -547,7 +562,8 @@ impl<S: Storage> RawNode<S> {
                 progress.on_success(persisted);
             }
             self.maybe_commit();
-            self.release_reads_if_single_voter();
+            // With a single voter, rounds are confirmed by the leader alone.
+            self.confirm_rounds();
         }
         Ok(())
     }

@@ -96,7 +96,7 @@ impl<S: Storage> RawNode<S> {
 
     /// Advances the confirmed round to what a quorum answered; renews the lease and releases
     /// reads accordingly.
-    fn confirm_rounds(&mut self) {
+    pub(crate) fn confirm_rounds(&mut self) {
         let current = self.heartbeat_round;
         let id = self.id;
         let quorum_round = self.configuration.quorum_value(|member| {
@@ -134,11 +134,6 @@ impl<S: Storage> RawNode<S> {
             self.pending_reads.pop_front();
             self.read_states.push(ReadState { context, index });
         }
-    }
-
-    /// Confirms rounds at once when the leader is the only voter.
-    pub(crate) fn release_reads_if_single_voter(&mut self) {
-        self.confirm_rounds();
     }
 
     /// Requests a linearizable read (ReadIndex, thesis §6.4). The read is released in a later
