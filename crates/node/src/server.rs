@@ -623,6 +623,9 @@ async fn serve<E: Engine>(
 /// Says hello to the join addresses and every known peer, forever, merging what they know and
 /// measuring clock offsets on each round trip.
 async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
+    // One connection per address, kept across rounds: reconnecting every round would cost a
+    // handshake each time and put its latency into the offset measurement.
+    let mut clients: BTreeMap<String, NodeClient<tonic::transport::Channel>> = BTreeMap::new();
     loop {
         let mut targets: Vec<String> = join.clone();
         targets.extend(shared.transport.peers().into_values());
@@ -633,8 +636,12 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
                 from: Some(Peer { node_id: shared.node_id.0, address: shared.advertise.clone() }),
                 cluster_id: shared.cluster_id(),
             };
+            let cached = clients.remove(&address);
             let attempt = async {
-                let mut client = NodeClient::connect(format!("http://{address}")).await.ok()?;
+                let mut client = match cached {
+                    Some(client) => client,
+                    None => NodeClient::connect(format!("http://{address}")).await.ok()?,
+                };
                 let sent = shared.truetime.read().local.as_nanos();
                 let response = client
                     .hello(request)
@@ -645,13 +652,15 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
                     })
                     .ok()?;
                 let received = shared.truetime.read().local.as_nanos();
-                Some((response, sent, received))
+                Some((client, response, sent, received))
             };
-            let Ok(Some((response, sent, received))) =
+            // A failed or timed-out attempt drops its connection; the next round reconnects.
+            let Ok(Some((client, response, sent, received))) =
                 tokio::time::timeout(Duration::from_secs(1), attempt).await
             else {
                 continue;
             };
+            clients.insert(address.clone(), client);
             if let Some(node) = &response.node
                 && node.node_id != shared.node_id.0
             {
