@@ -10,6 +10,18 @@
 //!    (losing it in a crash only means re-applying entries, which is idempotent);
 //! 4. answers the clients whose writes applied (after commit-wait) and serves confirmed reads.
 //!
+//! Requests name a range; the driver answers `RangeNotFound`, `NotLeader` or `KeyNotInRange`
+//! when it cannot serve them there, and checks the key again when a write applies and when a
+//! read is served, since a split may have moved it in between.
+//!
+//! A split applies on every replica at the same log index: the range's span shrinks and the
+//! driver creates the new ranges' replicas on this node, with their state written durably
+//! before the parent's applied state. A replica that first hears of a range through a message
+//! (a split not applied here yet, or a replica being added) starts uninitialized and waits for
+//! a snapshot; a split applied later leaves it alone. Leaders record their descriptors in the
+//! meta range through the node's background task, and again whenever a descriptor changed or
+//! leadership moved, so a crash between a split and its meta update is repaired.
+//!
 //! A storage failure while persisting or applying stops the node: it must not diverge from its
 //! peers. Client-visible failures are [`NodeError`]s.
 
@@ -19,28 +31,33 @@ use std::time::Duration;
 
 use meridian_clock::{Timestamp, TrueTime};
 use meridian_raft::{
-    Config as RaftConfig, ConfigChange, Configuration, Entry, EntryKind, HardState, Interval,
-    LogIndex, Message, NodeId, RawNode, Ready, Role, SnapshotMetadata, Storage, Term,
+    Config as RaftConfig, Configuration, EntryKind, Interval, LogIndex, Message, NodeId, RawNode,
+    Ready, Role, SnapshotMetadata, Storage, Term,
 };
+use meridian_rpc::kv as wire;
 use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 use crate::placement::{PlacementInput, plan};
+use crate::raft_store::{stage_new_replica, stored_ranges};
 use crate::state_machine::{
-    Applied, MvccSnapshotSource, RangeStateMachine, encode_delete, encode_put,
+    Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, encode_allocate_range_ids,
+    encode_delete, encode_put, encode_split, encode_update_descriptors, stage_initial_state,
 };
 use crate::transport::Transport;
 use crate::{NodeError, RaftLogStore, RangeId};
-
-/// The one range that exists until splits arrive: it covers every key.
-pub const FIRST_RANGE: RangeId = RangeId(1);
 /// Compact a range's log when this many applied entries sit above its truncation point.
 const COMPACTION_THRESHOLD: u64 = 1_000;
 /// Ticks between placement checks of the ranges this node leads.
 const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
 const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How long a write waits for its leader to obtain a lease before it fails.
+const LEASE_WAIT: Duration = Duration::from_secs(2);
+/// Descriptors per meta update the driver asks for.
+const PUBLISH_CHUNK: usize = 1_000;
 
 /// Timing of the Raft groups.
 #[derive(Clone, Debug)]
@@ -69,23 +86,95 @@ impl Default for RaftTiming {
 /// A client's answer channel.
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
+/// Rows a scan returned, and where to continue if it stopped at its range's end.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Keys with their latest values and commit timestamps.
+    pub rows: Vec<(Vec<u8>, Vec<u8>, u64)>,
+    /// The range's end, if the scan reached it before the requested end and the limit.
+    pub resume_key: Option<Vec<u8>>,
+}
+
 /// A read a client asked for.
 pub enum ReadRequest {
     /// The latest value of a key, with its commit timestamp.
-    Get { key: Vec<u8>, reply: Reply<Option<(Vec<u8>, u64)>> },
-    /// Keys in `[start, end)` with their latest values, at most `limit`.
+    Get { range: RangeId, key: Vec<u8>, reply: Reply<Option<(Vec<u8>, u64)>> },
+    /// Keys in `[start, end)` of one range with their latest values, at most `limit`.
     Scan {
+        range: RangeId,
         start: Vec<u8>,
         end: Option<Vec<u8>>,
         limit: usize,
-        reply: Reply<Vec<(Vec<u8>, Vec<u8>, u64)>>,
+        reply: Reply<ScanResult>,
     },
+    /// The meta range: the descriptor of the range holding `key`.
+    Lookup { key: Vec<u8>, reply: Reply<wire::RangeDescriptor> },
+    /// The meta range: every descriptor.
+    List { reply: Reply<Vec<wire::RangeDescriptor>> },
 }
+
+impl ReadRequest {
+    fn range(&self) -> RangeId {
+        match self {
+            ReadRequest::Get { range, .. } | ReadRequest::Scan { range, .. } => *range,
+            ReadRequest::Lookup { .. } | ReadRequest::List { .. } => META_RANGE,
+        }
+    }
+
+    /// The key the request must find inside the range, if any.
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            ReadRequest::Get { key, .. } => Some(key),
+            ReadRequest::Scan { start, .. } => Some(start),
+            ReadRequest::Lookup { .. } | ReadRequest::List { .. } => None,
+        }
+    }
+
+    fn fail(self, error: NodeError) {
+        match self {
+            ReadRequest::Get { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ReadRequest::Scan { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ReadRequest::Lookup { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ReadRequest::List { reply } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// A change to the meta range a node asked for.
+pub enum MetaWrite {
+    /// Record these descriptors.
+    UpdateDescriptors { descriptors: Vec<wire::RangeDescriptor>, reply: Reply<()> },
+    /// Reserve `count` range ids; answers the first.
+    AllocateRangeIds { count: u64, reply: Reply<u64> },
+}
+
+/// Work the driver hands to the node's background task, which talks to other ranges' leaders.
+#[derive(Debug)]
+pub enum Background {
+    /// Record these descriptors in the meta range; answer with [`Event::Published`].
+    Publish(Vec<(RangeId, DescriptorVersion, wire::RangeDescriptor)>),
+    /// Split `range` at `key` (it grew past the size threshold); answer with
+    /// [`Event::SplitDone`].
+    Split { range: RangeId, key: Vec<u8> },
+}
+
+/// Orders the versions of one range's descriptor: `(generation, config_index)`.
+pub type DescriptorVersion = (u64, u64);
 
 /// A replica's state for `meridian status`.
 pub struct RangeReport {
     /// The range.
     pub range: RangeId,
+    /// Its span.
+    pub descriptor: RangeDescriptor,
     /// Its Raft status.
     pub status: meridian_raft::Status,
     /// On the leader: each member's match index.
@@ -96,11 +185,21 @@ pub struct RangeReport {
 pub enum Event {
     /// Raft messages from a peer.
     Raft(Vec<(RangeId, Message)>),
-    /// Write (`value: Some`) or delete (`None`) a key.
-    Write { key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<u64> },
+    /// Write (`value: Some`) or delete (`None`) a key of a range.
+    Write { range: RangeId, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<u64> },
     /// A linearizable read.
     Read(ReadRequest),
-    /// Create the first range with these voters (cluster initialization).
+    /// Split a range at `keys`, creating the ranges `ids`. Answers the range's descriptor after
+    /// the split, then the new ranges'.
+    Split {
+        range: RangeId,
+        keys: Vec<Vec<u8>>,
+        ids: Vec<u64>,
+        reply: Reply<Vec<wire::RangeDescriptor>>,
+    },
+    /// A change to the meta range.
+    Meta(MetaWrite),
+    /// Create the meta range and the first data range with these voters (initialization).
     Bootstrap { voters: Vec<NodeId>, reply: Reply<()> },
     /// Report the replicas' status.
     Status { reply: oneshot::Sender<Vec<RangeReport>> },
@@ -112,11 +211,50 @@ pub enum Event {
     /// Which nodes were heard from recently, and which not for longer than the dead-node
     /// timeout (for placement).
     Liveness { live: BTreeSet<NodeId>, dead: BTreeSet<NodeId> },
+    /// These descriptor versions are recorded in the meta range (`recorded`), or the attempt
+    /// failed and may be repeated.
+    Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },
+    /// A size-triggered split of `range` finished (or failed).
+    SplitDone { range: RangeId },
 }
 
-struct PendingWrite {
+/// What a proposal's proposer waits for.
+enum Pending {
+    Write { timestamp: u64, reply: Reply<u64> },
+    Split { reply: Reply<Vec<wire::RangeDescriptor>> },
+    UpdateDescriptors { reply: Reply<()> },
+    AllocateRangeIds { reply: Reply<u64> },
+}
+
+impl Pending {
+    fn fail(self, error: NodeError) {
+        match self {
+            Pending::Write { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::Split { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::UpdateDescriptors { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::AllocateRangeIds { reply } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+struct Proposal {
     term: Term,
-    timestamp: u64,
+    pending: Pending,
+}
+
+/// A write waiting for its leader's lease.
+struct LeaseWaiter {
+    deadline: std::time::Instant,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
     reply: Reply<u64>,
 }
 
@@ -126,7 +264,10 @@ struct Replica<E: Engine> {
     state: RangeStateMachine<E>,
     /// The highest timestamp this replica assigned as leader.
     max_assigned: u64,
-    writes: BTreeMap<LogIndex, PendingWrite>,
+    /// Proposals whose proposers wait for them to apply, by log index.
+    proposals: BTreeMap<LogIndex, Proposal>,
+    /// Writes waiting for a lease.
+    lease_waiters: Vec<LeaseWaiter>,
     /// ReadIndex reads waiting for confirmation, by context.
     reads: BTreeMap<u64, ReadRequest>,
     /// Confirmed reads waiting for their index to be applied.
@@ -136,6 +277,21 @@ struct Replica<E: Engine> {
     compaction: Option<SnapshotMetadata>,
     /// The last term in which this replica was seen leading (to count elections won).
     led_term: Option<Term>,
+    /// The descriptor version known to be recorded in the meta range.
+    published: Option<DescriptorVersion>,
+    /// Whether a meta update of this range's descriptor is under way.
+    publishing: bool,
+    /// The bytes of the range's data as far as known (recomputed when unknown).
+    size_bytes: Option<u64>,
+    /// Whether a size-triggered split is under way.
+    splitting: bool,
+}
+
+impl<E: Engine> Replica<E> {
+    fn descriptor_version(&self) -> DescriptorVersion {
+        let applied = self.state.applied();
+        (applied.descriptor.generation, applied.config_index.0)
+    }
 }
 
 /// The driver of one node. Run it with [`Driver::run`].
@@ -155,6 +311,10 @@ pub struct Driver<E: Engine> {
     liveness: (BTreeSet<NodeId>, BTreeSet<NodeId>),
     /// Ticks since the last placement check.
     ticks_since_placement: u64,
+    /// Where work for other ranges goes.
+    background: mpsc::UnboundedSender<Background>,
+    /// A data range larger than this splits.
+    range_max_bytes: u64,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -166,84 +326,76 @@ fn internal(error: impl std::fmt::Display) -> NodeError {
     NodeError::Internal(error.to_string())
 }
 
+/// What a driver is configured with besides its engine and channels.
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    /// This node.
+    pub node_id: NodeId,
+    /// Whether the node belongs to an initialized cluster.
+    pub initialized: bool,
+    /// Raft timing.
+    pub timing: RaftTiming,
+    /// A data range whose data grows past this many bytes splits in two.
+    pub range_max_bytes: u64,
+}
+
 impl<E: Engine> Driver<E> {
-    /// Returns a driver over the node's engine, opening the replicas the store holds.
+    /// Returns a driver over the node's engine, opening every replica the store holds.
     ///
     /// # Errors
     ///
     /// [`NodeError::Internal`] if the store's Raft state cannot be read.
     pub fn open(
-        node_id: NodeId,
+        options: DriverOptions,
         engine: Arc<E>,
         truetime: TrueTime,
-        timing: RaftTiming,
         transport: Arc<Transport>,
         events: mpsc::Receiver<Event>,
-        initialized: bool,
+        background: mpsc::UnboundedSender<Background>,
     ) -> Result<Self, NodeError> {
         let mvcc = Arc::new(Mvcc::new(engine.clone()).map_err(internal)?);
         let mut driver = Driver {
-            node_id,
+            node_id: options.node_id,
             engine,
             mvcc,
             truetime,
-            timing,
+            timing: options.timing,
             transport,
             replicas: BTreeMap::new(),
             events,
             clock_healthy: true,
-            joined: initialized,
+            joined: options.initialized,
             liveness: (BTreeSet::new(), BTreeSet::new()),
             ticks_since_placement: 0,
+            background,
+            range_max_bytes: options.range_max_bytes,
         };
-        if initialized {
-            driver.open_replica(FIRST_RANGE, None)?;
+        for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
+            driver.open_replica(range)?;
         }
+        info!(replicas = driver.replicas.len(), "replicas opened");
         Ok(driver)
     }
 
-    /// Opens (or creates) the replica of `range`. With `bootstrap_voters`, a new replica's log
-    /// starts with the initial configuration as entry 1, committed in term 1 — identical on
-    /// every bootstrapped voter — so that nodes added later learn it from the log.
-    fn open_replica(
-        &mut self,
-        range: RangeId,
-        bootstrap_voters: Option<Vec<NodeId>>,
-    ) -> Result<(), NodeError> {
-        let source = Arc::new(MvccSnapshotSource { range, mvcc: self.mvcc.clone() });
+    /// Opens the replica of `range`, creating an uninitialized one (empty log, no members,
+    /// waiting for a snapshot) if the store holds none.
+    fn open_replica(&mut self, range: RangeId) -> Result<(), NodeError> {
+        let source = Arc::new(RangeSnapshotSource { range, mvcc: self.mvcc.clone() });
         let metadata = SnapshotMetadata {
             index: LogIndex(0),
             term: Term(0),
             config: Configuration::default(),
         };
-        let mut store =
+        let store =
             RaftLogStore::open(self.engine.clone(), range, metadata, source).map_err(internal)?;
-        if let Some(voters) = bootstrap_voters
-            && store.last_index() == LogIndex(0)
-        {
-            let change = ConfigChange::Enter {
-                voters: voters.into_iter().collect(),
-                learners: BTreeSet::new(),
-            };
-            let entry =
-                Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::ConfigChange(change) };
-            let hard_state = HardState { term: Term(1), vote: None, commit: LogIndex(1) };
-            let ready =
-                Ready { entries: vec![entry], hard_state: Some(hard_state), ..Ready::default() };
-            let mut batch = WriteBatch::new();
-            let staged = store.stage(&ready, &mut batch);
-            self.engine.write(batch, true).map_err(internal)?;
-            store.on_persisted(staged);
-        }
         let mut config = RaftConfig::new(self.node_id);
         config.election_timeout_ticks = self.timing.election_timeout_ticks;
         config.heartbeat_interval_ticks = self.timing.heartbeat_interval_ticks;
         config.lease_duration_ns = self.timing.lease_duration.as_nanos() as u64;
-        config.seed = rand_seed(self.node_id);
+        config.seed = rand_seed(self.node_id) ^ range.0.rotate_left(17);
         let raft = RawNode::new(config, store, raft_interval(&self.truetime)).map_err(internal)?;
         let state = RangeStateMachine::open(range, self.mvcc.clone()).map_err(internal)?;
         let max_assigned = state.applied().max_timestamp;
-        info!(range = range.0, status = ?raft.status(), "replica opened");
         self.replicas.insert(
             range,
             Replica {
@@ -251,15 +403,74 @@ impl<E: Engine> Driver<E> {
                 raft,
                 state,
                 max_assigned,
-                writes: BTreeMap::new(),
+                proposals: BTreeMap::new(),
+                lease_waiters: Vec::new(),
                 reads: BTreeMap::new(),
                 confirmed: Vec::new(),
                 next_read_context: 1,
                 compaction: None,
                 led_term: None,
+                published: None,
+                publishing: false,
+                size_bytes: None,
+                splitting: false,
             },
         );
         Ok(())
+    }
+
+    /// Creates replicas that start from a known state (initialization, split): their Raft
+    /// state, applied state and (for the meta range) index are written in one synced batch
+    /// before the replicas open.
+    fn create_replicas(
+        &mut self,
+        states: Vec<(AppliedState, Option<MetaIndex>)>,
+        mut batch: WriteBatch,
+    ) -> Result<(), NodeError> {
+        for (applied, meta) in &states {
+            let range = applied.descriptor.id;
+            let metadata = SnapshotMetadata {
+                index: applied.index,
+                term: applied.term,
+                config: applied.config.clone(),
+            };
+            stage_new_replica(range, &metadata, &mut batch);
+            stage_initial_state(range, applied, &mut batch);
+            if let Some(meta) = meta {
+                let mut index = MetaIndex::default();
+                for descriptor in meta.descriptors() {
+                    index.update(descriptor, &mut batch);
+                }
+            }
+        }
+        self.engine.write(batch, true).map_err(internal)?;
+        for (applied, _) in states {
+            self.open_replica(applied.descriptor.id)?;
+        }
+        Ok(())
+    }
+
+    /// Creates the meta range and the first data range, covering every key, with `voters`.
+    /// Identical on every voter, so that their replicas start equal.
+    fn bootstrap(&mut self, voters: Vec<NodeId>) -> Result<(), NodeError> {
+        if self.replicas.contains_key(&META_RANGE) {
+            return Ok(());
+        }
+        let config = Configuration::with_voters(voters);
+        let state = |id: RangeId, next_range_id: u64| AppliedState {
+            index: LogIndex(1),
+            term: Term(1),
+            config: config.clone(),
+            config_index: LogIndex(1),
+            max_timestamp: 0,
+            descriptor: RangeDescriptor { id, start: Vec::new(), end: None, generation: 0 },
+            next_range_id,
+        };
+        let data = state(FIRST_DATA_RANGE, 0);
+        let mut meta = MetaIndex::default();
+        meta.update(&data.wire_descriptor(), &mut WriteBatch::new());
+        let meta_state = state(META_RANGE, FIRST_DATA_RANGE.0 + 1);
+        self.create_replicas(vec![(meta_state, Some(meta)), (data, None)], WriteBatch::new())
     }
 
     /// Runs the driver until the event channel closes or storage fails.
@@ -288,6 +499,8 @@ impl<E: Engine> Driver<E> {
                     if self.ticks_since_placement >= PLACEMENT_INTERVAL_TICKS {
                         self.ticks_since_placement = 0;
                         self.place_replicas();
+                        self.publish_descriptors();
+                        self.split_large_ranges()?;
                     }
                     let now = raft_interval(&self.truetime);
                     for replica in self.replicas.values_mut() {
@@ -301,6 +514,7 @@ impl<E: Engine> Driver<E> {
                             }
                         }
                     }
+                    self.retry_lease_waiters();
                 }
             }
             self.cycle()?;
@@ -310,38 +524,64 @@ impl<E: Engine> Driver<E> {
     fn handle(&mut self, event: Event) -> Result<(), NodeError> {
         match event {
             Event::Raft(messages) => {
-                // A node that joined an initialized cluster gets its replica when the leader
-                // first reaches out (it was added as a learner); the log or a snapshot brings
-                // the configuration.
-                if self.joined
-                    && !self.replicas.contains_key(&FIRST_RANGE)
-                    && messages.iter().any(|(range, _)| *range == FIRST_RANGE)
-                {
-                    self.open_replica(FIRST_RANGE, None)?;
-                }
                 metrics::counter!("meridian_raft_messages_received_total")
                     .increment(messages.len() as u64);
                 for (range, message) in messages {
-                    let Some(replica) = self.replicas.get_mut(&range) else { continue };
+                    // A node of an initialized cluster gets a replica when a leader first
+                    // reaches out: it was added to the range, or the range split off one it
+                    // holds and this node has not applied the split yet. It starts empty and
+                    // receives a snapshot.
+                    if !self.replicas.contains_key(&range) {
+                        if !self.joined || range.0 == 0 {
+                            continue;
+                        }
+                        self.open_replica(range)?;
+                        info!(range = range.0, "created an uninitialized replica");
+                    }
+                    let replica = self.replicas.get_mut(&range).expect("replica exists");
                     if let Err(error) = replica.raft.step(message) {
                         warn!(range = range.0, %error, "rejected a raft message");
                     }
                 }
             }
-            Event::Write { key, value, reply } => self.write(key, value, reply),
+            Event::Write { range, key, value, reply } => self.write(range, key, value, reply),
             Event::Read(request) => self.read(request),
+            Event::Split { range, keys, ids, reply } => {
+                let command = encode_split(keys.clone(), ids);
+                let check = keys.first().map(Vec::as_slice);
+                self.propose(range, check, command, Pending::Split { reply });
+            }
+            Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply }) => {
+                let command = encode_update_descriptors(descriptors);
+                self.propose(META_RANGE, None, command, Pending::UpdateDescriptors { reply });
+            }
+            Event::Meta(MetaWrite::AllocateRangeIds { count, reply }) => {
+                let command = encode_allocate_range_ids(count);
+                self.propose(META_RANGE, None, command, Pending::AllocateRangeIds { reply });
+            }
             Event::Bootstrap { voters, reply } => {
                 self.joined = true;
-                let result = if self.replicas.contains_key(&FIRST_RANGE) {
-                    Ok(())
-                } else {
-                    self.open_replica(FIRST_RANGE, Some(voters))
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.bootstrap(voters));
             }
             Event::Joined => self.joined = true,
             Event::Liveness { live, dead } => self.liveness = (live, dead),
             Event::ClockHealth { healthy } => self.clock_healthy = healthy,
+            Event::Published { ranges, recorded } => {
+                for (range, version) in ranges {
+                    if let Some(replica) = self.replicas.get_mut(&range) {
+                        replica.publishing = false;
+                        if recorded {
+                            replica.published = Some(version);
+                        }
+                    }
+                }
+            }
+            Event::SplitDone { range } => {
+                if let Some(replica) = self.replicas.get_mut(&range) {
+                    replica.splitting = false;
+                    replica.size_bytes = None;
+                }
+            }
             Event::Status { reply } => {
                 let statuses = self
                     .replicas
@@ -356,7 +596,12 @@ impl<E: Engine> Driver<E> {
                                 replica.raft.match_index(member).map(|index| (member, index))
                             })
                             .collect();
-                        RangeReport { range: *range, status, progress }
+                        RangeReport {
+                            range: *range,
+                            descriptor: replica.state.descriptor().clone(),
+                            status,
+                            progress,
+                        }
                     })
                     .collect();
                 let _ = reply.send(statuses);
@@ -397,33 +642,152 @@ impl<E: Engine> Driver<E> {
         }
     }
 
+    /// Asks the background task to record the descriptors of the data ranges this node leads
+    /// whose current version the meta range may not have yet.
+    fn publish_descriptors(&mut self) {
+        let mut batch = Vec::new();
+        for replica in self.replicas.values_mut() {
+            let version = replica.descriptor_version();
+            if replica.range == META_RANGE
+                || replica.raft.role() != Role::Leader
+                || !replica.state.is_initialized()
+                || replica.publishing
+                || replica.published == Some(version)
+            {
+                continue;
+            }
+            replica.publishing = true;
+            batch.push((replica.range, version, replica.state.applied().wire_descriptor()));
+        }
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(PUBLISH_CHUNK));
+            let _ = self.background.send(Background::Publish(batch));
+            batch = rest;
+        }
+    }
+
+    /// Asks the background task to split the data ranges this node leads that grew past the
+    /// size threshold, at their middle key.
+    fn split_large_ranges(&mut self) -> Result<(), NodeError> {
+        for replica in self.replicas.values_mut() {
+            if replica.range == META_RANGE
+                || replica.raft.role() != Role::Leader
+                || !replica.state.is_initialized()
+                || replica.splitting
+            {
+                continue;
+            }
+            let descriptor = replica.state.descriptor();
+            let size = match replica.size_bytes {
+                Some(size) => size,
+                None => {
+                    let size = self
+                        .mvcc
+                        .span_size(&descriptor.start, descriptor.end.as_deref())
+                        .map_err(internal)?
+                        .bytes;
+                    replica.size_bytes = Some(size);
+                    size
+                }
+            };
+            if size <= self.range_max_bytes {
+                continue;
+            }
+            let span = self
+                .mvcc
+                .span_size(&descriptor.start, descriptor.end.as_deref())
+                .map_err(internal)?;
+            replica.size_bytes = Some(span.bytes);
+            if let Some(key) = span.middle_key
+                && span.bytes > self.range_max_bytes
+            {
+                info!(range = replica.range.0, bytes = span.bytes, "range is too large; splitting");
+                replica.splitting = true;
+                let _ = self.background.send(Background::Split { range: replica.range, key });
+            }
+        }
+        Ok(())
+    }
+
     /// Returns the error for a request that reached a non-leader.
-    fn not_leader(&self, leader: Option<NodeId>) -> NodeError {
+    fn not_leader(transport: &Transport, node_id: NodeId, leader: Option<NodeId>) -> NodeError {
         match leader {
-            Some(leader) if leader != self.node_id => NodeError::NotLeader {
-                leader: Some(leader),
-                address: self.transport.address(leader),
-            },
+            Some(leader) if leader != node_id => {
+                NodeError::NotLeader { leader: Some(leader), address: transport.address(leader) }
+            }
             _ => NodeError::Unavailable("the range has no leader right now".into()),
         }
     }
 
-    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<u64>) {
+    /// Returns the replica of `range` if this node leads it and it holds `key`.
+    fn leader_replica(
+        &mut self,
+        range: RangeId,
+        key: Option<&[u8]>,
+    ) -> Result<&mut Replica<E>, NodeError> {
+        let Some(replica) = self.replicas.get_mut(&range) else {
+            return Err(if self.joined {
+                NodeError::RangeNotFound(range)
+            } else {
+                NodeError::NotInitialized
+            });
+        };
+        if !replica.state.is_initialized() {
+            return Err(NodeError::RangeNotFound(range));
+        }
+        if replica.raft.role() != Role::Leader {
+            let leader = replica.raft.leader();
+            return Err(Self::not_leader(&self.transport, self.node_id, leader));
+        }
+        if let Some(key) = key {
+            check_key(replica, key)?;
+        }
+        Ok(replica)
+    }
+
+    /// Proposes a command that carries no timestamp (split, meta changes).
+    fn propose(&mut self, range: RangeId, key: Option<&[u8]>, command: Vec<u8>, pending: Pending) {
+        let replica = match self.leader_replica(range, key) {
+            Ok(replica) => replica,
+            Err(error) => return pending.fail(error),
+        };
+        match replica.raft.propose(command) {
+            Ok(index) => {
+                metrics::counter!("meridian_raft_proposals_total").increment(1);
+                let term = replica.raft.term();
+                replica.proposals.insert(index, Proposal { term, pending });
+            }
+            Err(error) => pending.fail(NodeError::Unavailable(error.to_string())),
+        }
+    }
+
+    fn write(&mut self, range: RangeId, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<u64>) {
+        if range == META_RANGE {
+            let _ = reply
+                .send(Err(NodeError::InvalidArgument("the meta range holds no user keys".into())));
+            return;
+        }
         let now = self.truetime.now();
         let interval =
             Interval { earliest: now.earliest.as_nanos(), latest: now.latest.as_nanos() };
-        let Some(replica) = self.replicas.get_mut(&FIRST_RANGE) else {
-            let _ = reply.send(Err(NodeError::NotInitialized));
-            return;
+        let replica = match self.leader_replica(range, Some(&key)) {
+            Ok(replica) => replica,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
         };
-        if replica.raft.role() != Role::Leader {
-            let leader = replica.raft.leader();
-            let _ = reply.send(Err(self.not_leader(leader)));
-            return;
-        }
-        // A leader assigns timestamps only inside its lease (Spanner's disjointness).
+        // A leader assigns timestamps only inside its lease (Spanner's disjointness). Without
+        // one (a new leader), the write waits for the next heartbeat round to grant it.
         if replica.raft.lease_read(interval).is_none() {
-            let _ = reply.send(Err(NodeError::Unavailable("the leader has no lease yet".into())));
+            if replica.lease_waiters.is_empty() {
+                let context = replica.next_read_context;
+                replica.next_read_context += 1;
+                // A read round renews the lease at once; its result is not needed.
+                let _ = replica.raft.read_index(context);
+            }
+            let deadline = std::time::Instant::now() + LEASE_WAIT;
+            replica.lease_waiters.push(LeaseWaiter { deadline, key, value, reply });
             return;
         }
         let timestamp = now
@@ -440,7 +804,9 @@ impl<E: Engine> Driver<E> {
                 metrics::counter!("meridian_raft_proposals_total").increment(1);
                 replica.max_assigned = timestamp;
                 let term = replica.raft.term();
-                replica.writes.insert(index, PendingWrite { term, timestamp, reply });
+                replica
+                    .proposals
+                    .insert(index, Proposal { term, pending: Pending::Write { timestamp, reply } });
             }
             Err(error) => {
                 let _ = reply.send(Err(NodeError::Unavailable(error.to_string())));
@@ -448,18 +814,42 @@ impl<E: Engine> Driver<E> {
         }
     }
 
-    fn read(&mut self, request: ReadRequest) {
-        let interval = raft_interval(&self.truetime);
-        let Some(replica) = self.replicas.get_mut(&FIRST_RANGE) else {
-            fail_read(request, NodeError::NotInitialized);
-            return;
-        };
-        if replica.raft.role() != Role::Leader {
-            let leader = replica.raft.leader();
-            let error = self.not_leader(leader);
-            fail_read(request, error);
-            return;
+    /// Proposes the writes whose leader now has a lease; fails those that waited too long.
+    fn retry_lease_waiters(&mut self) {
+        let now = std::time::Instant::now();
+        let mut retry = Vec::new();
+        for replica in self.replicas.values_mut() {
+            if replica.lease_waiters.is_empty() {
+                continue;
+            }
+            let has_lease = replica.raft.lease_read(raft_interval(&self.truetime)).is_some();
+            for waiter in std::mem::take(&mut replica.lease_waiters) {
+                if has_lease || replica.raft.role() != Role::Leader {
+                    retry.push((replica.range, waiter));
+                } else if waiter.deadline <= now {
+                    let _ = waiter.reply.send(Err(NodeError::Unavailable(
+                        "the leader could not obtain a lease".into(),
+                    )));
+                } else {
+                    replica.lease_waiters.push(waiter);
+                }
+            }
         }
+        for (range, waiter) in retry {
+            self.write(range, waiter.key, waiter.value, waiter.reply);
+        }
+    }
+
+    fn read(&mut self, request: ReadRequest) {
+        if request.range() == META_RANGE && request.key().is_some() {
+            return request
+                .fail(NodeError::InvalidArgument("the meta range holds no user keys".into()));
+        }
+        let interval = raft_interval(&self.truetime);
+        let replica = match self.leader_replica(request.range(), request.key()) {
+            Ok(replica) => replica,
+            Err(error) => return request.fail(error),
+        };
         if let Some(index) = replica.raft.lease_read(interval) {
             replica.confirmed.push((index, request));
             return;
@@ -470,7 +860,7 @@ impl<E: Engine> Driver<E> {
             Ok(()) => {
                 replica.reads.insert(context, request);
             }
-            Err(error) => fail_read(request, NodeError::Unavailable(error.to_string())),
+            Err(error) => request.fail(NodeError::Unavailable(error.to_string())),
         }
     }
 
@@ -489,11 +879,12 @@ impl<E: Engine> Driver<E> {
             let ready = replica.raft.ready().map_err(internal)?;
             if let Some(snapshot) = &ready.snapshot {
                 replica.state.stage_install(snapshot, &mut durable).map_err(internal)?;
-                // Reads and writes waiting on entries the snapshot replaced cannot be answered.
-                for (_, write) in std::mem::take(&mut replica.writes) {
-                    let _ = write.reply.send(Err(NodeError::Unavailable(
-                        "replica was replaced by a snapshot".into(),
-                    )));
+                replica.size_bytes = None;
+                // Requests waiting on entries the snapshot replaced cannot be answered.
+                for (_, proposal) in std::mem::take(&mut replica.proposals) {
+                    proposal
+                        .pending
+                        .fail(NodeError::Unavailable("replica was replaced by a snapshot".into()));
                 }
             }
             readies.push((replica.range, ready));
@@ -530,22 +921,76 @@ impl<E: Engine> Driver<E> {
         }
         let mut applied_batch = WriteBatch::new();
         let mut acknowledgements = Vec::new();
+        // Replicas of ranges split off here, created once the loop is done.
+        let mut children: Vec<(AppliedState, Option<MetaIndex>)> = Vec::new();
+        let mut publish = Vec::new();
         for (range, ready) in readies {
             let replica = self.replicas.get_mut(&range).expect("replica exists");
             metrics::counter!("meridian_raft_entries_applied_total")
                 .increment(ready.committed_entries.len() as u64);
             for entry in &ready.committed_entries {
                 let outcome = replica.state.apply(entry, &mut applied_batch).map_err(internal)?;
-                if let Some(write) = replica.writes.remove(&entry.index) {
-                    let result = match outcome {
-                        _ if write.term != entry.term => Err(NodeError::Unavailable(
-                            "leadership changed; the write was not committed".into(),
-                        )),
-                        Applied::Write(timestamp) if timestamp == write.timestamp => Ok(timestamp),
-                        Applied::Rejected(reason) => Err(NodeError::InvalidArgument(reason)),
-                        _ => Err(NodeError::Unavailable("the write was not committed".into())),
-                    };
-                    acknowledgements.push((write.reply, result));
+                let mut split_descriptors = Vec::new();
+                match &outcome {
+                    Applied::Write(_) => {
+                        if let (Some(size), EntryKind::Command(data)) =
+                            (replica.size_bytes.as_mut(), &entry.kind)
+                        {
+                            *size += data.len() as u64;
+                        }
+                    }
+                    Applied::Split(new_ranges) => {
+                        info!(
+                            range = range.0,
+                            index = entry.index.0,
+                            new_ranges = new_ranges.len(),
+                            "range split"
+                        );
+                        replica.size_bytes = None;
+                        split_descriptors.push(replica.state.applied().wire_descriptor());
+                        for descriptor in new_ranges {
+                            let state = replica.state.child_state(descriptor.clone());
+                            split_descriptors.push(state.wire_descriptor());
+                            children.push((state, None));
+                        }
+                        if replica.raft.role() == Role::Leader {
+                            publish.extend(split_descriptors.iter().cloned());
+                        }
+                    }
+                    _ => {}
+                }
+                let Some(proposal) = replica.proposals.remove(&entry.index) else { continue };
+                if proposal.term != entry.term {
+                    proposal.pending.fail(NodeError::Unavailable(
+                        "leadership changed; the command was not committed".into(),
+                    ));
+                    continue;
+                }
+                match (proposal.pending, outcome) {
+                    (Pending::Write { timestamp, reply }, Applied::Write(applied))
+                        if applied == timestamp =>
+                    {
+                        acknowledgements.push((reply, timestamp));
+                    }
+                    (Pending::Split { reply }, Applied::Split(_)) => {
+                        let _ = reply.send(Ok(split_descriptors));
+                    }
+                    (Pending::UpdateDescriptors { reply }, Applied::DescriptorsUpdated) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    (Pending::AllocateRangeIds { reply }, Applied::RangeIds(first)) => {
+                        let _ = reply.send(Ok(first));
+                    }
+                    (pending, Applied::KeyNotInRange) => {
+                        pending.fail(key_not_in_range(replica));
+                    }
+                    (pending, Applied::Rejected(reason)) => {
+                        pending.fail(NodeError::InvalidArgument(reason));
+                    }
+                    (pending, _) => {
+                        pending
+                            .fail(NodeError::Unavailable("the command was not committed".into()));
+                    }
                 }
             }
             for read in &ready.read_states {
@@ -556,9 +1001,7 @@ impl<E: Engine> Driver<E> {
             let had_committed = !ready.committed_entries.is_empty();
             replica.raft.advance(ready).map_err(internal)?;
             if had_committed {
-                replica
-                    .state
-                    .stage_applied_state(replica.raft.configuration().clone(), &mut applied_batch);
+                replica.state.stage_applied_state(&mut applied_batch);
             }
             let applied = replica.raft.applied_index();
             if applied.0 > replica.raft.storage().first_index().0 + COMPACTION_THRESHOLD
@@ -568,33 +1011,45 @@ impl<E: Engine> Driver<E> {
                 replica.compaction = Some(metadata);
             }
         }
+        // A replica that already exists (it heard of its range first and waits for a snapshot)
+        // is left alone: it may have voted.
+        children.retain(|(state, _)| !self.replicas.contains_key(&state.descriptor.id));
+        if !children.is_empty() {
+            // The new ranges' state is durable before the parent's applied state (written
+            // unsynced below): after a crash the split re-applies and finds them in place.
+            self.create_replicas(children, WriteBatch::new())?;
+        }
         if !applied_batch.is_empty() {
             self.engine.write(applied_batch, false).map_err(internal)?;
         }
-        for (reply, result) in acknowledgements {
-            match result {
-                // Commit-wait (Spanner §4.1.2): acknowledge only once the timestamp has passed.
-                Ok(timestamp) => {
-                    let truetime = self.truetime.clone();
-                    tokio::spawn(async move {
-                        let waited = truetime
-                            .wait_until_after(Timestamp::from_nanos(timestamp), MAX_COMMIT_WAIT)
-                            .await;
-                        if let Ok(waited) = &waited {
-                            metrics::histogram!("meridian_commit_wait_seconds")
-                                .record(waited.as_secs_f64());
-                        }
-                        let _ = reply.send(
-                            waited
-                                .map(|_| timestamp)
-                                .map_err(|error| NodeError::Unavailable(error.to_string())),
-                        );
-                    });
+        if !publish.is_empty() {
+            let _ = self.background.send(Background::Publish(
+                publish
+                    .into_iter()
+                    .map(|descriptor| {
+                        let version = (descriptor.generation, descriptor.config_index);
+                        (RangeId(descriptor.range_id), version, descriptor)
+                    })
+                    .collect(),
+            ));
+        }
+        for (reply, timestamp) in acknowledgements {
+            // Commit-wait (Spanner §4.1.2): acknowledge only once the timestamp has passed.
+            let truetime = self.truetime.clone();
+            tokio::spawn(async move {
+                let waited = truetime
+                    .wait_until_after(Timestamp::from_nanos(timestamp), MAX_COMMIT_WAIT)
+                    .await;
+                if let Ok(waited) = &waited {
+                    metrics::histogram!("meridian_commit_wait_seconds")
+                        .record(waited.as_secs_f64());
                 }
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                }
-            }
+                let _ = reply.send(
+                    waited
+                        .map(|_| timestamp)
+                        .map_err(|error| NodeError::Unavailable(error.to_string())),
+                );
+            });
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
@@ -624,72 +1079,106 @@ impl<E: Engine> Driver<E> {
     }
 
     /// Fails the requests a replica can no longer answer because it lost leadership: reads
-    /// still waiting for their ReadIndex round, and writes not yet applied (their outcome is
-    /// unknown: the entry may still commit under the new leader).
+    /// still waiting for their ReadIndex round, and proposals not yet applied (their outcome
+    /// is unknown: the entry may still commit under the new leader).
     fn fail_requests_of_former_leaders(&mut self) {
         for replica in self.replicas.values_mut() {
             if replica.raft.role() == Role::Leader {
                 continue;
             }
+            // A new leader must record its descriptor again (the meta range may have missed
+            // an update of the old leader's).
+            replica.published = None;
             for (_, request) in std::mem::take(&mut replica.reads) {
-                fail_read(
-                    request,
-                    NodeError::Unavailable(
-                        "leadership changed before the read was confirmed".into(),
-                    ),
-                );
+                request.fail(NodeError::Unavailable(
+                    "leadership changed before the read was confirmed".into(),
+                ));
             }
-            for (_, write) in std::mem::take(&mut replica.writes) {
-                let _ = write.reply.send(Err(NodeError::Unavailable(
-                    "leadership changed before the write was applied; it may or may not take effect".into(),
-                )));
+            for (_, proposal) in std::mem::take(&mut replica.proposals) {
+                proposal.pending.fail(NodeError::Ambiguous(
+                    "leadership changed before the command was applied; it may or may not take effect".into(),
+                ));
             }
         }
     }
 
     fn serve_confirmed_reads(&mut self) {
         for replica in self.replicas.values_mut() {
+            if replica.confirmed.is_empty() {
+                continue;
+            }
             let applied = replica.state.applied().index;
             let (ready, waiting): (Vec<_>, Vec<_>) =
                 replica.confirmed.drain(..).partition(|(index, _)| *index <= applied);
             replica.confirmed = waiting;
             for (_, request) in ready {
-                serve_read(&self.mvcc, request);
+                serve_read(&self.mvcc, replica, request);
             }
         }
     }
 }
 
-fn serve_read<E: Engine>(mvcc: &Mvcc<E>, request: ReadRequest) {
+/// Fails unless `replica`'s span holds `key`.
+fn check_key<E: Engine>(replica: &Replica<E>, key: &[u8]) -> Result<(), NodeError> {
+    if replica.state.descriptor().contains(key) { Ok(()) } else { Err(key_not_in_range(replica)) }
+}
+
+fn key_not_in_range<E: Engine>(replica: &Replica<E>) -> NodeError {
+    NodeError::KeyNotInRange { descriptor: Box::new(replica.state.applied().wire_descriptor()) }
+}
+
+/// Serves a confirmed read from the replica's state; the key is checked again, since a split
+/// may have applied since the read arrived.
+fn serve_read<E: Engine>(mvcc: &Mvcc<E>, replica: &Replica<E>, request: ReadRequest) {
+    if let Some(key) = request.key()
+        && let Err(error) = check_key(replica, key)
+    {
+        return request.fail(error);
+    }
     match request {
-        ReadRequest::Get { key, reply } => {
+        ReadRequest::Get { key, reply, .. } => {
             let result = mvcc
                 .get(&key, Timestamp::MAX)
                 .map(|version| version.map(|version| (version.value, version.commit_ts.as_nanos())))
                 .map_err(internal);
             let _ = reply.send(result);
         }
-        ReadRequest::Scan { start, end, limit, reply } => {
+        ReadRequest::Scan { start, end, limit, reply, .. } => {
+            // Clamp to the range's end; past it the caller continues in the next range.
+            let range_end = replica.state.descriptor().end.clone();
+            let (end, resume_key) = match (end, range_end) {
+                (Some(end), Some(range_end)) if range_end < end => {
+                    (Some(range_end.clone()), Some(range_end))
+                }
+                (None, Some(range_end)) => (Some(range_end.clone()), Some(range_end)),
+                (end, _) => (end, None),
+            };
             let result = mvcc
                 .scan(&start, end.as_deref(), Timestamp::MAX, ScanDirection::Forward, limit)
                 .map(|rows| {
-                    rows.into_iter()
+                    let rows: Vec<_> = rows
+                        .into_iter()
                         .map(|(key, version)| (key, version.value, version.commit_ts.as_nanos()))
-                        .collect()
+                        .collect();
+                    let resume_key = if rows.len() < limit { resume_key } else { None };
+                    ScanResult { rows, resume_key }
                 })
                 .map_err(internal);
             let _ = reply.send(result);
         }
-    }
-}
-
-fn fail_read(request: ReadRequest, error: NodeError) {
-    match request {
-        ReadRequest::Get { reply, .. } => {
-            let _ = reply.send(Err(error));
+        ReadRequest::Lookup { key, reply } => {
+            let meta = replica.state.meta().expect("lookups go to the meta range");
+            let result = meta.lookup(&key).cloned().ok_or_else(|| {
+                NodeError::Unavailable(
+                    "no range is recorded for this key yet (a split is being recorded); retry"
+                        .into(),
+                )
+            });
+            let _ = reply.send(result);
         }
-        ReadRequest::Scan { reply, .. } => {
-            let _ = reply.send(Err(error));
+        ReadRequest::List { reply } => {
+            let meta = replica.state.meta().expect("listings go to the meta range");
+            let _ = reply.send(Ok(meta.descriptors().cloned().collect()));
         }
     }
 }

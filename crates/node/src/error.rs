@@ -1,6 +1,10 @@
 //! Errors the node returns to clients, and their gRPC form.
 
 use meridian_raft::NodeId;
+use meridian_rpc::kv::RangeDescriptor;
+use meridian_rpc::metadata;
+
+use crate::RangeId;
 
 /// Why a request failed, grouped by what the client must do.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +17,19 @@ pub enum NodeError {
         /// Its RPC address, if known.
         address: Option<String>,
     },
+    /// This node has no replica of the range (or one still waiting for its data); look the
+    /// range up again.
+    #[error("range {} is not on this node", .0.0)]
+    RangeNotFound(RangeId),
+    /// The range no longer holds the key (it split); look the range up again.
+    #[error("the key is not in range {} [{:x?}, {:x?})", descriptor.range_id, descriptor.start, descriptor.end)]
+    KeyNotInRange {
+        /// The range's current descriptor.
+        descriptor: Box<RangeDescriptor>,
+    },
+    /// The command may or may not take effect: leadership moved before it applied.
+    #[error("outcome unknown: {0}")]
+    Ambiguous(String),
     /// The range cannot serve right now (no leader, no lease yet, leadership lost); retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -38,34 +55,47 @@ pub enum NodeError {
     Internal(String),
 }
 
-/// The metadata key carrying the leader's address on a `NotLeader` error.
-pub const LEADER_ADDRESS_METADATA: &str = "x-meridian-leader-address";
-
 /// Returns the leader's address a `NotLeader` status carries, if any: where a client should
 /// retry.
 pub fn leader_hint(status: &tonic::Status) -> Option<&str> {
     if status.code() != tonic::Code::FailedPrecondition {
         return None;
     }
-    status.metadata().get(LEADER_ADDRESS_METADATA).and_then(|value| value.to_str().ok())
+    status.metadata().get(metadata::LEADER_ADDRESS).and_then(|value| value.to_str().ok())
 }
 
 impl From<NodeError> for tonic::Status {
     fn from(error: NodeError) -> Self {
         let message = error.to_string();
+        let kind = |mut status: tonic::Status, kind: &'static str| {
+            status.metadata_mut().insert(metadata::ERROR_KIND, kind.parse().expect("ascii"));
+            status
+        };
         match error {
+            NodeError::RangeNotFound(_) => {
+                kind(tonic::Status::not_found(message), metadata::RANGE_NOT_FOUND)
+            }
+            NodeError::KeyNotInRange { .. } => {
+                kind(tonic::Status::out_of_range(message), metadata::KEY_NOT_IN_RANGE)
+            }
+            NodeError::Ambiguous(_) => {
+                kind(tonic::Status::unavailable(message), metadata::AMBIGUOUS)
+            }
             NodeError::NotLeader { address, .. } => {
-                let mut status = tonic::Status::failed_precondition(message);
+                let mut status =
+                    kind(tonic::Status::failed_precondition(message), metadata::NOT_LEADER);
                 if let Some(address) = address
                     && let Ok(value) = address.parse()
                 {
-                    status.metadata_mut().insert(LEADER_ADDRESS_METADATA, value);
+                    status.metadata_mut().insert(metadata::LEADER_ADDRESS, value);
                 }
                 status
             }
             NodeError::Unavailable(_) => tonic::Status::unavailable(message),
             NodeError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
-            NodeError::NotInitialized => tonic::Status::failed_precondition(message),
+            NodeError::NotInitialized => {
+                kind(tonic::Status::failed_precondition(message), metadata::NOT_INITIALIZED)
+            }
             NodeError::AlreadyInitialized(_) => tonic::Status::already_exists(message),
             NodeError::ClusterMismatch { .. } => tonic::Status::permission_denied(message),
             NodeError::Internal(_) => tonic::Status::internal(message),

@@ -14,6 +14,7 @@
 //! yet.
 
 mod clock_monitor;
+mod descriptor;
 mod driver;
 mod error;
 mod placement;
@@ -22,8 +23,9 @@ mod server;
 mod state_machine;
 mod transport;
 
-pub use driver::{FIRST_RANGE, RaftTiming};
-pub use error::{LEADER_ADDRESS_METADATA, NodeError, leader_hint};
+pub use descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
+pub use driver::{DriverOptions, RaftTiming};
+pub use error::{NodeError, leader_hint};
 pub use raft_store::{RaftLogStore, RangeId, SnapshotSource, StagedReady};
 pub use server::{NodeOptions, run_node};
 pub use state_machine::{AppliedState, encode_delete, encode_put};

@@ -32,7 +32,7 @@ use meridian_storage::{Engine, ScanDirection, WriteBatch, keyspace};
 use prost::Message as _;
 
 /// Identifies a range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RangeId(pub u64);
 
 /// Produces a snapshot of a range's state machine for a lagging follower.
@@ -107,6 +107,45 @@ impl<E: Engine> std::fmt::Debug for RaftLogStore<E> {
             .field("last_index", &self.last_index)
             .finish()
     }
+}
+
+/// Stages the Raft state of a replica that starts from a state machine at `metadata` (a range
+/// created by cluster initialization or a split): an empty log compacted up to there, committed.
+/// A replica added later cannot replay what came before, so it is sent a snapshot.
+pub fn stage_new_replica(range: RangeId, metadata: &SnapshotMetadata, batch: &mut WriteBatch) {
+    batch.put(
+        state_key(range, TRUNCATED_STATE),
+        wire::SnapshotMetadata::from(metadata).encode_to_vec(),
+    );
+    let hard_state = HardState { term: metadata.term, vote: None, commit: metadata.index };
+    batch.put(state_key(range, HARD_STATE), wire::HardState::from(&hard_state).encode_to_vec());
+}
+
+/// Returns the ranges that have a replica in `engine` (every replica stores its truncated
+/// state from the moment it is created), in id order. Seeks once per range.
+///
+/// # Errors
+///
+/// [`RaftError::Storage`] if the engine fails.
+pub fn stored_ranges<E: Engine>(engine: &E) -> RaftResult<Vec<RangeId>> {
+    let mut ranges = Vec::new();
+    let end = [keyspace::RAFT + 1];
+    let mut from = vec![keyspace::RAFT];
+    while let Some(entry) = engine.scan(&from, Some(&end), ScanDirection::Forward).next() {
+        let (key, _) = entry.map_err(storage_error)?;
+        let Some(id) = key.get(1..9).and_then(|bytes| bytes.try_into().ok()) else {
+            return Err(RaftError::Storage(format!("invalid raft key {key:x?}")));
+        };
+        let id = u64::from_be_bytes(id);
+        if engine.get(&state_key(RangeId(id), TRUNCATED_STATE)).map_err(storage_error)?.is_some() {
+            ranges.push(RangeId(id));
+        }
+        match id.checked_add(1) {
+            Some(next) => from = range_prefix(RangeId(next)),
+            None => break,
+        }
+    }
+    Ok(ranges)
 }
 
 impl<E: Engine> RaftLogStore<E> {

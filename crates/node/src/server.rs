@@ -11,12 +11,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meridian_client::{Client, ClientOptions};
 use meridian_clock::{ClockOptions, ClockSource, SkewedClock, SystemClock, TrueTime};
 use meridian_raft::NodeId;
 use meridian_rpc::kv::kv_server::{Kv, KvServer};
 use meridian_rpc::kv::{
-    DeleteRequest, GetRequest, GetResponse, KeyValue, PutRequest, ScanRequest, ScanResponse,
-    WriteResponse,
+    AllocateRangeIdsRequest, AllocateRangeIdsResponse, DeleteRequest, GetRequest, GetResponse,
+    KeyValue, ListRangesRequest, ListRangesResponse, NodeAddress, PutRequest, RangeLookupRequest,
+    RangeLookupResponse, ScanRequest, ScanResponse, SplitRequest, SplitResponse,
+    UpdateDescriptorsRequest, UpdateDescriptorsResponse, WriteResponse,
 };
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
@@ -34,9 +37,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::clock_monitor::ClockMonitor;
-use crate::driver::{Driver, Event, RaftTiming, RangeReport, ReadRequest, log_fatal};
+use crate::driver::{
+    Background, Driver, DriverOptions, Event, MetaWrite, RaftTiming, RangeReport, ReadRequest,
+    log_fatal,
+};
 use crate::transport::Transport;
-use crate::{NodeError, RangeId};
+use crate::{META_RANGE, NodeError, RangeId};
 
 /// How a node is started.
 #[derive(Clone, Debug)]
@@ -63,6 +69,8 @@ pub struct NodeOptions {
     pub dead_node_timeout: Duration,
     /// Fault injection for tests: writes fail, as on a full disk, after this many bytes.
     pub inject_disk_full_after_bytes: Option<u64>,
+    /// A data range whose data grows past this many bytes splits in two.
+    pub range_max_bytes: u64,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -72,6 +80,10 @@ const PEER_PREFIX: &[u8] = b"\x01node/peer/";
 const HELLO_INTERVAL: Duration = Duration::from_secs(2);
 /// Requests queued for the driver before clients are told to back off.
 const EVENT_QUEUE: usize = 16_384;
+/// The largest gRPC message a node accepts (range snapshots travel in one message).
+const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// The most keys one split request may name.
+const MAX_SPLIT_KEYS: usize = 100_000;
 
 /// Writes node metadata; the object-safe slice of [`Engine`] the services need.
 trait MetaStore: Send + Sync {
@@ -102,6 +114,8 @@ struct Shared {
     /// When this node started (a peer never heard from counts as dead only after the timeout).
     started: Instant,
     dead_node_timeout: Duration,
+    /// This node's client of other ranges (the meta range, mostly).
+    client: Client,
 }
 
 impl Shared {
@@ -208,6 +222,56 @@ impl Shared {
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))?
             .map_err(Status::from)
+    }
+
+    /// Returns the known addresses of `nodes`.
+    fn addresses(&self, nodes: impl IntoIterator<Item = u64>) -> Vec<NodeAddress> {
+        nodes
+            .into_iter()
+            .filter_map(|node| {
+                let address = if node == self.node_id.0 {
+                    Some(self.advertise.clone())
+                } else {
+                    self.transport.address(NodeId(node))
+                };
+                address.map(|address| NodeAddress { node_id: node, address })
+            })
+            .collect()
+    }
+
+    /// Tells this node's client the addresses of the peers (it tries them for the meta range).
+    fn refresh_client(&self) {
+        self.client.learn_addresses(
+            self.transport.peers().into_iter().map(|(id, address)| (id.0, address)),
+        );
+    }
+
+    /// Splits `range` (led here) at `keys`: reserves range ids in the meta range, applies the
+    /// split through the range's log, and records the resulting descriptors in the meta
+    /// range. If recording fails the leaders record them later (see `driver.rs`).
+    async fn split(
+        &self,
+        range: RangeId,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<meridian_rpc::kv::RangeDescriptor>, Status> {
+        if keys.is_empty() || keys.len() > MAX_SPLIT_KEYS {
+            return Err(Status::invalid_argument(format!(
+                "a split needs between 1 and {MAX_SPLIT_KEYS} keys"
+            )));
+        }
+        self.refresh_client();
+        let count = keys.len() as u64;
+        let first =
+            self.client.allocate_range_ids(count).await.map_err(|error| {
+                Status::unavailable(format!("cannot reserve range ids: {error}"))
+            })?;
+        let ids = (first..first + count).collect();
+        let descriptors =
+            self.request("split", |reply| Event::Split { range, keys, ids, reply }).await?;
+        if let Err(error) = self.client.update_descriptors(descriptors.clone()).await {
+            warn!(range = range.0, %error, "split applied but not yet recorded in the meta range");
+        }
+        Ok(descriptors)
     }
 
     /// Persists the cluster id and creates the first range with `voters`.
@@ -368,8 +432,11 @@ impl NodeService for NodeApi {
         let now = reading.local.as_nanos();
         let ranges = statuses
             .into_iter()
-            .map(|RangeReport { range, status, progress }| RangeStatus {
+            .map(|RangeReport { range, descriptor, status, progress }| RangeStatus {
                 range_id: range.0,
+                start: descriptor.start,
+                end: descriptor.end.unwrap_or_default(),
+                generation: descriptor.generation,
                 role: format!("{:?}", status.role).to_lowercase(),
                 term: status.term.0,
                 leader: status.leader.map_or(0, |id| id.0),
@@ -414,12 +481,23 @@ impl NodeService for NodeApi {
 /// The `Kv` gRPC service.
 struct KvApi(Arc<Shared>);
 
+/// Returns the range a request names, refusing none.
+fn range_of(range_id: u64) -> Result<RangeId, Status> {
+    if range_id == 0 {
+        return Err(Status::invalid_argument("the request names no range (range_id 0)"));
+    }
+    Ok(RangeId(range_id))
+}
+
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let key = request.into_inner().key;
-        let found =
-            self.0.request("get", |reply| Event::Read(ReadRequest::Get { key, reply })).await?;
+        let request = request.into_inner();
+        let (range, key) = (range_of(request.range_id)?, request.key);
+        let found = self
+            .0
+            .request("get", |reply| Event::Read(ReadRequest::Get { range, key, reply }))
+            .await?;
         Ok(Response::new(match found {
             Some((value, timestamp)) => GetResponse { value: Some(value), timestamp },
             None => GetResponse { value: None, timestamp: 0 },
@@ -428,9 +506,11 @@ impl Kv for KvApi {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
         let request = request.into_inner();
-        let (key, value) = (request.key, request.value);
-        let timestamp =
-            self.0.request("put", |reply| Event::Write { key, value: Some(value), reply }).await?;
+        let (range, key, value) = (range_of(request.range_id)?, request.key, request.value);
+        let timestamp = self
+            .0
+            .request("put", |reply| Event::Write { range, key, value: Some(value), reply })
+            .await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
 
@@ -438,27 +518,143 @@ impl Kv for KvApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let key = request.into_inner().key;
-        let timestamp =
-            self.0.request("delete", |reply| Event::Write { key, value: None, reply }).await?;
+        let request = request.into_inner();
+        let (range, key) = (range_of(request.range_id)?, request.key);
+        let timestamp = self
+            .0
+            .request("delete", |reply| Event::Write { range, key, value: None, reply })
+            .await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let request = request.into_inner();
+        let range = range_of(request.range_id)?;
         let end = (!request.end.is_empty()).then_some(request.end);
         let limit = if request.limit == 0 { 1_000 } else { request.limit.min(100_000) as usize };
         let start = request.start;
-        let rows = self
+        let result = self
             .0
-            .request("scan", |reply| Event::Read(ReadRequest::Scan { start, end, limit, reply }))
+            .request("scan", |reply| {
+                Event::Read(ReadRequest::Scan { range, start, end, limit, reply })
+            })
             .await?;
         Ok(Response::new(ScanResponse {
-            rows: rows
+            rows: result
+                .rows
                 .into_iter()
                 .map(|(key, value, timestamp)| KeyValue { key, value, timestamp })
                 .collect(),
+            resume_key: result.resume_key,
         }))
+    }
+
+    async fn range_lookup(
+        &self,
+        request: Request<RangeLookupRequest>,
+    ) -> Result<Response<RangeLookupResponse>, Status> {
+        let key = request.into_inner().key;
+        let descriptor = self
+            .0
+            .request("range_lookup", |reply| Event::Read(ReadRequest::Lookup { key, reply }))
+            .await?;
+        let nodes = descriptor.voters.iter().chain(&descriptor.learners).copied();
+        let addresses = self.0.addresses(nodes.collect::<Vec<_>>());
+        Ok(Response::new(RangeLookupResponse { descriptor: Some(descriptor), addresses }))
+    }
+
+    async fn list_ranges(
+        &self,
+        _: Request<ListRangesRequest>,
+    ) -> Result<Response<ListRangesResponse>, Status> {
+        let descriptors =
+            self.0.request("list_ranges", |reply| Event::Read(ReadRequest::List { reply })).await?;
+        let mut nodes: Vec<u64> =
+            descriptors.iter().flat_map(|d| d.voters.iter().chain(&d.learners)).copied().collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let addresses = self.0.addresses(nodes);
+        Ok(Response::new(ListRangesResponse { descriptors, addresses }))
+    }
+
+    async fn split(
+        &self,
+        request: Request<SplitRequest>,
+    ) -> Result<Response<SplitResponse>, Status> {
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let descriptors = self.0.split(range, request.keys).await?;
+        Ok(Response::new(SplitResponse { descriptors }))
+    }
+
+    async fn update_descriptors(
+        &self,
+        request: Request<UpdateDescriptorsRequest>,
+    ) -> Result<Response<UpdateDescriptorsResponse>, Status> {
+        let descriptors = request.into_inner().descriptors;
+        if let Some(bad) = descriptors.iter().find(|d| d.range_id <= META_RANGE.0) {
+            return Err(Status::invalid_argument(format!(
+                "range {} cannot be recorded in the meta range",
+                bad.range_id
+            )));
+        }
+        self.0
+            .request("update_descriptors", |reply| {
+                Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply })
+            })
+            .await?;
+        Ok(Response::new(UpdateDescriptorsResponse {}))
+    }
+
+    async fn allocate_range_ids(
+        &self,
+        request: Request<AllocateRangeIdsRequest>,
+    ) -> Result<Response<AllocateRangeIdsResponse>, Status> {
+        let count = request.into_inner().count;
+        if count == 0 || count > MAX_SPLIT_KEYS as u64 {
+            return Err(Status::invalid_argument(format!(
+                "can reserve between 1 and {MAX_SPLIT_KEYS} range ids at once"
+            )));
+        }
+        let first = self
+            .0
+            .request("allocate_range_ids", |reply| {
+                Event::Meta(MetaWrite::AllocateRangeIds { count, reply })
+            })
+            .await?;
+        Ok(Response::new(AllocateRangeIdsResponse { first }))
+    }
+}
+
+/// Does the work the driver hands out: records descriptors in the meta range and splits
+/// ranges that grew too large, each in its own task, reporting back to the driver.
+async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<Background>) {
+    while let Some(item) = work.recv().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.refresh_client();
+            match item {
+                Background::Publish(items) => {
+                    let descriptors = items.iter().map(|(_, _, d)| d.clone()).collect();
+                    let result = shared.client.update_descriptors(descriptors).await;
+                    if let Err(error) = &result {
+                        warn!(%error, "could not record descriptors in the meta range");
+                    }
+                    let ranges =
+                        items.into_iter().map(|(range, version, _)| (range, version)).collect();
+                    let _ = shared
+                        .events
+                        .send(Event::Published { ranges, recorded: result.is_ok() })
+                        .await;
+                }
+                Background::Split { range, key } => {
+                    if let Err(error) = shared.split(range, vec![key]).await {
+                        warn!(range = range.0, %error, "size-triggered split failed");
+                    }
+                    let _ = shared.events.send(Event::SplitDone { range }).await;
+                }
+            }
+        });
     }
 }
 
@@ -574,6 +770,8 @@ async fn serve<E: Engine>(
         last_seen: Mutex::new(BTreeMap::new()),
         started: Instant::now(),
         dead_node_timeout: options.dead_node_timeout,
+        client: Client::new(vec![options.advertise.clone()], ClientOptions::default())
+            .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
     });
     // Peers remembered from an earlier run.
     let end = keyspace::prefix_end(PEER_PREFIX);
@@ -584,25 +782,29 @@ async fn serve<E: Engine>(
             transport.add_peer(NodeId(id), &String::from_utf8_lossy(&address));
         }
     }
-    let driver = Driver::open(
-        options.node_id,
-        engine,
-        truetime,
-        options.timing.clone(),
-        transport,
-        receiver,
-        !cluster_id.is_empty(),
-    )?;
+    let (background, work) = mpsc::unbounded_channel();
+    let driver_options = DriverOptions {
+        node_id: options.node_id,
+        initialized: !cluster_id.is_empty(),
+        timing: options.timing.clone(),
+        range_max_bytes: options.range_max_bytes,
+    };
+    let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
     let listener = tokio::net::TcpListener::bind(options.rpc_listen).await.map_err(|error| {
         NodeError::Internal(format!("cannot listen on {}: {error}", options.rpc_listen))
     })?;
     info!(node = options.node_id.0, address = %options.advertise, cluster = %cluster_id, "node started");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
-        .add_service(NodeServer::new(NodeApi(shared.clone())))
-        .add_service(KvServer::new(KvApi(shared.clone())))
+        .add_service(
+            NodeServer::new(NodeApi(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            KvServer::new(KvApi(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming(incoming);
     let hello = tokio::spawn(hello_loop(shared.clone(), options.join.clone()));
+    let background = tokio::spawn(background_loop(shared.clone(), work));
     // Shutdown does not wait for connections to drain: peers hold Raft streams open forever,
     // and everything acknowledged is already on disk.
     let result = tokio::select! {
@@ -614,6 +816,7 @@ async fn serve<E: Engine>(
         }
     };
     hello.abort();
+    background.abort();
     if let Err(error) = &result {
         log_fatal(error);
     }

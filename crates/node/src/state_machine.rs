@@ -1,10 +1,18 @@
-//! A range's replicated state machine: MVCC versions written by [`RangeCommand`]s at the
-//! timestamps their leader assigned, plus the *applied state* (index, term, configuration and
-//! highest timestamp applied) persisted with the data it describes.
+//! A range's replicated state machine and its *applied state* (index, term, configuration,
+//! descriptor, highest timestamp applied), persisted with the data it describes.
 //!
-//! Applying is deterministic: a command that does not decode is rejected the same way on every
-//! replica (and reported to the proposer), while an engine failure stops the node (it must not
-//! diverge from its peers). Re-applying a command is harmless: it rewrites the same version.
+//! - A **data range** holds the MVCC versions of the keys in its span, written by put and
+//!   delete commands at the timestamps their leader assigned, and splits: a split shrinks the
+//!   span and hands the rest to new ranges, whose replicas the driver creates on the same nodes
+//!   at the same log index (see [`Applied::Split`]). The data itself does not move: all ranges
+//!   share one MVCC key space ordered by user key, and a span of user keys is a span there.
+//! - The **meta range** holds the [`MetaIndex`] of descriptors and the range id counter.
+//!
+//! Applying is deterministic: a command that does not decode, that names a key outside the span
+//! (it was proposed before a split that applied first), or that the range cannot take is
+//! rejected the same way on every replica (and reported to the proposer), while an engine
+//! failure stops the node: it must not diverge from its peers. Re-applying a command is
+//! harmless: it rewrites the same versions.
 
 use std::sync::Arc;
 
@@ -15,23 +23,30 @@ use meridian_raft::{
 };
 use meridian_rpc::kv as wire;
 use meridian_storage::mvcc::VersionWrite;
-use meridian_storage::{Engine, Mvcc, WriteBatch};
+use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch, keyspace};
 use prost::Message as _;
 
+use crate::descriptor::{META_RANGE, MetaIndex, RangeDescriptor};
 use crate::raft_store::{APPLIED_STATE, state_key};
 use crate::{RangeId, SnapshotSource};
 
 /// What a range's state machine has applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppliedState {
-    /// The last applied index.
+    /// The last applied index; zero for a replica not initialized yet (waiting for a snapshot).
     pub index: LogIndex,
     /// Its term.
     pub term: Term,
     /// The configuration in effect after it.
     pub config: Configuration,
+    /// The index of the last membership change applied.
+    pub config_index: LogIndex,
     /// The highest timestamp of any applied command.
     pub max_timestamp: u64,
+    /// The range's span and generation.
+    pub descriptor: RangeDescriptor,
+    /// Meta range only: the next range id to hand out.
+    pub next_range_id: u64,
 }
 
 impl AppliedState {
@@ -41,13 +56,15 @@ impl AppliedState {
             term: self.term.0,
             config: Some((&self.config).into()),
             max_timestamp: self.max_timestamp,
+            descriptor: Some(self.descriptor.to_wire([], [], 0)),
+            config_index: self.config_index.0,
+            next_range_id: self.next_range_id,
         }
         .encode_to_vec()
     }
 
     fn decode(bytes: &[u8]) -> RaftResult<Self> {
-        let state = wire::AppliedState::decode(bytes)
-            .map_err(|error| RaftError::Storage(error.to_string()))?;
+        let state = wire::AppliedState::decode(bytes).map_err(storage_error)?;
         let config = match &state.config {
             Some(config) => config
                 .try_into()
@@ -58,36 +75,111 @@ impl AppliedState {
             index: LogIndex(state.index),
             term: Term(state.term),
             config,
+            config_index: LogIndex(state.config_index),
             max_timestamp: state.max_timestamp,
+            descriptor: state
+                .descriptor
+                .as_ref()
+                .map(RangeDescriptor::from_wire)
+                .unwrap_or_default(),
+            next_range_id: state.next_range_id,
         })
+    }
+
+    /// The descriptor with this state's replica lists, as the meta range records it.
+    pub fn wire_descriptor(&self) -> wire::RangeDescriptor {
+        self.descriptor.to_wire(
+            self.config.voters.iter().map(|id| id.0),
+            self.config.learners.iter().map(|id| id.0),
+            self.config_index.0,
+        )
     }
 }
 
-/// The outcome of applying one command.
+/// The outcome of applying one entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
     /// A write took effect at this timestamp.
     Write(u64),
+    /// The range split; these are the new ranges (the driver creates their replicas here).
+    Split(Vec<RangeDescriptor>),
+    /// Meta range: descriptors were recorded (stale ones ignored).
+    DescriptorsUpdated,
+    /// Meta range: range ids were reserved, starting with this one.
+    RangeIds(u64),
     /// Not a command (no-op or membership change).
     Nothing,
+    /// The write's key is outside the range's span (a split applied first).
+    KeyNotInRange,
     /// The command was invalid; every replica rejects it alike.
     Rejected(String),
+}
+
+fn encode_command(timestamp: u64, operation: wire::range_command::Operation) -> Vec<u8> {
+    wire::RangeCommand { timestamp, operation: Some(operation) }.encode_to_vec()
 }
 
 /// Encodes a write command.
 pub fn encode_put(key: &[u8], value: &[u8], timestamp: u64) -> Vec<u8> {
     let put = wire::Write { key: key.to_vec(), value: value.to_vec() };
-    wire::RangeCommand { timestamp, operation: Some(wire::range_command::Operation::Put(put)) }
-        .encode_to_vec()
+    encode_command(timestamp, wire::range_command::Operation::Put(put))
 }
 
 /// Encodes a delete command.
 pub fn encode_delete(key: &[u8], timestamp: u64) -> Vec<u8> {
-    wire::RangeCommand {
-        timestamp,
-        operation: Some(wire::range_command::Operation::Delete(key.to_vec())),
+    encode_command(timestamp, wire::range_command::Operation::Delete(key.to_vec()))
+}
+
+/// Encodes a split at `keys` creating ranges `ids`.
+pub fn encode_split(keys: Vec<Vec<u8>>, ids: Vec<u64>) -> Vec<u8> {
+    let split = wire::Split { keys, range_ids: ids };
+    encode_command(0, wire::range_command::Operation::Split(split))
+}
+
+/// Encodes a meta update recording `descriptors`.
+pub fn encode_update_descriptors(descriptors: Vec<wire::RangeDescriptor>) -> Vec<u8> {
+    let update = wire::DescriptorUpdate { descriptors };
+    encode_command(0, wire::range_command::Operation::UpdateDescriptors(update))
+}
+
+/// Encodes a meta command reserving `count` range ids.
+pub fn encode_allocate_range_ids(count: u64) -> Vec<u8> {
+    encode_command(0, wire::range_command::Operation::AllocateRangeIds(count))
+}
+
+/// Returns the new ranges a split at `keys` creates, or why the split is invalid.
+fn split_descriptors(
+    parent: &RangeDescriptor,
+    config: &Configuration,
+    split: &wire::Split,
+) -> Result<Vec<RangeDescriptor>, String> {
+    if split.keys.is_empty() || split.keys.len() != split.range_ids.len() {
+        return Err("a split needs as many new range ids as split keys, at least one".into());
     }
-    .encode_to_vec()
+    if config.is_joint() {
+        return Err("the range is changing its replicas; split later".into());
+    }
+    if let Some(key) = split.keys.iter().find(|key| !parent.strictly_contains(key)) {
+        return Err(format!("split key {key:x?} is not strictly inside the range"));
+    }
+    if split.keys.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err("split keys must be sorted and distinct".into());
+    }
+    let mut ids: Vec<u64> = split.range_ids.clone();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != split.range_ids.len() || ids.iter().any(|id| *id <= META_RANGE.0) {
+        return Err("new range ids must be distinct and above the meta range's".into());
+    }
+    let generation = parent.generation + 1;
+    Ok((0..split.keys.len())
+        .map(|i| RangeDescriptor {
+            id: RangeId(split.range_ids[i]),
+            start: split.keys[i].clone(),
+            end: split.keys.get(i + 1).cloned().or_else(|| parent.end.clone()),
+            generation,
+        })
+        .collect())
 }
 
 /// The state machine of one range.
@@ -95,26 +187,43 @@ pub struct RangeStateMachine<E: Engine> {
     range: RangeId,
     mvcc: Arc<Mvcc<E>>,
     applied: AppliedState,
+    /// The meta range's index (on the meta range only).
+    meta: Option<MetaIndex>,
 }
 
 impl<E: Engine> RangeStateMachine<E> {
-    /// Opens the state machine of `range`, loading its applied state.
+    /// Opens the state machine of `range`, loading its applied state (and, on the meta range,
+    /// its index).
     ///
     /// # Errors
     ///
     /// Storage errors.
     pub fn open(range: RangeId, mvcc: Arc<Mvcc<E>>) -> RaftResult<Self> {
-        let applied =
-            match mvcc.engine().get(&state_key(range, APPLIED_STATE)).map_err(storage_error)? {
-                Some(bytes) => AppliedState::decode(&bytes)?,
-                None => AppliedState::default(),
-            };
-        Ok(RangeStateMachine { range, mvcc, applied })
+        let applied = load_applied_state(mvcc.engine().as_ref(), range)?;
+        let meta =
+            if range == META_RANGE { Some(load_meta_index(mvcc.engine().as_ref())?) } else { None };
+        Ok(RangeStateMachine { range, mvcc, applied, meta })
     }
 
     /// Returns the applied state.
     pub fn applied(&self) -> &AppliedState {
         &self.applied
+    }
+
+    /// Returns the range's descriptor.
+    pub fn descriptor(&self) -> &RangeDescriptor {
+        &self.applied.descriptor
+    }
+
+    /// Whether the replica holds the range's state (it was created with it or received a
+    /// snapshot); an uninitialized replica waits for a snapshot and serves nothing.
+    pub fn is_initialized(&self) -> bool {
+        self.applied.index > LogIndex(0)
+    }
+
+    /// The meta range's index, on the meta range.
+    pub fn meta(&self) -> Option<&MetaIndex> {
+        self.meta.as_ref()
     }
 
     /// Applies a committed entry into `batch`.
@@ -125,106 +234,222 @@ impl<E: Engine> RangeStateMachine<E> {
     pub fn apply(&mut self, entry: &Entry, batch: &mut WriteBatch) -> RaftResult<Applied> {
         self.applied.index = entry.index;
         self.applied.term = entry.term;
-        let EntryKind::Command(data) = &entry.kind else { return Ok(Applied::Nothing) };
+        let data = match &entry.kind {
+            EntryKind::Command(data) => data,
+            EntryKind::ConfigChange(change) => {
+                self.applied.config = self.applied.config.after(change);
+                self.applied.config_index = entry.index;
+                return Ok(Applied::Nothing);
+            }
+            EntryKind::Noop => return Ok(Applied::Nothing),
+        };
         let command = match wire::RangeCommand::decode(data.as_slice()) {
             Ok(command) => command,
             Err(error) => return Ok(Applied::Rejected(format!("undecodable command: {error}"))),
         };
-        let (key, value) = match command.operation {
-            Some(wire::range_command::Operation::Put(put)) => (put.key, Some(put.value)),
-            Some(wire::range_command::Operation::Delete(key)) => (key, None),
-            None => return Ok(Applied::Rejected("command without operation".into())),
-        };
-        let write =
-            VersionWrite { key, commit_ts: Timestamp::from_nanos(command.timestamp), value };
+        use wire::range_command::Operation;
+        let is_meta = self.meta.is_some();
+        match command.operation {
+            Some(Operation::Put(put)) if !is_meta => {
+                self.apply_write(batch, put.key, Some(put.value), command.timestamp)
+            }
+            Some(Operation::Delete(key)) if !is_meta => {
+                self.apply_write(batch, key, None, command.timestamp)
+            }
+            Some(Operation::Split(split)) if !is_meta => {
+                match split_descriptors(&self.applied.descriptor, &self.applied.config, &split) {
+                    Ok(children) => {
+                        self.applied.descriptor.end = Some(split.keys[0].clone());
+                        self.applied.descriptor.generation += 1;
+                        Ok(Applied::Split(children))
+                    }
+                    Err(reason) => Ok(Applied::Rejected(reason)),
+                }
+            }
+            Some(Operation::UpdateDescriptors(update)) => {
+                let Some(meta) = self.meta.as_mut() else {
+                    return Ok(Applied::Rejected("only the meta range records descriptors".into()));
+                };
+                for descriptor in &update.descriptors {
+                    meta.update(descriptor, batch);
+                }
+                Ok(Applied::DescriptorsUpdated)
+            }
+            Some(Operation::AllocateRangeIds(count)) if is_meta => {
+                let first = self.applied.next_range_id;
+                match first.checked_add(count) {
+                    Some(next) if count > 0 => {
+                        self.applied.next_range_id = next;
+                        Ok(Applied::RangeIds(first))
+                    }
+                    _ => Ok(Applied::Rejected(format!("cannot allocate {count} range ids"))),
+                }
+            }
+            Some(_) => {
+                Ok(Applied::Rejected(format!("range {} does not take this command", self.range.0)))
+            }
+            None => Ok(Applied::Rejected("command without operation".into())),
+        }
+    }
+
+    fn apply_write(
+        &mut self,
+        batch: &mut WriteBatch,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        timestamp: u64,
+    ) -> RaftResult<Applied> {
+        if !self.applied.descriptor.contains(&key) {
+            return Ok(Applied::KeyNotInRange);
+        }
+        let write = VersionWrite { key, commit_ts: Timestamp::from_nanos(timestamp), value };
         match self.mvcc.add_to_batch(batch, &write) {
             Ok(()) => {
-                self.applied.max_timestamp = self.applied.max_timestamp.max(command.timestamp);
-                Ok(Applied::Write(command.timestamp))
+                self.applied.max_timestamp = self.applied.max_timestamp.max(timestamp);
+                Ok(Applied::Write(timestamp))
             }
             Err(error) if error.is_deterministic() => Ok(Applied::Rejected(error.to_string())),
             Err(error) => Err(storage_error(error)),
         }
     }
 
-    /// Records the applied state (with the configuration now in effect) into `batch`.
-    pub fn stage_applied_state(&mut self, config: Configuration, batch: &mut WriteBatch) {
-        self.applied.config = config;
+    /// Records the applied state into `batch`.
+    pub fn stage_applied_state(&self, batch: &mut WriteBatch) {
         batch.put(state_key(self.range, APPLIED_STATE), self.applied.encode());
     }
 
-    /// Replaces the state with a snapshot's into `batch`.
+    /// Returns the applied state of a range split off this one at the current index: it starts
+    /// at index 1 of its own log, with this range's replicas and timestamps.
+    pub fn child_state(&self, descriptor: RangeDescriptor) -> AppliedState {
+        AppliedState {
+            index: LogIndex(1),
+            term: Term(1),
+            config: self.applied.config.clone(),
+            config_index: LogIndex(1),
+            max_timestamp: self.applied.max_timestamp,
+            descriptor,
+            next_range_id: 0,
+        }
+    }
+
+    /// Replaces the state with a snapshot's into `batch`: clears the snapshot's span (or the
+    /// meta index) and writes the snapshot's data.
     ///
     /// # Errors
     ///
     /// [`RaftError::Storage`] if the snapshot does not decode or the engine fails.
     pub fn stage_install(&mut self, snapshot: &Snapshot, batch: &mut WriteBatch) -> RaftResult<()> {
         let data = wire::RangeSnapshot::decode(snapshot.data.as_slice()).map_err(storage_error)?;
-        self.mvcc.stage_clear(batch).map_err(storage_error)?;
-        for version in data.versions {
-            let write = VersionWrite {
-                key: version.key,
-                commit_ts: Timestamp::from_nanos(version.timestamp),
-                value: version.value,
-            };
-            self.mvcc.add_to_batch(batch, &write).map_err(storage_error)?;
+        let descriptor =
+            data.descriptor.as_ref().map(RangeDescriptor::from_wire).unwrap_or_default();
+        if descriptor.id != self.range {
+            return Err(RaftError::Storage(format!(
+                "a snapshot of range {} sent to range {}",
+                descriptor.id.0, self.range.0
+            )));
+        }
+        if let Some(meta) = self.meta.as_mut() {
+            meta.stage_clear(batch);
+            for entry in &data.descriptors {
+                meta.update(entry, batch);
+            }
+        } else {
+            self.mvcc
+                .stage_clear(batch, &descriptor.start, descriptor.end.as_deref())
+                .map_err(storage_error)?;
+            for version in data.versions {
+                let write = VersionWrite {
+                    key: version.key,
+                    commit_ts: Timestamp::from_nanos(version.timestamp),
+                    value: version.value,
+                };
+                self.mvcc.add_to_batch(batch, &write).map_err(storage_error)?;
+            }
         }
         self.applied = AppliedState {
             index: snapshot.metadata.index,
             term: snapshot.metadata.term,
             config: snapshot.metadata.config.clone(),
+            config_index: LogIndex(data.config_index),
             max_timestamp: data.max_timestamp,
+            descriptor,
+            next_range_id: data.next_range_id,
         };
-        batch.put(state_key(self.range, APPLIED_STATE), self.applied.encode());
+        self.stage_applied_state(batch);
         Ok(())
     }
+}
+
+/// Stages the applied state of a replica created with it (initialization, split).
+pub fn stage_initial_state(range: RangeId, applied: &AppliedState, batch: &mut WriteBatch) {
+    batch.put(state_key(range, APPLIED_STATE), applied.encode());
+}
+
+fn load_applied_state<E: Engine>(engine: &E, range: RangeId) -> RaftResult<AppliedState> {
+    match engine.get(&state_key(range, APPLIED_STATE)).map_err(storage_error)? {
+        Some(bytes) => AppliedState::decode(&bytes),
+        None => Ok(AppliedState::default()),
+    }
+}
+
+fn load_meta_index<E: Engine>(engine: &E) -> RaftResult<MetaIndex> {
+    let end = [keyspace::RANGES + 1];
+    let stored: Vec<(Vec<u8>, Vec<u8>)> = engine
+        .scan(&[keyspace::RANGES], Some(&end), ScanDirection::Forward)
+        .collect::<Result<_, _>>()
+        .map_err(storage_error)?;
+    MetaIndex::load(stored).map_err(RaftError::Storage)
 }
 
 fn storage_error(error: impl std::fmt::Display) -> RaftError {
     RaftError::Storage(error.to_string())
 }
 
-/// Produces snapshots of a range from its persisted applied state and MVCC data.
-pub struct MvccSnapshotSource<E: Engine> {
+/// Produces snapshots of a range from its persisted applied state and data.
+pub struct RangeSnapshotSource<E: Engine> {
     /// The range.
     pub range: RangeId,
     /// The node's MVCC store.
     pub mvcc: Arc<Mvcc<E>>,
 }
 
-impl<E: Engine> SnapshotSource for MvccSnapshotSource<E> {
+impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
     fn snapshot(&self) -> RaftResult<Snapshot> {
         // The driver is the only writer and calls this between its batches, so the applied
         // state and the data read here describe the same moment.
-        let applied = match self
-            .mvcc
-            .engine()
-            .get(&state_key(self.range, APPLIED_STATE))
-            .map_err(storage_error)?
-        {
-            Some(bytes) => AppliedState::decode(&bytes)?,
-            None => AppliedState::default(),
+        let engine = self.mvcc.engine().as_ref();
+        let applied = load_applied_state(engine, self.range)?;
+        let descriptor = &applied.descriptor;
+        let mut data = wire::RangeSnapshot {
+            versions: Vec::new(),
+            max_timestamp: applied.max_timestamp,
+            descriptor: Some(descriptor.to_wire([], [], 0)),
+            config_index: applied.config_index.0,
+            next_range_id: applied.next_range_id,
+            descriptors: Vec::new(),
         };
-        let versions = self
-            .mvcc
-            .dump()
-            .map_err(storage_error)?
-            .into_iter()
-            .map(|write| wire::Version {
-                key: write.key,
-                timestamp: write.commit_ts.as_nanos(),
-                value: write.value,
-            })
-            .collect();
-        let data =
-            wire::RangeSnapshot { versions, max_timestamp: applied.max_timestamp }.encode_to_vec();
+        if self.range == META_RANGE {
+            data.descriptors = load_meta_index(engine)?.descriptors().cloned().collect();
+        } else {
+            data.versions = self
+                .mvcc
+                .dump_span(&descriptor.start, descriptor.end.as_deref())
+                .map_err(storage_error)?
+                .into_iter()
+                .map(|write| wire::Version {
+                    key: write.key,
+                    timestamp: write.commit_ts.as_nanos(),
+                    value: write.value,
+                })
+                .collect();
+        }
         Ok(Snapshot {
             metadata: SnapshotMetadata {
                 index: applied.index,
                 term: applied.term,
                 config: applied.config,
             },
-            data,
+            data: data.encode_to_vec(),
         })
     }
 }

@@ -14,9 +14,7 @@ use std::collections::BTreeSet;
 
 use crate::node::Role;
 use crate::progress::Progress;
-use crate::{
-    ConfigChange, Configuration, EntryKind, Error, LogIndex, NodeId, RawNode, Result, Storage,
-};
+use crate::{ConfigChange, EntryKind, Error, LogIndex, NodeId, RawNode, Result, Storage};
 
 impl<S: Storage> RawNode<S> {
     /// Proposes moving to the given voters and learners. Returns the index of the change entry.
@@ -71,33 +69,10 @@ impl<S: Storage> RawNode<S> {
 
     /// Applies a committed configuration change (called as the entry is applied).
     pub(crate) fn apply_config_change(&mut self, index: LogIndex, change: &ConfigChange) {
-        let next = match change {
-            ConfigChange::Enter { voters, learners } => {
-                if *voters == self.configuration.voters {
-                    Configuration {
-                        voters: voters.clone(),
-                        outgoing_voters: BTreeSet::new(),
-                        learners: learners.clone(),
-                    }
-                } else {
-                    Configuration {
-                        voters: voters.clone(),
-                        outgoing_voters: self.configuration.voters.clone(),
-                        learners: learners.clone(),
-                    }
-                }
-            }
-            ConfigChange::Leave => {
-                if !self.configuration.is_joint() {
-                    return;
-                }
-                Configuration {
-                    voters: self.configuration.voters.clone(),
-                    outgoing_voters: BTreeSet::new(),
-                    learners: self.configuration.learners.clone(),
-                }
-            }
-        };
+        if matches!(change, ConfigChange::Leave) && !self.configuration.is_joint() {
+            return;
+        }
+        let next = self.configuration.after(change);
         self.configuration = next;
         if self.role != Role::Leader {
             return;

@@ -124,6 +124,28 @@ impl Configuration {
         Configuration { voters: voters.into_iter().collect(), ..Default::default() }
     }
 
+    /// Returns the configuration in effect once `change` is applied to this one: entering a
+    /// new voter set makes the configuration joint (unless the voters stay the same), leaving
+    /// drops the outgoing voters.
+    pub fn after(&self, change: &ConfigChange) -> Configuration {
+        match change {
+            ConfigChange::Enter { voters, learners } => Configuration {
+                voters: voters.clone(),
+                outgoing_voters: if *voters == self.voters {
+                    BTreeSet::new()
+                } else {
+                    self.voters.clone()
+                },
+                learners: learners.clone(),
+            },
+            ConfigChange::Leave => Configuration {
+                voters: self.voters.clone(),
+                outgoing_voters: BTreeSet::new(),
+                learners: self.learners.clone(),
+            },
+        }
+    }
+
     /// Returns whether the configuration is joint.
     pub fn is_joint(&self) -> bool {
         !self.outgoing_voters.is_empty()

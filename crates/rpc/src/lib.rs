@@ -10,6 +10,25 @@ mod convert;
 
 pub use convert::{Error, decode_message, encode_message};
 
+/// gRPC metadata keys and values with which nodes tell clients what to do about an error.
+pub mod metadata {
+    /// Carries the leader's address on a `not-leader` error: where to retry.
+    pub const LEADER_ADDRESS: &str = "x-meridian-leader-address";
+    /// Names the kind of a routing error or an ambiguous outcome, so that clients need not
+    /// parse messages; one of the values below.
+    pub const ERROR_KIND: &str = "x-meridian-error";
+    /// Another node leads the range.
+    pub const NOT_LEADER: &str = "not-leader";
+    /// The node has no (initialized) replica of the range.
+    pub const RANGE_NOT_FOUND: &str = "range-not-found";
+    /// The range no longer holds the key.
+    pub const KEY_NOT_IN_RANGE: &str = "key-not-in-range";
+    /// A write may or may not have taken effect.
+    pub const AMBIGUOUS: &str = "ambiguous";
+    /// The node does not belong to an initialized cluster (yet).
+    pub const NOT_INITIALIZED: &str = "not-initialized";
+}
+
 /// Types generated from `proto/raft.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod raft {

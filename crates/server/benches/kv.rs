@@ -6,10 +6,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian_rpc::kv::kv_client::KvClient;
-use meridian_rpc::kv::{GetRequest, PutRequest};
-use meridian_rpc::node::StatusRequest;
-use meridian_rpc::node::node_client::NodeClient;
+use std::sync::Arc;
+
+use meridian_client::{Client, ClientOptions};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
 const MEASURE: Duration = Duration::from_secs(5);
@@ -33,46 +32,33 @@ fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     sorted[((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1)]
 }
 
-async fn leader_address(addresses: &[String]) -> String {
+/// Waits until the cluster accepts writes (a leader holds its lease).
+async fn warm_up(client: &Client) {
     for _ in 0..200 {
-        if let Ok(mut client) = NodeClient::connect(format!("http://{}", addresses[0])).await
-            && let Ok(status) = client.status(StatusRequest {}).await
-        {
-            let status = status.into_inner();
-            if let Some(range) = status.ranges.first()
-                && range.leader != 0
-                && let Some(peer) = status.peers.iter().find(|peer| peer.node_id == range.leader)
-            {
-                // Wait until the leader accepts writes (it holds its lease).
-                let mut kv = KvClient::connect(format!("http://{}", peer.address)).await.unwrap();
-                let put = PutRequest { key: b"warmup".to_vec(), value: b"x".to_vec() };
-                if kv.put(put).await.is_ok() {
-                    return peer.address.clone();
-                }
-            }
+        if client.put(b"warmup", b"x").await.is_ok() {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no leader");
+    panic!("the cluster never accepted a write");
 }
 
 /// Runs `clients` concurrent loops of puts (or gets) for `MEASURE`; returns sorted latencies.
-async fn run(leader: &str, clients: usize, writes: bool) -> Vec<Duration> {
+async fn run(client: &Arc<Client>, clients: usize, writes: bool) -> Vec<Duration> {
     let deadline = Instant::now() + MEASURE;
     let mut tasks = Vec::new();
     for client_index in 0..clients {
-        let address = format!("http://{leader}");
+        let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = KvClient::connect(address).await.unwrap();
             let mut latencies = Vec::new();
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let key = format!("bench/{client_index}/{}", i % 1000).into_bytes();
                 let started = Instant::now();
                 if writes {
-                    client.put(PutRequest { key, value: vec![b'v'; 100] }).await.unwrap();
+                    client.put(&key, &[b'v'; 100]).await.unwrap();
                 } else {
-                    client.get(GetRequest { key }).await.unwrap();
+                    client.get(&key).await.unwrap();
                 }
                 latencies.push(started.elapsed());
                 i += 1;
@@ -109,15 +95,16 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let init = Command::new(BINARY).args(["init", "--host", &addresses[0]]).output().unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let leader = leader_address(&addresses).await;
-    println!("3 nodes, leader at {leader}; {MEASURE:?} per row; 100-byte values");
+    let client = Arc::new(Client::new(addresses.clone(), ClientOptions::default()).unwrap());
+    warm_up(&client).await;
+    println!("3 nodes, one data range; {MEASURE:?} per row; 100-byte values");
     println!(
         "{:<6} {:>8} {:>10} {:>10} {:>10} {:>12}",
         "op", "clients", "ops", "p50", "p99", "ops/s"
     );
     for writes in [true, false] {
         for clients in [1, 16, 64] {
-            let latencies = run(&leader, clients, writes).await;
+            let latencies = run(&client, clients, writes).await;
             println!(
                 "{:<6} {:>8} {:>10} {:>10.2?} {:>10.2?} {:>12.0}",
                 if writes { "put" } else { "get" },

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use meridian_client::{Client, ClientOptions};
 use meridian_clock::ClockOptions;
-use meridian_node::{NodeOptions, RaftTiming, leader_hint, run_node};
+use meridian_node::{META_RANGE, NodeOptions, RaftTiming, run_node};
 use meridian_raft::NodeId;
-use meridian_rpc::kv::kv_client::KvClient;
-use meridian_rpc::kv::{DeleteRequest, GetRequest, PutRequest, ScanRequest};
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{InitRequest, StatusRequest};
 
@@ -42,11 +41,26 @@ enum Command {
     },
     /// Reads and writes keys through the key-value API (for tests and debugging).
     Kv {
-        /// The RPC address of any node (HOST:PORT); requests follow leader hints.
+        /// The RPC address of any node (HOST:PORT); requests are routed to range leaders.
         #[arg(long)]
         host: String,
         #[command(subcommand)]
         operation: KvOperation,
+    },
+    /// Splits the ranges holding the given keys so that each key starts a range.
+    Split {
+        /// The RPC address of any node (HOST:PORT).
+        #[arg(long)]
+        host: String,
+        /// Split keys (UTF-8); keys that already start a range are skipped.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Lists every range from the meta range: span, generation and replicas.
+    Ranges {
+        /// The RPC address of any node (HOST:PORT).
+        #[arg(long)]
+        host: String,
     },
 }
 
@@ -83,6 +97,9 @@ struct StartArgs {
     /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     inject_clock_skew_ms: i64,
+    /// A range whose data grows past this many KiB splits in two.
+    #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    range_max_kib: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +131,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init { host } => init(&host).await,
         Command::Status { host } => status(&host).await,
         Command::Kv { host, operation } => kv(&host, operation).await,
+        Command::Split { host, keys } => split(&host, keys).await,
+        Command::Ranges { host } => ranges(&host).await,
     }
 }
 
@@ -148,6 +167,7 @@ async fn start(args: StartArgs) -> Result<()> {
         inject_disk_full_after_bytes: args
             .inject_disk_full_after_mb
             .map(|mb| mb.saturating_mul(1 << 20)),
+        range_max_bytes: args.range_max_kib.saturating_mul(1024),
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())
@@ -250,8 +270,8 @@ async fn status(host: &str) -> Result<()> {
     }
     println!("ranges:");
     println!(
-        "  {:>5}  {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  replicas (lag in entries, on the leader)",
-        "range", "role", "term", "leader", "last", "commit", "applied", "lease"
+        "  {:>5}  {:<24} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  replicas (lag in entries, on the leader)",
+        "range", "span", "role", "term", "leader", "last", "commit", "applied", "lease"
     );
     for range in &status.ranges {
         let lease = if range.lease_remaining_ms > 0 {
@@ -276,8 +296,13 @@ async fn status(host: &str) -> Result<()> {
         if !learners.is_empty() {
             replicas.push_str(&format!(", learners {}", learners.join(" ")));
         }
+        let span = if range.range_id == META_RANGE.0 {
+            "(meta)".to_string()
+        } else {
+            show_span(&range.start, &range.end)
+        };
         println!(
-            "  {:>5}  {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  {replicas}",
+            "  {:>5}  {span:<24} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  {replicas}",
             range.range_id,
             range.role,
             range.term,
@@ -291,62 +316,87 @@ async fn status(host: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs a key-value request, following up to five leader hints.
+/// Shows a key for people: printable ASCII as is, other bytes escaped.
+fn show_key(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+/// Shows a span `[start, end)`; an empty end is unbounded.
+fn show_span(start: &[u8], end: &[u8]) -> String {
+    let end = if end.is_empty() { "+inf".to_string() } else { format!("\"{}\"", show_key(end)) };
+    format!("[\"{}\", {end})", show_key(start))
+}
+
+fn client(host: &str) -> Result<Client> {
+    Ok(Client::new(vec![host.to_string()], ClientOptions::default())?)
+}
+
+/// Runs a key-value request, routed to the leader of the key's range.
 async fn kv(host: &str, operation: KvOperation) -> Result<()> {
-    let mut target = host.to_string();
-    for _ in 0..5 {
-        let mut client = KvClient::connect(endpoint(&target))
-            .await
-            .with_context(|| format!("cannot reach {target}"))?;
-        let result = match &operation {
-            KvOperation::Get { key } => {
-                client.get(GetRequest { key: key.clone().into_bytes() }).await.map(|response| {
-                    let response = response.into_inner();
-                    match response.value {
-                        Some(value) => println!(
-                            "{} (at {})",
-                            String::from_utf8_lossy(&value),
-                            response.timestamp
-                        ),
-                        None => println!("(not found)"),
-                    }
-                })
+    let client = client(host)?;
+    match operation {
+        KvOperation::Get { key } => match client.get(key.as_bytes()).await? {
+            Some((value, timestamp)) => {
+                println!("{} (at {timestamp})", String::from_utf8_lossy(&value));
             }
-            KvOperation::Put { key, value } => client
-                .put(PutRequest {
-                    key: key.clone().into_bytes(),
-                    value: value.clone().into_bytes(),
-                })
-                .await
-                .map(|response| println!("committed at {}", response.into_inner().timestamp)),
-            KvOperation::Delete { key } => client
-                .delete(DeleteRequest { key: key.clone().into_bytes() })
-                .await
-                .map(|response| println!("committed at {}", response.into_inner().timestamp)),
-            KvOperation::Scan { start, end, limit } => client
-                .scan(ScanRequest {
-                    start: start.clone().into_bytes(),
-                    end: end.clone().unwrap_or_default().into_bytes(),
-                    limit: *limit,
-                })
-                .await
-                .map(|response| {
-                    for row in response.into_inner().rows {
-                        println!(
-                            "{} = {}",
-                            String::from_utf8_lossy(&row.key),
-                            String::from_utf8_lossy(&row.value)
-                        );
-                    }
-                }),
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(status) => match leader_hint(&status) {
-                Some(leader) => target = leader.to_string(),
-                None => bail!("{}", status.message()),
-            },
+            None => println!("(not found)"),
+        },
+        KvOperation::Put { key, value } => {
+            let timestamp = client.put(key.as_bytes(), value.as_bytes()).await?;
+            println!("committed at {timestamp}");
+        }
+        KvOperation::Delete { key } => {
+            let timestamp = client.delete(key.as_bytes()).await?;
+            println!("committed at {timestamp}");
+        }
+        KvOperation::Scan { start, end, limit } => {
+            let end = end.map(String::into_bytes);
+            for (key, value, _) in
+                client.scan(start.as_bytes(), end.as_deref(), limit as usize).await?
+            {
+                println!("{} = {}", show_key(&key), String::from_utf8_lossy(&value));
+            }
         }
     }
-    bail!("gave up after following five leader hints")
+    Ok(())
+}
+
+async fn split(host: &str, keys: Vec<String>) -> Result<()> {
+    if keys.iter().any(String::is_empty) {
+        bail!("the empty key starts the first range already; it cannot be a split key");
+    }
+    let client = client(host)?;
+    let keys: Vec<Vec<u8>> = keys.into_iter().map(String::into_bytes).collect();
+    let descriptors = client.split(&keys).await?;
+    if descriptors.is_empty() {
+        println!("every key already starts a range");
+    }
+    for descriptor in descriptors {
+        println!(
+            "range {:>5}  {}  generation {}",
+            descriptor.range_id,
+            show_span(&descriptor.start, &descriptor.end),
+            descriptor.generation
+        );
+    }
+    Ok(())
+}
+
+async fn ranges(host: &str) -> Result<()> {
+    let client = client(host)?;
+    let (descriptors, _) = client.ranges().await?;
+    println!("{:>7}  {:<32} {:>10}  {:<12} learners", "range", "span", "generation", "voters");
+    for descriptor in &descriptors {
+        let list = |nodes: &[u64]| nodes.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        println!(
+            "{:>7}  {:<32} {:>10}  {:<12} {}",
+            descriptor.range_id,
+            show_span(&descriptor.start, &descriptor.end),
+            descriptor.generation,
+            list(&descriptor.voters),
+            list(&descriptor.learners)
+        );
+    }
+    println!("{} ranges", descriptors.len());
+    Ok(())
 }

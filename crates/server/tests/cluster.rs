@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian_node::leader_hint;
+use meridian_client::{Client, ClientOptions};
+use meridian_node::FIRST_DATA_RANGE;
+use meridian_rpc::kv::PutRequest;
 use meridian_rpc::kv::kv_client::KvClient;
-use meridian_rpc::kv::{GetRequest, PutRequest};
 use meridian_rpc::node::node_client::NodeClient;
-use meridian_rpc::node::{MessageBatch, RangeMessage, StatusRequest, StatusResponse};
+use meridian_rpc::node::{MessageBatch, RangeMessage, RangeStatus, StatusRequest, StatusResponse};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
 
@@ -151,57 +152,43 @@ async fn init(cluster: &Cluster) {
     assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
     let leader = eventually(Duration::from_secs(20), || async {
         let status = status(&cluster.addresses[0]).await?;
-        status.ranges.first().filter(|range| range.leader != 0).map(|range| range.leader)
+        let leaders: Vec<u64> = status.ranges.iter().map(|range| range.leader).collect();
+        (leaders.len() >= 2 && !leaders.contains(&0)).then_some(())
     })
     .await;
     assert!(leader.is_some(), "no leader elected\n{}", cluster.logs());
 }
 
-/// Writes a key through any node, following leader hints and retrying for up to 30 s; returns
-/// whether it was acknowledged.
+fn client(addresses: &[String]) -> Client {
+    Client::new(addresses.to_vec(), ClientOptions::default()).unwrap()
+}
+
+/// Writes a key through the client, retrying for up to 30 s; returns whether it was
+/// acknowledged.
 async fn put(addresses: &[String], key: &str, value: &str) -> bool {
-    let started = Instant::now();
-    let mut attempt = 0;
-    while started.elapsed() < Duration::from_secs(30) {
-        let mut target = addresses[attempt % addresses.len()].clone();
-        attempt += 1;
-        for _ in 0..3 {
-            let Ok(mut client) = KvClient::connect(format!("http://{target}")).await else { break };
-            let request =
-                PutRequest { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() };
-            match client.put(request).await {
-                Ok(_) => return true,
-                Err(status) => match leader_hint(&status) {
-                    Some(leader) => target = leader.to_string(),
-                    None => break,
-                },
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
+    let client = client(addresses);
+    eventually(Duration::from_secs(30), || async {
+        client.put(key.as_bytes(), value.as_bytes()).await.ok()
+    })
+    .await
+    .is_some()
 }
 
 async fn get(addresses: &[String], key: &str) -> Option<Vec<u8>> {
+    let client = client(addresses);
     eventually(Duration::from_secs(30), || async {
-        for address in addresses {
-            let mut target = address.clone();
-            for _ in 0..3 {
-                let Ok(mut client) = KvClient::connect(format!("http://{target}")).await else {
-                    break;
-                };
-                match client.get(GetRequest { key: key.as_bytes().to_vec() }).await {
-                    Ok(response) => return Some(response.into_inner().value.unwrap_or_default()),
-                    Err(status) => match leader_hint(&status) {
-                        Some(leader) => target = leader.to_string(),
-                        None => break,
-                    },
-                }
-            }
-        }
-        None
+        client
+            .get(key.as_bytes())
+            .await
+            .ok()
+            .map(|found| found.map(|(value, _)| value).unwrap_or_default())
     })
     .await
+}
+
+/// The first data range's status in a node's view.
+fn first_data_range(status: &StatusResponse) -> Option<&RangeStatus> {
+    status.ranges.iter().find(|range| range.range_id == FIRST_DATA_RANGE.0)
 }
 
 #[tokio::test]
@@ -222,7 +209,7 @@ async fn writes_survive_killing_the_leader_and_the_node_catches_up() {
     let replicas = eventually(Duration::from_secs(10), || async {
         for address in &addresses {
             let Some(view) = status(address).await else { continue };
-            if let Some(range) = view.ranges.first().filter(|range| range.role == "leader") {
+            if let Some(range) = first_data_range(&view).filter(|range| range.role == "leader") {
                 return Some(
                     range.replicas.iter().map(|replica| replica.node_id).collect::<Vec<_>>(),
                 );
@@ -235,12 +222,8 @@ async fn writes_survive_killing_the_leader_and_the_node_catches_up() {
 
     // Kill the leader with SIGKILL and keep writing through the others.
     let leader = eventually(Duration::from_secs(10), || async {
-        status(&addresses[0])
-            .await?
-            .ranges
-            .first()
-            .map(|range| range.leader)
-            .filter(|leader| *leader != 0)
+        let view = status(&addresses[0]).await?;
+        first_data_range(&view).map(|range| range.leader).filter(|leader| *leader != 0)
     })
     .await
     .expect("node 1 knows a leader") as usize;
@@ -289,8 +272,8 @@ async fn writes_survive_killing_the_leader_and_the_node_catches_up() {
     cluster.restart(leader - 1);
     let restarted = addresses[leader - 1].clone();
     let caught_up = eventually(Duration::from_secs(30), || async {
-        let mine = status(&restarted).await?.ranges.first()?.applied;
-        let theirs = status(&survivors[0]).await?.ranges.first()?.commit;
+        let mine = first_data_range(&status(&restarted).await?)?.applied;
+        let theirs = first_data_range(&status(&survivors[0]).await?)?.commit;
         (mine >= theirs && theirs > 0).then_some(())
     })
     .await;
@@ -392,8 +375,9 @@ async fn a_node_whose_clock_is_off_refuses_to_serve() {
     );
     // It says why to clients...
     let mut client = KvClient::connect(format!("http://{skewed_address}")).await.unwrap();
-    let error =
-        client.put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec() }).await.unwrap_err();
+    let request =
+        PutRequest { range_id: FIRST_DATA_RANGE.0, key: b"k".to_vec(), value: b"v".to_vec() };
+    let error = client.put(request).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
     assert!(error.message().contains("clock"), "{error:?}");
     // ...while the healthy majority keeps serving, with no problem of its own.
@@ -433,7 +417,7 @@ async fn metrics_are_served_over_http() {
     }
     // Clock metrics appear after the first full hello round (every 2 s), so wait for all.
     let expected = [
-        "meridian_ranges 1",
+        "meridian_ranges 2",
         "meridian_raft_entries_applied_total",
         "meridian_raft_messages_sent_total",
         "meridian_storage_sync_seconds",
@@ -470,8 +454,14 @@ async fn metrics_are_served_over_http() {
 async fn a_dead_voter_is_replaced_by_a_spare_node() {
     let mut cluster = Cluster::start_with(4, &["--dead-node-timeout-s", "3"]);
     init(&cluster).await;
-    let voters = status(&cluster.addresses[0]).await.unwrap().ranges[0].voters.clone();
-    assert_eq!(voters, [1, 2, 3], "init picks the initializing node and the two lowest peers");
+    let view = status(&cluster.addresses[0]).await.unwrap();
+    for range in &view.ranges {
+        assert_eq!(
+            range.voters,
+            [1, 2, 3],
+            "init picks the initializing node and the two lowest peers"
+        );
+    }
     let mut written = Vec::new();
     for i in 0..30 {
         let (key, value) = (format!("a{i:02}"), format!("{i}"));
@@ -487,9 +477,13 @@ async fn a_dead_voter_is_replaced_by_a_spare_node() {
         cluster.addresses[1].clone(),
         cluster.addresses[3].clone(),
     ];
+    // Both the meta range and the data range.
     let replaced = eventually(Duration::from_secs(60), || async {
-        let range = status(&survivors[0]).await?.ranges.first()?.clone();
-        (range.voters == [1, 2, 4] && range.learners.is_empty()).then_some(())
+        let view = status(&survivors[0]).await?;
+        view.ranges
+            .iter()
+            .all(|range| range.voters == [1, 2, 4] && range.learners.is_empty())
+            .then_some(())
     })
     .await;
     assert!(replaced.is_some(), "node 3 was not replaced\n{}", cluster.logs());
@@ -555,8 +549,8 @@ async fn a_node_whose_disk_fills_stops_and_loses_nothing() {
     // Restarted with room again, it catches up from its intact store.
     cluster.restart(2);
     let caught_up = eventually(Duration::from_secs(30), || async {
-        let mine = status(&cluster.addresses[2]).await?.ranges.first()?.applied;
-        let theirs = status(&healthy[0]).await?.ranges.first()?.commit;
+        let mine = first_data_range(&status(&cluster.addresses[2]).await?)?.applied;
+        let theirs = first_data_range(&status(&healthy[0]).await?)?.commit;
         (mine >= theirs && theirs > 0).then_some(())
     })
     .await;

@@ -10,6 +10,8 @@ pub const META: u8 = 0x01;
 pub const MVCC: u8 = 0x02;
 /// Reserved for Raft logs and hard state of the ranges a node hosts.
 pub const RAFT: u8 = 0x03;
+/// The meta range's data: the descriptors of every range, by end key.
+pub const RANGES: u8 = 0x04;
 
 /// Returns the smallest key greater than every key starting with `prefix`, or `None` if no such
 /// key exists (the prefix is empty or all `0xff`).

@@ -23,4 +23,4 @@ pub use engine::{
     WriteBatch,
 };
 pub use error::{Error, Result};
-pub use mvcc::{GcStats, Mvcc, Version, VersionWrite};
+pub use mvcc::{GcStats, Mvcc, SpanSize, Version, VersionWrite};

@@ -199,3 +199,27 @@ fn corrupt_entries_are_storage_errors() {
         Err(RaftError::Storage(_))
     ));
 }
+
+/// A replica created from a state machine (initialization, split) starts with an empty,
+/// compacted log whose every earlier entry is committed; the store lists every replica, with
+/// or without entries.
+#[test]
+fn new_replicas_start_compacted_and_are_listed() {
+    let engine = Arc::new(MemoryEngine::new());
+    assert_eq!(stored_ranges(&*engine).unwrap(), []);
+    let metadata = SnapshotMetadata { index: LogIndex(1), term: Term(1), ..initial() };
+    let mut batch = WriteBatch::new();
+    stage_new_replica(RangeId(5), &metadata, &mut batch);
+    stage_new_replica(RangeId(u64::MAX), &metadata, &mut batch);
+    engine.write(batch, true).unwrap();
+    let mut store = open(&engine);
+    let entry = Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::Noop };
+    persist(&mut store, &engine, &Ready { entries: vec![entry], ..Ready::default() });
+    let created =
+        RaftLogStore::open(engine.clone(), RangeId(5), initial(), Arc::new(EmptySource)).unwrap();
+    assert_eq!(created.snapshot_metadata(), metadata);
+    assert_eq!(created.last_index(), LogIndex(1));
+    assert_eq!(created.hard_state(), HardState { term: Term(1), vote: None, commit: LogIndex(1) });
+    assert!(matches!(created.entries(LogIndex(1), LogIndex(2), 1), Err(RaftError::Compacted(_))));
+    assert_eq!(stored_ranges(&*engine).unwrap(), [RangeId(5), RangeId(7), RangeId(u64::MAX)]);
+}

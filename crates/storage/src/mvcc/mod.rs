@@ -381,32 +381,51 @@ impl<E: Engine> Mvcc<E> {
         Ok(stats)
     }
 
-    /// Adds the deletion of every stored version to `batch` (before installing a snapshot that
-    /// replaces the data). Returns how many versions it deletes.
+    /// Returns the engine key range holding the versions of the user keys in `[start, end)`
+    /// (no upper bound if `end` is `None`). The escaped encoding preserves order, so a span of
+    /// user keys is a span of engine keys.
+    fn engine_span(start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
+        let engine_end = match end {
+            Some(end) => Some(key_prefix(end)),
+            None => prefix_end(&[keyspace::MVCC]),
+        };
+        (key_prefix(start), engine_end)
+    }
+
+    /// Adds the deletion of every version of the keys in `[start, end)` to `batch` (before
+    /// installing a snapshot that replaces a range's data). Returns how many versions it
+    /// deletes.
     ///
     /// # Errors
     ///
     /// Engine errors.
-    pub fn stage_clear(&self, batch: &mut WriteBatch) -> Result<usize> {
-        let end = prefix_end(&[keyspace::MVCC]);
+    pub fn stage_clear(
+        &self,
+        batch: &mut WriteBatch,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<usize> {
+        let (engine_start, engine_end) = Self::engine_span(start, end);
         let mut count = 0;
-        for entry in self.engine.scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward) {
+        for entry in self.engine.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward)
+        {
             batch.delete(entry?.0);
             count += 1;
         }
         Ok(count)
     }
 
-    /// Returns every version stored, smallest key first and newest version first (for tests and
-    /// debugging).
+    /// Returns every version of the keys in `[start, end)`, smallest key first and newest
+    /// version first (a range's snapshot).
     ///
     /// # Errors
     ///
     /// Engine errors and corruption.
-    pub fn dump(&self) -> Result<Vec<VersionWrite>> {
-        let end = prefix_end(&[keyspace::MVCC]);
+    pub fn dump_span(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<VersionWrite>> {
+        let (engine_start, engine_end) = Self::engine_span(start, end);
         let mut versions = Vec::new();
-        for entry in self.engine.scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward) {
+        for entry in self.engine.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward)
+        {
             let (encoded_key, stored) = entry?;
             let (key, commit_ts) = decode_version_key(&encoded_key)?;
             let value = decode_value(&stored)?.map(<[u8]>::to_vec);
@@ -414,4 +433,58 @@ impl<E: Engine> Mvcc<E> {
         }
         Ok(versions)
     }
+
+    /// Returns every version stored (for tests and debugging).
+    ///
+    /// # Errors
+    ///
+    /// Engine errors and corruption.
+    pub fn dump(&self) -> Result<Vec<VersionWrite>> {
+        self.dump_span(&[], None)
+    }
+
+    /// Returns the bytes the versions of the keys in `[start, end)` occupy (engine keys plus
+    /// values), and the key at which about half of them lie before: where to split a range
+    /// that grew too large. The middle key is `None` when the span holds fewer than two
+    /// distinct keys, since a split must leave data on both sides.
+    ///
+    /// # Errors
+    ///
+    /// Engine errors and corruption.
+    pub fn span_size(&self, start: &[u8], end: Option<&[u8]>) -> Result<SpanSize> {
+        let (engine_start, engine_end) = Self::engine_span(start, end);
+        let snapshot = self.engine.snapshot();
+        let mut total = 0u64;
+        for entry in snapshot.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward) {
+            let (key, value) = entry?;
+            total += (key.len() + value.len()) as u64;
+        }
+        // Second pass over the same snapshot: the first key boundary past half the bytes.
+        let mut seen = 0u64;
+        let mut first_key: Option<Vec<u8>> = None;
+        let mut middle = None;
+        for entry in snapshot.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward) {
+            let (encoded_key, value) = entry?;
+            let (key, _) = decode_version_key(&encoded_key)?;
+            match &first_key {
+                None => first_key = Some(key.clone()),
+                Some(first) if seen * 2 >= total && *first != key => {
+                    middle = Some(key);
+                    break;
+                }
+                Some(_) => {}
+            }
+            seen += (encoded_key.len() + value.len()) as u64;
+        }
+        Ok(SpanSize { bytes: total, middle_key: middle })
+    }
+}
+
+/// The size of a span of keys; see [`Mvcc::span_size`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanSize {
+    /// Bytes of engine keys and values.
+    pub bytes: u64,
+    /// A key that splits the bytes about in half, if the span holds two keys or more.
+    pub middle_key: Option<Vec<u8>>,
 }

@@ -165,6 +165,56 @@ fn gc_horizon_survives_reopen() {
     assert!(error.is_deterministic());
 }
 
+/// A range's span holds exactly the keys in `[start, end)`, including keys that share a prefix
+/// with the bounds (the escaped encoding keeps `ab` < `ab\0` < `abc`).
+#[test]
+fn spans_hold_exactly_their_keys() {
+    let mvcc = Mvcc::new(Arc::new(MemoryEngine::new())).unwrap();
+    let keys: [&[u8]; 7] = [b"", b"a", b"ab", b"ab\0", b"abc", b"b", b"\xff\xff"];
+    for (i, key) in keys.iter().enumerate() {
+        mvcc.put(key, Timestamp::from_nanos(10 + i as u64), b"v").unwrap();
+        mvcc.put(key, Timestamp::from_nanos(100 + i as u64), b"w").unwrap();
+    }
+    let span_keys = |start: &[u8], end: Option<&[u8]>| {
+        let mut keys: Vec<Vec<u8>> =
+            mvcc.dump_span(start, end).unwrap().into_iter().map(|write| write.key).collect();
+        keys.dedup();
+        keys
+    };
+    let cases: [(&[u8], Option<&[u8]>, &[&[u8]]); 5] = [
+        (b"", None, &keys),
+        (b"ab", Some(b"abc"), &[b"ab", b"ab\0"]),
+        (b"ab\0", Some(b"b"), &[b"ab\0", b"abc"]),
+        (b"b", None, &[b"b", b"\xff\xff"]),
+        (b"", Some(b"a"), &[b""]),
+    ];
+    for (start, end, expected) in cases {
+        assert_eq!(span_keys(start, end), expected, "[{start:?}, {end:?})");
+    }
+    let mut batch = WriteBatch::new();
+    assert_eq!(mvcc.stage_clear(&mut batch, b"ab", Some(b"b")).unwrap(), 6);
+    mvcc.engine().write(batch, false).unwrap();
+    assert_eq!(span_keys(b"", None), [&b""[..], b"a", b"b", b"\xff\xff"]);
+}
+
+/// The middle key splits a span's bytes about in half and never at its first key.
+#[test]
+fn span_size_finds_a_middle_key() {
+    let mvcc = Mvcc::new(Arc::new(MemoryEngine::new())).unwrap();
+    assert_eq!(mvcc.span_size(b"", None).unwrap(), SpanSize { bytes: 0, middle_key: None });
+    mvcc.put(b"only", Timestamp::from_nanos(1), &[0; 100]).unwrap();
+    mvcc.put(b"only", Timestamp::from_nanos(2), &[0; 100]).unwrap();
+    let size = mvcc.span_size(b"", None).unwrap();
+    assert!(size.bytes > 200);
+    assert_eq!(size.middle_key, None, "one key cannot be split");
+    for i in 0..100u32 {
+        mvcc.put(format!("k{i:03}").as_bytes(), Timestamp::from_nanos(5), &[0; 10]).unwrap();
+    }
+    let size = mvcc.span_size(b"k", Some(b"l")).unwrap();
+    let middle = size.middle_key.unwrap();
+    assert!(middle.as_slice() >= &b"k045"[..] && middle.as_slice() <= &b"k055"[..], "{middle:?}");
+}
+
 #[test]
 fn corrupt_data_is_reported_not_returned() {
     let engine = Arc::new(MemoryEngine::new());

@@ -1,0 +1,687 @@
+//! Meridian's client: sends key-value requests to the leaders of the ranges holding the keys.
+//!
+//! It finds a key's range in its route cache or by asking the meta range's leader
+//! (`RangeLookup`), sends the request to that range's leader (or, not knowing it, to a
+//! replica), and corrects itself from the errors nodes return, which carry their kind in gRPC
+//! metadata ([`meridian_rpc::metadata`]):
+//!
+//! | error              | what the client does                                         |
+//! |--------------------|--------------------------------------------------------------|
+//! | `not-leader`       | retries at the leader's address the error carries           |
+//! | `key-not-in-range` | drops the cached range, looks the key up again               |
+//! | `range-not-found`  | drops the cached range, looks the key up again after a pause |
+//! | unavailable        | retries after a pause (exponential backoff)                  |
+//! | `ambiguous`        | returns the error: the write may or may not have happened    |
+//!
+//! Every operation gives up after the configured deadline with the last error it saw. Scans
+//! continue range by range at the resume key each range returns.
+
+mod routes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use meridian_rpc::kv::kv_client::KvClient;
+use meridian_rpc::kv::{
+    AllocateRangeIdsRequest, DeleteRequest, GetRequest, ListRangesRequest, PutRequest,
+    RangeDescriptor, RangeLookupRequest, ScanRequest, SplitRequest, UpdateDescriptorsRequest,
+};
+use meridian_rpc::metadata;
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+use tracing::debug;
+
+use crate::routes::Routes;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The cluster refused the request, or its outcome is unknown ([`ClientError::is_ambiguous`]).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(Status),
+    /// No attempt succeeded before the deadline.
+    #[error("gave up after {attempts} attempts in {elapsed:.1?}; last error: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        elapsed: Duration,
+        /// The last error seen.
+        last: String,
+    },
+    /// An address is not a valid `HOST:PORT`.
+    #[error("invalid address {address:?}: {reason}")]
+    InvalidAddress {
+        /// The address.
+        address: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// Whether a write failed with an unknown outcome: it may or may not have taken effect.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, ClientError::Status(status) if error_kind(status) == Some(metadata::AMBIGUOUS))
+    }
+}
+
+/// A row a scan returned: key, value, commit timestamp.
+pub type Row = (Vec<u8>, Vec<u8>, u64);
+
+/// How the client behaves.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// How long one operation may keep retrying.
+    pub deadline: Duration,
+    /// How long one attempt may take.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions { deadline: Duration::from_secs(10), attempt_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// What an error means for the next attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Retry at this address (the leader), at once.
+    Redirect(String),
+    /// The cached range is wrong: look it up again.
+    Reroute { pause: bool },
+    /// Retry after a pause, at another replica.
+    Pause,
+    /// The outcome is unknown.
+    Ambiguous,
+    /// The node is not part of an initialized cluster: try another.
+    NotInitialized,
+    /// Give up.
+    Fail,
+}
+
+fn error_kind(status: &Status) -> Option<&str> {
+    status.metadata().get(metadata::ERROR_KIND).and_then(|value| value.to_str().ok())
+}
+
+fn judge(status: &Status) -> Verdict {
+    match error_kind(status) {
+        Some(metadata::NOT_LEADER) => {
+            match status.metadata().get(metadata::LEADER_ADDRESS).and_then(|v| v.to_str().ok()) {
+                Some(address) => Verdict::Redirect(address.to_string()),
+                None => Verdict::Pause,
+            }
+        }
+        Some(metadata::KEY_NOT_IN_RANGE) => Verdict::Reroute { pause: false },
+        Some(metadata::RANGE_NOT_FOUND) => Verdict::Reroute { pause: true },
+        Some(metadata::AMBIGUOUS) => Verdict::Ambiguous,
+        Some(metadata::NOT_INITIALIZED) => Verdict::NotInitialized,
+        _ => match status.code() {
+            // Unreachable nodes, leaderless ranges, overload, nodes not initialized yet.
+            Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::FailedPrecondition => Verdict::Pause,
+            _ => Verdict::Fail,
+        },
+    }
+}
+
+/// Exponential backoff from 20 ms to 500 ms.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(20))
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Tracks one operation's attempts against its deadline.
+struct Attempts {
+    started: Instant,
+    deadline: Duration,
+    count: u32,
+    last: String,
+    backoff: Backoff,
+}
+
+impl Attempts {
+    fn new(deadline: Duration) -> Self {
+        Attempts {
+            started: Instant::now(),
+            deadline,
+            count: 0,
+            last: String::new(),
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// Starts the next attempt, or fails once the deadline has passed.
+    fn next(&mut self) -> Result<u32, ClientError> {
+        if self.count > 0 && self.started.elapsed() >= self.deadline {
+            return Err(ClientError::GaveUp {
+                attempts: self.count,
+                elapsed: self.started.elapsed(),
+                last: std::mem::take(&mut self.last),
+            });
+        }
+        self.count += 1;
+        Ok(self.count)
+    }
+}
+
+/// A client of a Meridian cluster. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Client {
+    seeds: Vec<String>,
+    options: ClientOptions,
+    routes: Mutex<Routes>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Client {
+    /// Returns a client that starts from these node addresses (`HOST:PORT`); it learns the
+    /// others from the cluster. Connections are made on first use.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidAddress`] if no address is given or one is malformed.
+    pub fn new(seeds: Vec<String>, options: ClientOptions) -> Result<Self, ClientError> {
+        if seeds.is_empty() {
+            return Err(ClientError::InvalidAddress {
+                address: String::new(),
+                reason: "no node address given".into(),
+            });
+        }
+        let client = Client {
+            seeds,
+            options,
+            routes: Mutex::new(Routes::default()),
+            channels: Mutex::new(HashMap::new()),
+        };
+        for seed in &client.seeds {
+            client.channel(seed)?;
+        }
+        Ok(client)
+    }
+
+    /// Adds node addresses the client may try (for example the peers a node knows).
+    pub fn learn_addresses(&self, addresses: impl IntoIterator<Item = (u64, String)>) {
+        self.routes.lock().addresses.extend(addresses);
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let invalid =
+            |reason: String| ClientError::InvalidAddress { address: address.into(), reason };
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|error| invalid(error.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(self.options.attempt_timeout);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Every address the client knows, seeds first.
+    fn candidates(&self) -> Vec<String> {
+        let mut candidates = self.seeds.clone();
+        let routes = self.routes.lock();
+        let mut known: Vec<&String> = routes.addresses.values().collect();
+        known.sort();
+        for address in known {
+            if !candidates.contains(address) {
+                candidates.push(address.clone());
+            }
+        }
+        candidates
+    }
+
+    /// Runs `call` against the meta range's leader.
+    async fn on_meta<T, F, Fut>(&self, retry_ambiguous: bool, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut attempts = Attempts::new(self.options.deadline);
+        // Nodes in a row that said they belong to no initialized cluster.
+        let mut uninitialized = 0;
+        loop {
+            let attempt = attempts.next()?;
+            let cached = self.routes.lock().meta_leader.clone();
+            let address = match cached {
+                Some(address) => address,
+                None => {
+                    let candidates = self.candidates();
+                    candidates[(attempt as usize - 1) % candidates.len()].clone()
+                }
+            };
+            let channel = self.channel(&address)?;
+            let status = match call(KvClient::new(channel)).await {
+                Ok(response) => {
+                    self.routes.lock().meta_leader = Some(address);
+                    return Ok(response.into_inner());
+                }
+                Err(status) => status,
+            };
+            debug!(%address, %status, "meta request failed");
+            attempts.last = format!("{address}: {}", status.message());
+            self.routes.lock().meta_leader = None;
+            let verdict = judge(&status);
+            if verdict == Verdict::NotInitialized {
+                // When every node the client knows says so, the cluster is not initialized.
+                uninitialized += 1;
+                if uninitialized >= self.candidates().len() {
+                    return Err(ClientError::Status(status));
+                }
+                continue;
+            }
+            uninitialized = 0;
+            match verdict {
+                Verdict::Redirect(leader) if leader != address => {
+                    self.routes.lock().meta_leader = Some(leader);
+                }
+                Verdict::Redirect(_)
+                | Verdict::Pause
+                | Verdict::Reroute { .. }
+                | Verdict::NotInitialized => {
+                    attempts.backoff.wait().await;
+                }
+                Verdict::Ambiguous if retry_ambiguous => attempts.backoff.wait().await,
+                Verdict::Ambiguous | Verdict::Fail => return Err(ClientError::Status(status)),
+            }
+        }
+    }
+
+    /// Returns the descriptor of the range holding `key`, from the cache or the meta range.
+    async fn route(&self, key: &[u8]) -> Result<RangeDescriptor, ClientError> {
+        if let Some(descriptor) = self.routes.lock().lookup(key) {
+            return Ok(descriptor.clone());
+        }
+        let response = self
+            .on_meta(true, |mut client| {
+                let request = RangeLookupRequest { key: key.to_vec() };
+                async move { client.range_lookup(request).await }
+            })
+            .await?;
+        let descriptor = response.descriptor.ok_or_else(|| {
+            ClientError::Status(Status::internal("the meta range answered without a descriptor"))
+        })?;
+        let mut routes = self.routes.lock();
+        routes
+            .addresses
+            .extend(response.addresses.into_iter().map(|node| (node.node_id, node.address)));
+        routes.insert(descriptor.clone());
+        Ok(descriptor)
+    }
+
+    /// Where to send a request for `descriptor`'s range on attempt `attempt`: its leader if
+    /// known, otherwise its replicas in turn.
+    fn pick(&self, descriptor: &RangeDescriptor, attempt: u32) -> String {
+        let routes = self.routes.lock();
+        if let Some(leader) = routes.leaders.get(&descriptor.range_id) {
+            return leader.clone();
+        }
+        let replicas: Vec<&String> =
+            descriptor.voters.iter().filter_map(|node| routes.addresses.get(node)).collect();
+        if !replicas.is_empty() {
+            return replicas[(attempt as usize - 1) % replicas.len()].clone();
+        }
+        drop(routes);
+        let candidates = self.candidates();
+        candidates[(attempt as usize - 1) % candidates.len()].clone()
+    }
+
+    /// Runs `call(client, range_id)` against the leader of the range holding `key`.
+    async fn on_range<T, F, Fut>(
+        &self,
+        key: &[u8],
+        retry_ambiguous: bool,
+        mut call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(KvClient<Channel>, u64) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut attempts = Attempts::new(self.options.deadline);
+        loop {
+            let attempt = attempts.next()?;
+            let descriptor = self.route(key).await?;
+            let range = descriptor.range_id;
+            let address = self.pick(&descriptor, attempt);
+            let channel = self.channel(&address)?;
+            let status = match call(KvClient::new(channel), range).await {
+                Ok(response) => {
+                    self.routes.lock().leaders.insert(range, address);
+                    return Ok(response.into_inner());
+                }
+                Err(status) => status,
+            };
+            debug!(%address, range, %status, "range request failed");
+            attempts.last = format!("{address}: {}", status.message());
+            match judge(&status) {
+                Verdict::Redirect(leader) => {
+                    let repeated = leader == address;
+                    self.routes.lock().leaders.insert(range, leader);
+                    if repeated {
+                        self.routes.lock().leaders.remove(&range);
+                        attempts.backoff.wait().await;
+                    }
+                }
+                Verdict::Reroute { pause } => {
+                    self.routes.lock().evict(range);
+                    if pause {
+                        attempts.backoff.wait().await;
+                    }
+                }
+                Verdict::Pause | Verdict::NotInitialized => {
+                    self.routes.lock().leaders.remove(&range);
+                    attempts.backoff.wait().await;
+                }
+                Verdict::Ambiguous if retry_ambiguous => {
+                    self.routes.lock().leaders.remove(&range);
+                    attempts.backoff.wait().await;
+                }
+                Verdict::Ambiguous | Verdict::Fail => return Err(ClientError::Status(status)),
+            }
+        }
+    }
+
+    /// Reads the latest value of `key` and its commit timestamp (linearizable).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when the cluster refuses or no attempt succeeds in time.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
+        let response = self
+            .on_range(key, true, |mut client, range_id| {
+                let request = GetRequest { range_id, key: key.to_vec() };
+                async move { client.get(request).await }
+            })
+            .await?;
+        Ok(response.value.map(|value| (value, response.timestamp)))
+    }
+
+    /// Writes `value` under `key`; returns the commit timestamp. An ambiguous failure
+    /// ([`ClientError::is_ambiguous`]) is returned, not retried.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when the cluster refuses or no attempt succeeds in time.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, ClientError> {
+        let response = self
+            .on_range(key, false, |mut client, range_id| {
+                let request = PutRequest { range_id, key: key.to_vec(), value: value.to_vec() };
+                async move { client.put(request).await }
+            })
+            .await?;
+        Ok(response.timestamp)
+    }
+
+    /// Deletes `key`; returns the commit timestamp of the tombstone.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put`].
+    pub async fn delete(&self, key: &[u8]) -> Result<u64, ClientError> {
+        let response = self
+            .on_range(key, false, |mut client, range_id| {
+                let request = DeleteRequest { range_id, key: key.to_vec() };
+                async move { client.delete(request).await }
+            })
+            .await?;
+        Ok(response.timestamp)
+    }
+
+    /// Returns up to `limit` keys in `[start, end)` (no upper bound if `end` is `None`) with
+    /// their latest values, across ranges. Each range's part is linearizable; the scan as a
+    /// whole is not a snapshot (that is the transaction layer's job).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when the cluster refuses or no attempt succeeds in time.
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Row>, ClientError> {
+        let mut rows = Vec::new();
+        let mut from = start.to_vec();
+        while rows.len() < limit && end.is_none_or(|end| from.as_slice() < end) {
+            let remaining = (limit - rows.len()).min(u32::MAX as usize) as u32;
+            let response = self
+                .on_range(&from, true, |mut client, range_id| {
+                    let request = ScanRequest {
+                        range_id,
+                        start: from.clone(),
+                        end: end.map(<[u8]>::to_vec).unwrap_or_default(),
+                        limit: remaining,
+                    };
+                    async move { client.scan(request).await }
+                })
+                .await?;
+            rows.extend(response.rows.into_iter().map(|row| (row.key, row.value, row.timestamp)));
+            match response.resume_key {
+                Some(resume) if resume > from => from = resume,
+                _ => break,
+            }
+        }
+        rows.truncate(limit);
+        Ok(rows)
+    }
+
+    /// Splits the ranges holding `keys` so that each key starts a range. Keys that already
+    /// start a range are skipped. Returns the descriptors the splits produced.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when the cluster refuses (an empty key cannot start a new range) or no
+    /// attempt succeeds in time.
+    pub async fn split(&self, keys: &[Vec<u8>]) -> Result<Vec<RangeDescriptor>, ClientError> {
+        let mut keys = keys.to_vec();
+        keys.sort();
+        keys.dedup();
+        let mut produced = Vec::new();
+        let mut pending = keys.as_slice();
+        let mut retried = false;
+        while let Some(first) = pending.first() {
+            let descriptor = self.route(first).await?;
+            // The keys this range holds, past its start.
+            let held = pending
+                .iter()
+                .take_while(|key| {
+                    descriptor.end.is_empty() || key.as_slice() < descriptor.end.as_slice()
+                })
+                .count();
+            let group: Vec<Vec<u8>> = pending[..held]
+                .iter()
+                .filter(|key| key.as_slice() != descriptor.start.as_slice())
+                .cloned()
+                .collect();
+            if group.is_empty() {
+                pending = &pending[held..];
+                continue;
+            }
+            let response = self
+                .on_range(&group[0], true, |mut client, range_id| {
+                    let request = SplitRequest { range_id, keys: group.clone() };
+                    async move { client.split(request).await }
+                })
+                .await;
+            match response {
+                Ok(response) => {
+                    let mut routes = self.routes.lock();
+                    for descriptor in &response.descriptors {
+                        routes.insert(descriptor.clone());
+                    }
+                    produced.extend(response.descriptors);
+                    pending = &pending[held..];
+                    retried = false;
+                }
+                // The range may have changed under the keys (a concurrent split): look them
+                // up once more before giving up.
+                Err(ClientError::Status(status))
+                    if status.code() == Code::InvalidArgument && !retried =>
+                {
+                    retried = true;
+                    self.routes.lock().evict(descriptor.range_id);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(produced)
+    }
+
+    /// Returns every range's descriptor from the meta range, in key order, and the node
+    /// addresses the meta leader knows.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn ranges(
+        &self,
+    ) -> Result<(Vec<RangeDescriptor>, HashMap<u64, String>), ClientError> {
+        let response =
+            self.on_meta(true, |mut client| async move {
+                client.list_ranges(ListRangesRequest {}).await
+            })
+            .await?;
+        let addresses: HashMap<u64, String> =
+            response.addresses.into_iter().map(|node| (node.node_id, node.address)).collect();
+        self.learn_addresses(addresses.clone());
+        Ok((response.descriptors, addresses))
+    }
+
+    /// Records descriptors in the meta range (nodes use this after splits and replica
+    /// changes; it is idempotent, and stale descriptors are ignored).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn update_descriptors(
+        &self,
+        descriptors: Vec<RangeDescriptor>,
+    ) -> Result<(), ClientError> {
+        self.on_meta(true, |mut client| {
+            let request = UpdateDescriptorsRequest { descriptors: descriptors.clone() };
+            async move { client.update_descriptors(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Reserves `count` new range ids; returns the first.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn allocate_range_ids(&self, count: u64) -> Result<u64, ClientError> {
+        let response = self
+            .on_meta(true, |mut client| async move {
+                client.allocate_range_ids(AllocateRangeIdsRequest { count }).await
+            })
+            .await?;
+        Ok(response.first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_with(code: Code, kind: Option<&str>, leader: Option<&str>) -> Status {
+        let mut status = Status::new(code, "test");
+        if let Some(kind) = kind {
+            status.metadata_mut().insert(metadata::ERROR_KIND, kind.parse().unwrap());
+        }
+        if let Some(leader) = leader {
+            status.metadata_mut().insert(metadata::LEADER_ADDRESS, leader.parse().unwrap());
+        }
+        status
+    }
+
+    #[test]
+    fn errors_are_judged_by_kind_then_code() {
+        let cases = [
+            (
+                Code::FailedPrecondition,
+                Some(metadata::NOT_LEADER),
+                Some("n2:1"),
+                Verdict::Redirect("n2:1".into()),
+            ),
+            (Code::FailedPrecondition, Some(metadata::NOT_LEADER), None, Verdict::Pause),
+            (
+                Code::OutOfRange,
+                Some(metadata::KEY_NOT_IN_RANGE),
+                None,
+                Verdict::Reroute { pause: false },
+            ),
+            (
+                Code::NotFound,
+                Some(metadata::RANGE_NOT_FOUND),
+                None,
+                Verdict::Reroute { pause: true },
+            ),
+            (Code::Unavailable, Some(metadata::AMBIGUOUS), None, Verdict::Ambiguous),
+            (
+                Code::FailedPrecondition,
+                Some(metadata::NOT_INITIALIZED),
+                None,
+                Verdict::NotInitialized,
+            ),
+            (Code::Unavailable, None, None, Verdict::Pause),
+            (Code::ResourceExhausted, None, None, Verdict::Pause),
+            (Code::InvalidArgument, None, None, Verdict::Fail),
+            (Code::Internal, None, None, Verdict::Fail),
+        ];
+        for (code, kind, leader, expected) in cases {
+            assert_eq!(judge(&status_with(code, kind, leader)), expected, "{code:?} {kind:?}");
+        }
+        let ambiguous =
+            ClientError::Status(status_with(Code::Unavailable, Some(metadata::AMBIGUOUS), None));
+        assert!(ambiguous.is_ambiguous());
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        assert!(matches!(
+            Client::new(vec![], ClientOptions::default()),
+            Err(ClientError::InvalidAddress { .. })
+        ));
+        assert!(matches!(
+            Client::new(vec!["not an address".into()], ClientOptions::default()),
+            Err(ClientError::InvalidAddress { .. })
+        ));
+    }
+
+    /// With nobody listening, an operation gives up at its deadline with the last error.
+    #[tokio::test]
+    async fn unreachable_clusters_give_up_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let options =
+            ClientOptions { deadline: Duration::from_millis(300), ..ClientOptions::default() };
+        let client = Client::new(vec![address], options).unwrap();
+        match client.get(b"k").await {
+            Err(ClientError::GaveUp { attempts, last, .. }) => {
+                assert!(attempts >= 2, "{attempts}");
+                assert!(!last.is_empty());
+            }
+            other => panic!("expected to give up, got {other:?}"),
+        }
+    }
+}
