@@ -47,6 +47,13 @@ impl RangeDescriptor {
         key >= self.start.as_slice() && self.end.as_deref().is_none_or(|end| key < end)
     }
 
+    /// Whether the spans share a key.
+    pub fn overlaps(&self, other: &RangeDescriptor) -> bool {
+        let self_before_other_ends = other.end.as_ref().is_none_or(|end| self.start < *end);
+        let other_before_self_ends = self.end.as_ref().is_none_or(|end| other.start < *end);
+        self_before_other_ends && other_before_self_ends
+    }
+
     /// Whether `key` lies strictly inside the span (a valid split key).
     pub fn strictly_contains(&self, key: &[u8]) -> bool {
         key > self.start.as_slice() && self.contains(key)

@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use meridian_clock::{Timestamp, TrueTime};
 use meridian_raft::{
-    Config as RaftConfig, Configuration, EntryKind, Interval, LogIndex, Message, NodeId, RawNode,
-    Ready, Role, SnapshotMetadata, Storage, Term,
+    Config as RaftConfig, Configuration, EntryKind, HardState, Interval, LogIndex, Message, NodeId,
+    RawNode, Ready, Role, Snapshot, SnapshotMetadata, Storage, Term,
 };
 use meridian_rpc::kv as wire;
 use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch};
@@ -41,10 +41,11 @@ use tracing::{error, info, warn};
 
 use crate::descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 use crate::placement::{PlacementInput, plan};
-use crate::raft_store::{stage_new_replica, stored_ranges};
+use crate::raft_store::{has_replica, stage_new_replica, stored_ranges};
 use crate::state_machine::{
-    Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, encode_allocate_range_ids,
-    encode_delete, encode_put, encode_split, encode_update_descriptors, stage_initial_state,
+    Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
+    encode_allocate_range_ids, encode_delete, encode_put, encode_split, encode_update_descriptors,
+    snapshot_descriptor, stage_initial_state,
 };
 use crate::transport::Transport;
 use crate::{NodeError, RaftLogStore, RangeId};
@@ -197,6 +198,9 @@ pub enum Event {
         ids: Vec<u64>,
         reply: Reply<Vec<wire::RangeDescriptor>>,
     },
+    /// Check that this node leads `range` and that it can split at `keys` (before range ids
+    /// are reserved for the split).
+    CheckSplit { range: RangeId, keys: Vec<Vec<u8>>, reply: Reply<()> },
     /// A change to the meta range.
     Meta(MetaWrite),
     /// Create the meta range and the first data range with these voters (initialization).
@@ -248,6 +252,14 @@ impl Pending {
 struct Proposal {
     term: Term,
     pending: Pending,
+}
+
+/// The state a replica created from a known state starts with.
+struct NewReplica {
+    applied: AppliedState,
+    /// The meta range's index, for the meta range.
+    meta: Option<MetaIndex>,
+    hard_state: HardState,
 }
 
 /// A write waiting for its leader's lease.
@@ -381,6 +393,8 @@ impl<E: Engine> Driver<E> {
     /// waiting for a snapshot) if the store holds none.
     fn open_replica(&mut self, range: RangeId) -> Result<(), NodeError> {
         let source = Arc::new(RangeSnapshotSource { range, mvcc: self.mvcc.clone() });
+        // A replica this store never held has given no promise it could have forgotten.
+        let fresh = !has_replica(self.engine.as_ref(), range).map_err(internal)?;
         let metadata = SnapshotMetadata {
             index: LogIndex(0),
             term: Term(0),
@@ -393,7 +407,11 @@ impl<E: Engine> Driver<E> {
         config.heartbeat_interval_ticks = self.timing.heartbeat_interval_ticks;
         config.lease_duration_ns = self.timing.lease_duration.as_nanos() as u64;
         config.seed = rand_seed(self.node_id) ^ range.0.rotate_left(17);
-        let raft = RawNode::new(config, store, raft_interval(&self.truetime)).map_err(internal)?;
+        let mut raft =
+            RawNode::new(config, store, raft_interval(&self.truetime)).map_err(internal)?;
+        if fresh {
+            raft.forget_restart_promise();
+        }
         let state = RangeStateMachine::open(range, self.mvcc.clone()).map_err(internal)?;
         let max_assigned = state.applied().max_timestamp;
         self.replicas.insert(
@@ -419,35 +437,27 @@ impl<E: Engine> Driver<E> {
         Ok(())
     }
 
-    /// Creates replicas that start from a known state (initialization, split): their Raft
-    /// state, applied state and (for the meta range) index are written in one synced batch
-    /// before the replicas open.
-    fn create_replicas(
-        &mut self,
-        states: Vec<(AppliedState, Option<MetaIndex>)>,
-        mut batch: WriteBatch,
-    ) -> Result<(), NodeError> {
-        for (applied, meta) in &states {
+    /// Stages the state of replicas that start from a known state (initialization, split):
+    /// their Raft state, applied state and (for the meta range) index. Open them with
+    /// [`Driver::open_replica`] once the batch is durable.
+    fn stage_replicas(replicas: &[NewReplica], batch: &mut WriteBatch) {
+        for replica in replicas {
+            let applied = &replica.applied;
             let range = applied.descriptor.id;
             let metadata = SnapshotMetadata {
                 index: applied.index,
                 term: applied.term,
                 config: applied.config.clone(),
             };
-            stage_new_replica(range, &metadata, &mut batch);
-            stage_initial_state(range, applied, &mut batch);
-            if let Some(meta) = meta {
+            stage_new_replica(range, &metadata, replica.hard_state, batch);
+            stage_initial_state(range, applied, batch);
+            if let Some(meta) = &replica.meta {
                 let mut index = MetaIndex::default();
                 for descriptor in meta.descriptors() {
-                    index.update(descriptor, &mut batch);
+                    index.update(descriptor, batch);
                 }
             }
         }
-        self.engine.write(batch, true).map_err(internal)?;
-        for (applied, _) in states {
-            self.open_replica(applied.descriptor.id)?;
-        }
-        Ok(())
     }
 
     /// Creates the meta range and the first data range, covering every key, with `voters`.
@@ -470,7 +480,16 @@ impl<E: Engine> Driver<E> {
         let mut meta = MetaIndex::default();
         meta.update(&data.wire_descriptor(), &mut WriteBatch::new());
         let meta_state = state(META_RANGE, FIRST_DATA_RANGE.0 + 1);
-        self.create_replicas(vec![(meta_state, Some(meta)), (data, None)], WriteBatch::new())
+        let mut batch = WriteBatch::new();
+        let hard_state = HardState { term: Term(1), vote: None, commit: LogIndex(1) };
+        let replicas = [
+            NewReplica { applied: meta_state, meta: Some(meta), hard_state },
+            NewReplica { applied: data, meta: None, hard_state },
+        ];
+        Self::stage_replicas(&replicas, &mut batch);
+        self.engine.write(batch, true).map_err(internal)?;
+        self.open_replica(META_RANGE)?;
+        self.open_replica(FIRST_DATA_RANGE)
     }
 
     /// Runs the driver until the event channel closes or storage fails.
@@ -550,6 +569,16 @@ impl<E: Engine> Driver<E> {
                 let command = encode_split(keys.clone(), ids);
                 let check = keys.first().map(Vec::as_slice);
                 self.propose(range, check, command, Pending::Split { reply });
+            }
+            Event::CheckSplit { range, keys, reply } => {
+                let result = self.leader_replica(range, keys.first().map(Vec::as_slice)).and_then(
+                    |replica| {
+                        let applied = replica.state.applied();
+                        check_split_keys(&applied.descriptor, &applied.config, &keys)
+                            .map_err(NodeError::InvalidArgument)
+                    },
+                );
+                let _ = reply.send(result);
             }
             Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply }) => {
                 let command = encode_update_descriptors(descriptors);
@@ -877,17 +906,20 @@ impl<E: Engine> Driver<E> {
                 continue;
             }
             let ready = replica.raft.ready().map_err(internal)?;
-            if let Some(snapshot) = &ready.snapshot {
-                replica.state.stage_install(snapshot, &mut durable).map_err(internal)?;
-                replica.size_bytes = None;
-                // Requests waiting on entries the snapshot replaced cannot be answered.
-                for (_, proposal) in std::mem::take(&mut replica.proposals) {
-                    proposal
-                        .pending
-                        .fail(NodeError::Unavailable("replica was replaced by a snapshot".into()));
-                }
-            }
             readies.push((replica.range, ready));
+        }
+        for (range, ready) in &readies {
+            let Some(snapshot) = &ready.snapshot else { continue };
+            let protected = self.newer_overlapping_replicas(*range, snapshot);
+            let replica = self.replicas.get_mut(range).expect("replica exists");
+            replica.state.stage_install(snapshot, &protected, &mut durable).map_err(internal)?;
+            replica.size_bytes = None;
+            // Requests waiting on entries the snapshot replaced cannot be answered.
+            for (_, proposal) in std::mem::take(&mut replica.proposals) {
+                proposal
+                    .pending
+                    .fail(NodeError::Unavailable("replica was replaced by a snapshot".into()));
+            }
         }
         if readies.is_empty() && durable.is_empty() {
             // Lease reads of this cycle may be servable at once.
@@ -921,8 +953,10 @@ impl<E: Engine> Driver<E> {
         }
         let mut applied_batch = WriteBatch::new();
         let mut acknowledgements = Vec::new();
-        // Replicas of ranges split off here, created once the loop is done.
-        let mut children: Vec<(AppliedState, Option<MetaIndex>)> = Vec::new();
+        // Replicas of ranges split off here, created once the loop is done, and whether this
+        // node led the range they split from.
+        let mut children: Vec<AppliedState> = Vec::new();
+        let mut campaign = Vec::new();
         let mut publish = Vec::new();
         for (range, ready) in readies {
             let replica = self.replicas.get_mut(&range).expect("replica exists");
@@ -951,10 +985,11 @@ impl<E: Engine> Driver<E> {
                         for descriptor in new_ranges {
                             let state = replica.state.child_state(descriptor.clone());
                             split_descriptors.push(state.wire_descriptor());
-                            children.push((state, None));
+                            children.push(state);
                         }
                         if replica.raft.role() == Role::Leader {
                             publish.extend(split_descriptors.iter().cloned());
+                            campaign.extend(new_ranges.iter().map(|descriptor| descriptor.id));
                         }
                     }
                     _ => {}
@@ -1011,16 +1046,23 @@ impl<E: Engine> Driver<E> {
                 replica.compaction = Some(metadata);
             }
         }
-        // A replica that already exists (it heard of its range first and waits for a snapshot)
-        // is left alone: it may have voted.
-        children.retain(|(state, _)| !self.replicas.contains_key(&state.descriptor.id));
-        if !children.is_empty() {
-            // The new ranges' state is durable before the parent's applied state (written
-            // unsynced below): after a crash the split re-applies and finds them in place.
-            self.create_replicas(children, WriteBatch::new())?;
-        }
+        let children = self.new_replicas_of_splits(children);
+        let sync = !children.is_empty();
+        Self::stage_replicas(&children, &mut applied_batch);
         if !applied_batch.is_empty() {
-            self.engine.write(applied_batch, false).map_err(internal)?;
+            self.engine.write(applied_batch, sync).map_err(internal)?;
+        }
+        for child in &children {
+            let range = child.applied.descriptor.id;
+            self.open_replica(range)?;
+            // The leader of the range that split campaigns at once for the new ranges, so
+            // they serve within a round trip rather than an election timeout.
+            if let Some(replica) = self.replicas.get_mut(&range) {
+                replica.raft.forget_restart_promise();
+                if campaign.contains(&range) {
+                    replica.raft.campaign();
+                }
+            }
         }
         if !publish.is_empty() {
             let _ = self.background.send(Background::Publish(
@@ -1055,6 +1097,56 @@ impl<E: Engine> Driver<E> {
         self.fail_requests_of_former_leaders();
         self.record_gauges();
         Ok(())
+    }
+
+    /// Returns the descriptors of the initialized replicas on this node that overlap the span of
+    /// `snapshot` (for `range`) and are newer: ranges split off it after the snapshot's state.
+    fn newer_overlapping_replicas(
+        &self,
+        range: RangeId,
+        snapshot: &Snapshot,
+    ) -> Vec<RangeDescriptor> {
+        let Some(incoming) = snapshot_descriptor(snapshot) else { return Vec::new() };
+        if range == META_RANGE {
+            return Vec::new();
+        }
+        self.replicas
+            .values()
+            .filter(|other| {
+                other.range != range && other.range != META_RANGE && other.state.is_initialized()
+            })
+            .map(|other| other.state.descriptor())
+            .filter(|other| other.generation > incoming.generation && other.overlaps(&incoming))
+            .cloned()
+            .collect()
+    }
+
+    /// Returns the replicas to create for ranges split off here. A replica that heard of its
+    /// range first (through a message) and still waits for a snapshot is initialized from the
+    /// split instead, keeping its term and vote; one that already holds data is left alone.
+    fn new_replicas_of_splits(&self, children: Vec<AppliedState>) -> Vec<NewReplica> {
+        let fresh = HardState { term: Term(1), vote: None, commit: LogIndex(1) };
+        children
+            .into_iter()
+            .filter_map(|applied| {
+                let hard_state = match self.replicas.get(&applied.descriptor.id) {
+                    None => fresh,
+                    Some(existing)
+                        if !existing.state.is_initialized()
+                            && existing.raft.storage().last_index() == LogIndex(0) =>
+                    {
+                        let current = existing.raft.storage().hard_state();
+                        HardState {
+                            term: current.term.max(Term(1)),
+                            vote: current.vote,
+                            commit: LogIndex(1),
+                        }
+                    }
+                    Some(_) => return None,
+                };
+                Some(NewReplica { applied, meta: None, hard_state })
+            })
+            .collect()
     }
 
     /// Updates the gauges describing the replicas, and counts elections won.

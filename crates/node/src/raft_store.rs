@@ -110,15 +110,30 @@ impl<E: Engine> std::fmt::Debug for RaftLogStore<E> {
 }
 
 /// Stages the Raft state of a replica that starts from a state machine at `metadata` (a range
-/// created by cluster initialization or a split): an empty log compacted up to there, committed.
-/// A replica added later cannot replay what came before, so it is sent a snapshot.
-pub fn stage_new_replica(range: RangeId, metadata: &SnapshotMetadata, batch: &mut WriteBatch) {
+/// created by cluster initialization or a split): an empty log compacted up to there, with
+/// `hard_state` (which commits at least that far). A replica added later cannot replay what
+/// came before, so it is sent a snapshot.
+pub fn stage_new_replica(
+    range: RangeId,
+    metadata: &SnapshotMetadata,
+    hard_state: HardState,
+    batch: &mut WriteBatch,
+) {
     batch.put(
         state_key(range, TRUNCATED_STATE),
         wire::SnapshotMetadata::from(metadata).encode_to_vec(),
     );
-    let hard_state = HardState { term: metadata.term, vote: None, commit: metadata.index };
+    let hard_state = HardState { commit: hard_state.commit.max(metadata.index), ..hard_state };
     batch.put(state_key(range, HARD_STATE), wire::HardState::from(&hard_state).encode_to_vec());
+}
+
+/// Whether `engine` holds a replica of `range`.
+///
+/// # Errors
+///
+/// [`RaftError::Storage`] if the engine fails.
+pub fn has_replica<E: Engine>(engine: &E, range: RangeId) -> RaftResult<bool> {
+    Ok(engine.get(&state_key(range, TRUNCATED_STATE)).map_err(storage_error)?.is_some())
 }
 
 /// Returns the ranges that have a replica in `engine` (every replica stores its truncated

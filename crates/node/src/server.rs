@@ -259,6 +259,8 @@ impl Shared {
                 "a split needs between 1 and {MAX_SPLIT_KEYS} keys"
             )));
         }
+        let check = keys.clone();
+        self.request("split", |reply| Event::CheckSplit { range, keys: check, reply }).await?;
         self.refresh_client();
         let count = keys.len() as u64;
         let first =

@@ -147,23 +147,44 @@ pub fn encode_allocate_range_ids(count: u64) -> Vec<u8> {
     encode_command(0, wire::range_command::Operation::AllocateRangeIds(count))
 }
 
+/// Checks that `range` can split at `keys`: sorted, distinct, strictly inside its span, while
+/// its replicas are not changing.
+///
+/// # Errors
+///
+/// Why the split is invalid.
+pub fn check_split_keys(
+    range: &RangeDescriptor,
+    config: &Configuration,
+    keys: &[Vec<u8>],
+) -> Result<(), String> {
+    if keys.is_empty() {
+        return Err("a split needs at least one key".into());
+    }
+    if config.is_joint() {
+        return Err("the range is changing its replicas; split later".into());
+    }
+    if let Some(key) = keys.iter().find(|key| !range.strictly_contains(key)) {
+        return Err(format!(
+            "split key {:?} is not strictly inside the range",
+            key.escape_ascii().to_string()
+        ));
+    }
+    if keys.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err("split keys must be sorted and distinct".into());
+    }
+    Ok(())
+}
+
 /// Returns the new ranges a split at `keys` creates, or why the split is invalid.
 fn split_descriptors(
     parent: &RangeDescriptor,
     config: &Configuration,
     split: &wire::Split,
 ) -> Result<Vec<RangeDescriptor>, String> {
-    if split.keys.is_empty() || split.keys.len() != split.range_ids.len() {
-        return Err("a split needs as many new range ids as split keys, at least one".into());
-    }
-    if config.is_joint() {
-        return Err("the range is changing its replicas; split later".into());
-    }
-    if let Some(key) = split.keys.iter().find(|key| !parent.strictly_contains(key)) {
-        return Err(format!("split key {key:x?} is not strictly inside the range"));
-    }
-    if split.keys.windows(2).any(|pair| pair[0] >= pair[1]) {
-        return Err("split keys must be sorted and distinct".into());
+    check_split_keys(parent, config, &split.keys)?;
+    if split.keys.len() != split.range_ids.len() {
+        return Err("a split needs as many new range ids as split keys".into());
     }
     let mut ids: Vec<u64> = split.range_ids.clone();
     ids.sort_unstable();
@@ -333,12 +354,19 @@ impl<E: Engine> RangeStateMachine<E> {
     }
 
     /// Replaces the state with a snapshot's into `batch`: clears the snapshot's span (or the
-    /// meta index) and writes the snapshot's data.
+    /// meta index) and writes the snapshot's data — except inside `protected` spans, which
+    /// newer replicas on this node own (ranges split off this one whose split this replica has
+    /// not applied yet: their data is theirs, and this replica reaches the split in its log).
     ///
     /// # Errors
     ///
     /// [`RaftError::Storage`] if the snapshot does not decode or the engine fails.
-    pub fn stage_install(&mut self, snapshot: &Snapshot, batch: &mut WriteBatch) -> RaftResult<()> {
+    pub fn stage_install(
+        &mut self,
+        snapshot: &Snapshot,
+        protected: &[RangeDescriptor],
+        batch: &mut WriteBatch,
+    ) -> RaftResult<()> {
         let data = wire::RangeSnapshot::decode(snapshot.data.as_slice()).map_err(storage_error)?;
         let descriptor =
             data.descriptor.as_ref().map(RangeDescriptor::from_wire).unwrap_or_default();
@@ -354,10 +382,13 @@ impl<E: Engine> RangeStateMachine<E> {
                 meta.update(entry, batch);
             }
         } else {
-            self.mvcc
-                .stage_clear(batch, &descriptor.start, descriptor.end.as_deref())
-                .map_err(storage_error)?;
+            for (start, end) in uncovered(&descriptor, protected) {
+                self.mvcc.stage_clear(batch, &start, end.as_deref()).map_err(storage_error)?;
+            }
             for version in data.versions {
+                if protected.iter().any(|owner| owner.contains(&version.key)) {
+                    continue;
+                }
                 let write = VersionWrite {
                     key: version.key,
                     commit_ts: Timestamp::from_nanos(version.timestamp),
@@ -378,6 +409,37 @@ impl<E: Engine> RangeStateMachine<E> {
         self.stage_applied_state(batch);
         Ok(())
     }
+}
+
+/// Returns the parts of `span` outside every descriptor in `holes`, in key order.
+fn uncovered(span: &RangeDescriptor, holes: &[RangeDescriptor]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let mut holes: Vec<&RangeDescriptor> = holes.iter().collect();
+    holes.sort_by(|a, b| a.start.cmp(&b.start));
+    let mut parts = Vec::new();
+    let mut cursor = Some(span.start.clone());
+    for hole in holes {
+        let Some(from) = cursor.take() else { break };
+        if hole.start > from {
+            parts.push((from.clone(), Some(hole.start.clone())));
+        }
+        cursor = match &hole.end {
+            Some(end) if *end > from => Some(end.clone()),
+            Some(_) => Some(from),
+            None => None,
+        };
+    }
+    if let Some(from) = cursor
+        && span.end.as_ref().is_none_or(|end| from < *end)
+    {
+        parts.push((from, span.end.clone()));
+    }
+    parts
+}
+
+/// Returns the descriptor a snapshot carries, if it decodes.
+pub fn snapshot_descriptor(snapshot: &Snapshot) -> Option<RangeDescriptor> {
+    let data = wire::RangeSnapshot::decode(snapshot.data.as_slice()).ok()?;
+    data.descriptor.as_ref().map(RangeDescriptor::from_wire)
 }
 
 /// Stages the applied state of a replica created with it (initialization, split).
@@ -451,5 +513,45 @@ impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
             },
             data: data.encode_to_vec(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: &str, end: Option<&str>) -> RangeDescriptor {
+        RangeDescriptor {
+            id: RangeId(9),
+            start: start.into(),
+            end: end.map(Into::into),
+            generation: 0,
+        }
+    }
+
+    #[test]
+    fn uncovered_parts_skip_the_holes() {
+        type Parts = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+        let part = |start: &str, end: Option<&str>| {
+            (start.as_bytes().to_vec(), end.map(|end| end.as_bytes().to_vec()))
+        };
+        let cases: Vec<(RangeDescriptor, Vec<RangeDescriptor>, Parts)> = vec![
+            (span("a", Some("z")), vec![], vec![part("a", Some("z"))]),
+            (
+                span("a", Some("z")),
+                vec![span("m", Some("p"))],
+                vec![part("a", Some("m")), part("p", Some("z"))],
+            ),
+            (span("a", None), vec![span("m", None)], vec![part("a", Some("m"))]),
+            (
+                span("a", None),
+                vec![span("p", Some("q")), span("c", Some("d"))],
+                vec![part("a", Some("c")), part("d", Some("p")), part("q", None)],
+            ),
+            (span("a", Some("z")), vec![span("a", Some("z"))], vec![]),
+        ];
+        for (range, holes, expected) in cases {
+            assert_eq!(uncovered(&range, &holes), expected, "{range:?} minus {holes:?}");
+        }
     }
 }

@@ -24,6 +24,15 @@ impl<S: Storage> RawNode<S> {
         }
     }
 
+    /// Forgets the lease promise [`RawNode::new`] assumes a restarted node may have given.
+    /// Only for a group member created just now with a fresh log (a range split off another):
+    /// it never ran before, so it promised nothing, and it may vote and campaign at once.
+    pub fn forget_restart_promise(&mut self) {
+        if self.term.0 <= 1 && self.vote.is_none() && self.leader.is_none() {
+            self.promise_until = 0;
+        }
+    }
+
     /// Starts an election: a pre-vote round first if enabled (and not a transfer), otherwise a
     /// real one.
     pub(crate) fn start_election(&mut self, transfer: bool) {

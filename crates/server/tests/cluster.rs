@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_client::{Client, ClientOptions};
@@ -562,4 +563,184 @@ async fn a_node_whose_disk_fills_stops_and_loses_nothing() {
             "lost {key}"
         );
     }
+}
+
+/// Writes `count` keys `{prefix}{i:05}` with `concurrency` writers, each retrying a key until it
+/// is acknowledged or 30 s pass; returns the acknowledged keys.
+async fn write_keys(
+    client: &Arc<Client>,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) -> Vec<String> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, prefix) = (client.clone(), next.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return acknowledged;
+                }
+                let key = format!("{prefix}{i:05}");
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(30) {
+                    if client.put(key.as_bytes(), value_of(&key).as_bytes()).await.is_ok() {
+                        acknowledged.push(key);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        acknowledged.extend(task.await.unwrap());
+    }
+    acknowledged.sort();
+    acknowledged
+}
+
+fn value_of(key: &str) -> String {
+    format!("value of {key}, padded to make ranges grow ......")
+}
+
+/// Checks that the meta range's descriptors tile the key space: the first starts at the empty
+/// key, each ends where the next starts, the last is unbounded. Returns how many there are.
+fn assert_tiled(descriptors: &[meridian_rpc::kv::RangeDescriptor]) -> usize {
+    assert!(!descriptors.is_empty());
+    assert_eq!(descriptors[0].start, b"", "{descriptors:?}");
+    for pair in descriptors.windows(2) {
+        assert_eq!(pair[0].end, pair[1].start, "a gap or overlap in {descriptors:?}");
+    }
+    assert_eq!(descriptors.last().unwrap().end, b"", "{descriptors:?}");
+    descriptors.len()
+}
+
+/// Waits until the meta range's descriptors tile the key space and there are at least
+/// `minimum` of them (a split recorded half-way leaves a gap for a moment).
+async fn tiled_ranges(
+    client: &Client,
+    minimum: usize,
+    limit: Duration,
+) -> Option<Vec<meridian_rpc::kv::RangeDescriptor>> {
+    eventually(limit, || async {
+        let (descriptors, _) = client.ranges().await.ok()?;
+        let tiled = !descriptors.is_empty()
+            && descriptors[0].start.is_empty()
+            && descriptors.windows(2).all(|pair| pair[0].end == pair[1].start)
+            && descriptors.last().is_some_and(|last| last.end.is_empty());
+        (tiled && descriptors.len() >= minimum).then_some(descriptors)
+    })
+    .await
+}
+
+/// Reads every key with a scan across ranges and checks the values.
+async fn assert_all_present(client: &Client, keys: &[String], logs: impl Fn() -> String) {
+    let rows = eventually(Duration::from_secs(30), || async {
+        client.scan(b"", None, 1_000_000).await.ok()
+    })
+    .await
+    .unwrap_or_else(|| panic!("scans kept failing\n{}", logs()));
+    let found: std::collections::BTreeMap<String, Vec<u8>> =
+        rows.into_iter().map(|(key, value, _)| (String::from_utf8(key).unwrap(), value)).collect();
+    for key in keys {
+        assert_eq!(
+            found.get(key).map(Vec::as_slice),
+            Some(value_of(key).as_bytes()),
+            "lost {key}\n{}",
+            logs()
+        );
+    }
+}
+
+#[tokio::test]
+async fn ranges_split_and_survive_killing_a_leader_mid_split() {
+    let mut cluster = Cluster::start_with(3, &["--range-max-kib", "16"]);
+    init(&cluster).await;
+    let client = Arc::new(client(&cluster.addresses));
+
+    // 20,000 keys; ranges split by size as they grow.
+    let started = Instant::now();
+    let mut written = write_keys(&client, "k", 20_000, 64).await;
+    assert_eq!(written.len(), 20_000, "writes failed on a healthy cluster\n{}", cluster.logs());
+    println!("20,000 keys written in {:?}", started.elapsed());
+
+    // Manual splits through the command line, at keys inside ranges and at a range start.
+    let output = meridian(&["split", "--host", &cluster.addresses[1], "k12345", "k17777"]);
+    assert!(output.status.success(), "{output:?}\n{}", cluster.logs());
+    let output = meridian(&["split", "--host", &cluster.addresses[1], "k12345"]);
+    assert!(output.status.success(), "splitting at a range start again is a no-op: {output:?}");
+    let output = meridian(&["split", "--host", &cluster.addresses[1], ""]);
+    assert!(!output.status.success(), "the empty key cannot split: {output:?}");
+
+    let descriptors = tiled_ranges(&client, 50, Duration::from_secs(120)).await;
+    let Some(descriptors) = descriptors else {
+        let (now, _) = client.ranges().await.unwrap();
+        panic!("fewer than 50 tiled ranges: {}\n{}", now.len(), cluster.logs());
+    };
+    let boundaries: Vec<&[u8]> = descriptors.iter().map(|d| d.start.as_slice()).collect();
+    assert!(boundaries.contains(&&b"k12345"[..]) && boundaries.contains(&&b"k17777"[..]));
+    println!("{} ranges after {:?}", descriptors.len(), started.elapsed());
+    assert_all_present(&client, &written, || cluster.logs()).await;
+
+    // Kill -9 the node leading the most ranges while writers keep writing (and ranges keep
+    // splitting).
+    let view = status(&cluster.addresses[0]).await.unwrap();
+    let mut leaders = std::collections::BTreeMap::new();
+    for range in &view.ranges {
+        *leaders.entry(range.leader).or_insert(0) += 1;
+    }
+    let victim = *leaders.iter().max_by_key(|(_, count)| **count).unwrap().0 as usize;
+    let writers = {
+        let client = client.clone();
+        tokio::spawn(async move { write_keys(&client, "w", 3_000, 32).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    cluster.kill(victim - 1);
+    let killed_at = Instant::now();
+    let more = writers.await.unwrap();
+    assert_eq!(more.len(), 3_000, "writes did not resume after the kill\n{}", cluster.logs());
+    println!("3,000 more writes done {:?} after killing node {victim}", killed_at.elapsed());
+    written.extend(more);
+    let survivors: Vec<String> = (0..3)
+        .filter(|index| *index != victim - 1)
+        .map(|index| cluster.addresses[index].clone())
+        .collect();
+    let survivor_client = Client::new(survivors.clone(), ClientOptions::default()).unwrap();
+    assert!(
+        tiled_ranges(&survivor_client, 50, Duration::from_secs(60)).await.is_some(),
+        "{}",
+        cluster.logs()
+    );
+    assert_all_present(&survivor_client, &written, || cluster.logs()).await;
+
+    // The killed node restarts and catches up on every range.
+    cluster.restart(victim - 1);
+    let restarted = cluster.addresses[victim - 1].clone();
+    let caught_up = eventually(Duration::from_secs(60), || async {
+        let mine = status(&restarted).await?;
+        let mut commits = std::collections::BTreeMap::new();
+        for survivor in &survivors {
+            for range in status(survivor).await?.ranges {
+                if range.role == "leader" {
+                    commits.insert(range.range_id, range.commit);
+                }
+            }
+        }
+        let applied: std::collections::BTreeMap<u64, u64> =
+            mine.ranges.iter().map(|range| (range.range_id, range.applied)).collect();
+        commits
+            .iter()
+            .all(|(range, commit)| applied.get(range).is_some_and(|applied| applied >= commit))
+            .then_some(())
+    })
+    .await;
+    assert!(caught_up.is_some(), "node {victim} did not catch up\n{}", cluster.logs());
+    let descriptors = tiled_ranges(&client, 50, Duration::from_secs(30)).await.unwrap();
+    assert_tiled(&descriptors);
+    assert_all_present(&client, &written, || cluster.logs()).await;
 }

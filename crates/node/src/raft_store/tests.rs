@@ -209,8 +209,9 @@ fn new_replicas_start_compacted_and_are_listed() {
     assert_eq!(stored_ranges(&*engine).unwrap(), []);
     let metadata = SnapshotMetadata { index: LogIndex(1), term: Term(1), ..initial() };
     let mut batch = WriteBatch::new();
-    stage_new_replica(RangeId(5), &metadata, &mut batch);
-    stage_new_replica(RangeId(u64::MAX), &metadata, &mut batch);
+    stage_new_replica(RangeId(5), &metadata, HardState::default(), &mut batch);
+    let voted = HardState { term: Term(3), vote: Some(NodeId(2)), commit: LogIndex(0) };
+    stage_new_replica(RangeId(u64::MAX), &metadata, voted, &mut batch);
     engine.write(batch, true).unwrap();
     let mut store = open(&engine);
     let entry = Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::Noop };
@@ -222,4 +223,9 @@ fn new_replicas_start_compacted_and_are_listed() {
     assert_eq!(created.hard_state(), HardState { term: Term(1), vote: None, commit: LogIndex(1) });
     assert!(matches!(created.entries(LogIndex(1), LogIndex(2), 1), Err(RaftError::Compacted(_))));
     assert_eq!(stored_ranges(&*engine).unwrap(), [RangeId(5), RangeId(7), RangeId(u64::MAX)]);
+    // A vote given before the replica was created from its range's split is kept.
+    let voter =
+        RaftLogStore::open(engine.clone(), RangeId(u64::MAX), initial(), Arc::new(EmptySource))
+            .unwrap();
+    assert_eq!(voter.hard_state(), HardState { commit: LogIndex(1), ..voted });
 }
