@@ -57,6 +57,8 @@ const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a write waits for its leader to obtain a lease before it fails.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
+/// Ticks a leader stays idle (no request, no proposal) before its range quiesces.
+const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
 /// Descriptors per meta update the driver asks for.
 const PUBLISH_CHUNK: usize = 1_000;
 
@@ -212,9 +214,10 @@ pub enum Event {
     ClockHealth { healthy: bool },
     /// This node joined an initialized cluster (it learned the cluster id from a peer).
     Joined,
-    /// Which nodes were heard from recently, and which not for longer than the dead-node
-    /// timeout (for placement).
-    Liveness { live: BTreeSet<NodeId>, dead: BTreeSet<NodeId> },
+    /// Which nodes were heard from recently, which not for longer than the dead-node timeout
+    /// (for placement), and which did not answer the last hello rounds (to wake quiesced
+    /// followers of their ranges).
+    Liveness { live: BTreeSet<NodeId>, dead: BTreeSet<NodeId>, unreachable: BTreeSet<NodeId> },
     /// These descriptor versions are recorded in the meta range (`recorded`), or the attempt
     /// failed and may be repeated.
     Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },
@@ -297,6 +300,8 @@ struct Replica<E: Engine> {
     size_bytes: Option<u64>,
     /// Whether a size-triggered split is under way.
     splitting: bool,
+    /// Ticks since this replica, as leader, last had a request to serve.
+    idle_ticks: u64,
 }
 
 impl<E: Engine> Replica<E> {
@@ -432,6 +437,7 @@ impl<E: Engine> Driver<E> {
                 publishing: false,
                 size_bytes: None,
                 splitting: false,
+                idle_ticks: 0,
             },
         );
         Ok(())
@@ -523,7 +529,12 @@ impl<E: Engine> Driver<E> {
                     }
                     let now = raft_interval(&self.truetime);
                     for replica in self.replicas.values_mut() {
+                        // A quiesced range costs nothing per tick.
+                        if replica.raft.is_quiesced() {
+                            continue;
+                        }
                         replica.raft.tick(now);
+                        maybe_quiesce(replica);
                         // A node whose clock cannot be trusted must not assign timestamps:
                         // hand leadership to another voter.
                         if !self.clock_healthy && replica.raft.role() == Role::Leader {
@@ -593,7 +604,19 @@ impl<E: Engine> Driver<E> {
                 let _ = reply.send(self.bootstrap(voters));
             }
             Event::Joined => self.joined = true,
-            Event::Liveness { live, dead } => self.liveness = (live, dead),
+            Event::Liveness { live, dead, unreachable } => {
+                // A quiesced follower cannot tell that its leader is gone: wake it when the
+                // leader's node stops answering, so that it can elect another.
+                for replica in self.replicas.values_mut() {
+                    if replica.raft.is_quiesced()
+                        && replica.raft.role() != Role::Leader
+                        && replica.raft.leader().is_none_or(|leader| unreachable.contains(&leader))
+                    {
+                        replica.raft.wake();
+                    }
+                }
+                self.liveness = (live, dead);
+            }
             Event::ClockHealth { healthy } => self.clock_healthy = healthy,
             Event::Published { ranges, recorded } => {
                 for (range, version) in ranges {
@@ -780,6 +803,7 @@ impl<E: Engine> Driver<E> {
             Ok(replica) => replica,
             Err(error) => return pending.fail(error),
         };
+        replica.idle_ticks = 0;
         match replica.raft.propose(command) {
             Ok(index) => {
                 metrics::counter!("meridian_raft_proposals_total").increment(1);
@@ -806,6 +830,7 @@ impl<E: Engine> Driver<E> {
                 return;
             }
         };
+        replica.idle_ticks = 0;
         // A leader assigns timestamps only inside its lease (Spanner's disjointness). Without
         // one (a new leader), the write waits for the next heartbeat round to grant it.
         if replica.raft.lease_read(interval).is_none() {
@@ -879,6 +904,7 @@ impl<E: Engine> Driver<E> {
             Ok(replica) => replica,
             Err(error) => return request.fail(error),
         };
+        replica.idle_ticks = 0;
         if let Some(index) = replica.raft.lease_read(interval) {
             replica.confirmed.push((index, request));
             return;
@@ -1152,6 +1178,7 @@ impl<E: Engine> Driver<E> {
     /// Updates the gauges describing the replicas, and counts elections won.
     fn record_gauges(&mut self) {
         let mut led = 0;
+        let mut quiesced = 0;
         let mut apply_lag = 0;
         for replica in self.replicas.values_mut() {
             // Cheap accessors only: this runs every cycle (`status()` clones the configuration).
@@ -1164,7 +1191,9 @@ impl<E: Engine> Driver<E> {
                 }
             }
             apply_lag += raft.commit_index().0 - raft.applied_index().0;
+            quiesced += u32::from(raft.is_quiesced());
         }
+        metrics::gauge!("meridian_ranges_quiesced").set(f64::from(quiesced));
         metrics::gauge!("meridian_ranges").set(self.replicas.len() as f64);
         metrics::gauge!("meridian_ranges_led").set(f64::from(led));
         metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);
@@ -1207,6 +1236,25 @@ impl<E: Engine> Driver<E> {
                 serve_read(&self.mvcc, replica, request);
             }
         }
+    }
+}
+
+/// Quiesces a leader that has been idle for a while (see `meridian_raft`'s quiescence).
+fn maybe_quiesce<E: Engine>(replica: &mut Replica<E>) {
+    if replica.raft.role() != Role::Leader {
+        replica.idle_ticks = 0;
+        return;
+    }
+    replica.idle_ticks += 1;
+    let idle = replica.idle_ticks >= QUIESCE_AFTER_IDLE_TICKS
+        && replica.proposals.is_empty()
+        && replica.reads.is_empty()
+        && replica.confirmed.is_empty()
+        && replica.lease_waiters.is_empty()
+        && !replica.publishing
+        && !replica.splitting;
+    if idle && replica.raft.quiesce() {
+        metrics::counter!("meridian_raft_quiesced_total").increment(1);
     }
 }
 

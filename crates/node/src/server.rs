@@ -78,6 +78,9 @@ const CLUSTER_ID_KEY: &[u8] = b"\x01node/cluster_id";
 const PEER_PREFIX: &[u8] = b"\x01node/peer/";
 /// How often a node says hello to the nodes it knows.
 const HELLO_INTERVAL: Duration = Duration::from_secs(2);
+/// A peer unheard for this long counts as unreachable: quiesced followers of the ranges it
+/// leads wake up to elect another leader.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
 /// Requests queued for the driver before clients are told to back off.
 const EVENT_QUEUE: usize = 16_384;
 /// The largest gRPC message a node accepts (range snapshots travel in one message).
@@ -129,6 +132,20 @@ impl Shared {
             Some(problem) => Err(Status::unavailable(problem.clone())),
             None => Ok(()),
         }
+    }
+
+    /// Returns the peers that did not answer the last hello rounds.
+    fn unreachable(&self) -> BTreeSet<NodeId> {
+        let now = Instant::now();
+        let last_seen = self.last_seen.lock();
+        self.transport
+            .peers()
+            .into_keys()
+            .filter(|peer| {
+                let since = last_seen.get(peer).copied().unwrap_or(self.started);
+                now.saturating_duration_since(since) > UNREACHABLE_AFTER
+            })
+            .collect()
     }
 
     /// Returns when each known peer was last heard from, and whether it counts as dead.
@@ -436,6 +453,7 @@ impl NodeService for NodeApi {
             .into_iter()
             .map(|RangeReport { range, descriptor, status, progress }| RangeStatus {
                 range_id: range.0,
+                quiesced: status.quiesced,
                 start: descriptor.start,
                 end: descriptor.end.unwrap_or_default(),
                 generation: descriptor.generation,
@@ -917,7 +935,8 @@ fn report_liveness(shared: &Shared) {
             live.insert(NodeId(peer.node_id));
         }
     }
-    let _ = shared.events.try_send(Event::Liveness { live, dead });
+    let unreachable = shared.unreachable();
+    let _ = shared.events.try_send(Event::Liveness { live, dead, unreachable });
 }
 
 /// Re-evaluates the clock checks; tells the driver and logs when the verdict changes.

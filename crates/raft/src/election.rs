@@ -18,6 +18,7 @@ impl<S: Storage> RawNode<S> {
     /// Starts an election now, as if the election timeout had elapsed (used to bootstrap a
     /// group quickly and by tests). Does nothing on a node that does not vote.
     pub fn campaign(&mut self) {
+        self.wake();
         if self.role != Role::Leader {
             self.election_elapsed = 0;
             self.start_election(false);

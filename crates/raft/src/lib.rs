@@ -47,6 +47,7 @@ mod log;
 mod membership;
 mod node;
 mod progress;
+mod quiesce;
 mod reads;
 mod replication;
 mod rng;

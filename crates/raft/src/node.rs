@@ -77,6 +77,8 @@ pub struct Status {
     pub applied: LogIndex,
     /// The configuration in effect (applied).
     pub configuration: Configuration,
+    /// Whether the node is quiesced.
+    pub quiesced: bool,
     /// The end of the leader's lease in TrueTime nanoseconds (0 if none).
     pub lease_end: u64,
 }
@@ -108,6 +110,8 @@ pub struct RawNode<S: Storage> {
     pub(crate) now: Interval,
     /// This node must not vote for anyone else until `after(promise_until)`.
     pub(crate) promise_until: u64,
+    /// Whether the group is quiet: ticks do nothing (see `quiesce.rs`).
+    pub(crate) quiesced: bool,
     /// While leader: the lease lets it serve while `now().latest < lease_end`.
     pub(crate) lease_end: u64,
     /// While leader: it must not serve until `after(lease_floor)`.
@@ -179,6 +183,7 @@ impl<S: Storage> RawNode<S> {
             heartbeat_elapsed: 0,
             now,
             promise_until,
+            quiesced: false,
             lease_end: 0,
             lease_floor: 0,
             max_served_latest: 0,
@@ -239,6 +244,7 @@ impl<S: Storage> RawNode<S> {
             commit: self.log.committed,
             applied: self.log.applied,
             configuration: self.configuration.clone(),
+            quiesced: self.quiesced,
             lease_end: if self.role == Role::Leader { self.lease_end } else { 0 },
         }
     }
@@ -312,6 +318,9 @@ impl<S: Storage> RawNode<S> {
                 latest: now.latest.max(self.now.latest),
             };
         }
+        if self.quiesced {
+            return;
+        }
         match self.role {
             Role::Leader => self.tick_leader(),
             Role::Follower | Role::PreCandidate | Role::Candidate => {
@@ -371,6 +380,7 @@ impl<S: Storage> RawNode<S> {
     }
 
     pub(crate) fn propose_entry(&mut self, kind: EntryKind) -> Result<LogIndex> {
+        self.wake();
         if self.role != Role::Leader {
             return Err(Error::NotLeader { leader: self.leader });
         }
@@ -399,6 +409,14 @@ impl<S: Storage> RawNode<S> {
                 "message for {} delivered to {}",
                 message.to, self.id
             )));
+        }
+        // Any message but the quiet ones wakes a quiesced node, even one it then ignores (a
+        // pre-vote it refuses comes from a member that is not quiet).
+        if !matches!(
+            message.body,
+            MessageBody::Quiesce { .. } | MessageBody::HeartbeatResponse { .. }
+        ) {
+            self.wake();
         }
         if message.term > self.term {
             if !self.accept_higher_term(&message) {
@@ -440,6 +458,10 @@ impl<S: Storage> RawNode<S> {
                 }
             }
             MessageBody::TimeoutNow { lease_floor } => self.on_timeout_now(lease_floor),
+            MessageBody::Quiesce { commit } => {
+                self.on_leader_contact(message.from);
+                self.on_quiesce(commit);
+            }
         }
         Ok(())
     }
@@ -478,6 +500,7 @@ impl<S: Storage> RawNode<S> {
 
     /// Moves to the follower role in `term`.
     pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.quiesced = false;
         if term > self.term {
             self.term = term;
             self.vote = None;

@@ -143,6 +143,7 @@ impl<S: Storage> RawNode<S> {
     ///
     /// [`Error::NotLeader`] if this node is not the leader.
     pub fn read_index(&mut self, context: u64) -> Result<()> {
+        self.wake();
         if self.role != Role::Leader {
             return Err(Error::NotLeader { leader: self.leader });
         }
@@ -201,6 +202,7 @@ impl<S: Storage> RawNode<S> {
     /// [`Error::NotLeader`] on a non-leader; [`Error::InvalidRequest`] if `target` is this node
     /// or not a voter.
     pub fn transfer_leadership(&mut self, target: NodeId) -> Result<()> {
+        self.wake();
         if self.role != Role::Leader {
             return Err(Error::NotLeader { leader: self.leader });
         }

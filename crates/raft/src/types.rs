@@ -354,6 +354,12 @@ pub enum MessageBody {
         /// until `after(promise_until)` holds on its clock. Zero asks for no promise.
         promise_until: u64,
     },
+    /// Tells a caught-up follower that the leader goes quiet: neither stops to tick (no
+    /// heartbeats, no elections) until any other message, a proposal or a read arrives.
+    Quiesce {
+        /// The leader's commit index, which is also its last index.
+        commit: LogIndex,
+    },
     /// Answers a `Heartbeat`.
     HeartbeatResponse {
         /// The round being answered.

@@ -16,6 +16,7 @@
 //! - `partition IDS IDS...`: only nodes in the same group talk (`IDS` like `1/2`); `heal`.
 //! - `crash ID`, `restart ID`.
 //! - `status [ID...]`, `log ID`.
+//! - `quiesce ID` (ask a leader to go quiet), `wake ID`, `quiet`: which nodes are quiesced.
 //!
 //! Every message sent, entry applied, read released and change of role, term, leader or
 //! commit index is printed.
@@ -303,6 +304,25 @@ impl goldenscript::Runner for Runner {
                 let metadata = node.applied_snapshot_metadata()?;
                 writeln!(output, "n{id} compacted through {}@{}", metadata.index, metadata.term)?;
                 node.storage_mut().compact(Snapshot { metadata, data: Vec::new() });
+            }
+            "quiesce" => {
+                let id = NodeId(args.next_pos().ok_or("quiesce needs a node")?.parse()?);
+                let done = self.node(id)?.quiesce();
+                writeln!(output, "n{id} {}", if done { "quiesced" } else { "did not quiesce" })?;
+            }
+            "wake" => {
+                let id = NodeId(args.next_pos().ok_or("wake needs a node")?.parse()?);
+                self.node(id)?.wake();
+            }
+            "quiet" => {
+                let quiet: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|(id, node)| format!("n{id}={}", node.is_quiesced()))
+                    .collect();
+                writeln!(output, "quiesced: {}", quiet.join(" "))?;
+                args.reject_next()?;
+                return Ok(output);
             }
             "partition" => {
                 let mut groups = Vec::new();

@@ -222,6 +222,7 @@ impl From<&raft_core::Message> for wire::Message {
             Core::TimeoutNow { lease_floor } => {
                 Body::TimeoutNow(wire::TimeoutNow { lease_floor: *lease_floor })
             }
+            Core::Quiesce { commit } => Body::Quiesce(wire::Quiesce { commit: commit.0 }),
         };
         wire::Message {
             from: message.from.0,
@@ -278,6 +279,7 @@ impl TryFrom<&wire::Message> for raft_core::Message {
                 promise_until: heartbeat.promise_until,
             },
             Body::HeartbeatResponse(response) => Core::HeartbeatResponse { round: response.round },
+            Body::Quiesce(quiesce) => Core::Quiesce { commit: raft_core::LogIndex(quiesce.commit) },
             Body::InstallSnapshot(snapshot) => {
                 let metadata = snapshot
                     .metadata
@@ -403,6 +405,7 @@ mod tests {
                 },
             },
             MessageBody::TimeoutNow { lease_floor: 1_767_225_600_000_000_000 },
+            MessageBody::Quiesce { commit: LogIndex(9) },
         ];
         bodies
             .into_iter()

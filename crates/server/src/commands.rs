@@ -304,7 +304,7 @@ async fn status(host: &str) -> Result<()> {
         println!(
             "  {:>5}  {span:<24} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>8}  {replicas}",
             range.range_id,
-            range.role,
+            if range.quiesced { format!("{} (q)", range.role) } else { range.role.clone() },
             range.term,
             range.leader,
             range.last_index,

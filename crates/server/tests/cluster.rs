@@ -14,7 +14,11 @@ use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{MessageBatch, RangeMessage, RangeStatus, StatusRequest, StatusResponse};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
+/// The `meridian` binary under test: the one Cargo built, unless `MERIDIAN_BINARY` names
+/// another (to loop the tests on a copy while rebuilding).
+fn binary() -> String {
+    std::env::var("MERIDIAN_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meridian").to_string())
+}
 
 /// Returns a port that was free a moment ago.
 fn free_port() -> u16 {
@@ -61,7 +65,7 @@ impl Cluster {
         let log =
             std::fs::File::create(self.directory.path().join(format!("node{}.log", index + 1)))
                 .unwrap();
-        Command::new(BINARY)
+        Command::new(binary())
             .args(["start", "--node-id", &(index + 1).to_string()])
             .arg("--store")
             .arg(self.store(index))
@@ -113,7 +117,7 @@ impl Drop for Cluster {
 }
 
 fn meridian(args: &[&str]) -> Output {
-    Command::new(BINARY).args(args).output().unwrap()
+    Command::new(binary()).args(args).output().unwrap()
 }
 
 /// Retries `attempt` every 100 ms until it returns `Some`, for at most `limit`.

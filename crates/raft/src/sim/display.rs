@@ -72,6 +72,7 @@ pub fn message(message: &Message) -> String {
             snapshot.metadata.index, snapshot.metadata.term, snapshot.metadata.config
         ),
         MessageBody::TimeoutNow { lease_floor } => write!(out, "TimeoutNow floor={lease_floor}"),
+        MessageBody::Quiesce { commit } => write!(out, "Quiesce commit={commit}"),
     };
     out
 }
