@@ -59,6 +59,10 @@ const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Ticks a leader stays idle (no request, no proposal) before its range quiesces.
 const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
+/// Rebalancing moves (replicas being added as learners) one node's ranges make at a time.
+const MAX_MOVES_IN_FLIGHT: usize = 4;
+/// Leaderships one node hands away per placement round to spread leaders.
+const MAX_TRANSFERS_PER_ROUND: u64 = 8;
 /// Descriptors per meta update the driver asks for.
 const PUBLISH_CHUNK: usize = 1_000;
 
@@ -169,6 +173,26 @@ pub enum Background {
     Split { range: RangeId, key: Vec<u8> },
 }
 
+/// A node's load as it reports it in hellos.
+#[derive(Debug, Default)]
+pub struct NodeLoad {
+    /// Replicas the node holds.
+    pub replicas: std::sync::atomic::AtomicU64,
+    /// Ranges it leads.
+    pub leaders: std::sync::atomic::AtomicU64,
+}
+
+/// A peer's load as last reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerLoad {
+    /// Replicas it holds.
+    pub replicas: u64,
+    /// Ranges it leads.
+    pub leaders: u64,
+    /// Whether it is being decommissioned.
+    pub draining: bool,
+}
+
 /// Orders the versions of one range's descriptor: `(generation, config_index)`.
 pub type DescriptorVersion = (u64, u64);
 
@@ -217,7 +241,14 @@ pub enum Event {
     /// Which nodes were heard from recently, which not for longer than the dead-node timeout
     /// (for placement), and which did not answer the last hello rounds (to wake quiesced
     /// followers of their ranges).
-    Liveness { live: BTreeSet<NodeId>, dead: BTreeSet<NodeId>, unreachable: BTreeSet<NodeId> },
+    Liveness {
+        live: BTreeSet<NodeId>,
+        dead: BTreeSet<NodeId>,
+        unreachable: BTreeSet<NodeId>,
+        loads: BTreeMap<NodeId, PeerLoad>,
+    },
+    /// This node is being decommissioned: hand leaderships away, let replicas move.
+    Drain,
     /// These descriptor versions are recorded in the meta range (`recorded`), or the attempt
     /// failed and may be repeated.
     Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },
@@ -332,6 +363,12 @@ pub struct Driver<E: Engine> {
     background: mpsc::UnboundedSender<Background>,
     /// A data range larger than this splits.
     range_max_bytes: u64,
+    /// Whether this node is being decommissioned.
+    draining: bool,
+    /// The peers' loads, from their hellos.
+    loads: BTreeMap<NodeId, PeerLoad>,
+    /// This node's load, for its hellos.
+    load: Arc<NodeLoad>,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -354,6 +391,10 @@ pub struct DriverOptions {
     pub timing: RaftTiming,
     /// A data range whose data grows past this many bytes splits in two.
     pub range_max_bytes: u64,
+    /// Whether the node is being decommissioned.
+    pub draining: bool,
+    /// Where the driver publishes this node's load.
+    pub load: Arc<NodeLoad>,
 }
 
 impl<E: Engine> Driver<E> {
@@ -386,6 +427,9 @@ impl<E: Engine> Driver<E> {
             ticks_since_placement: 0,
             background,
             range_max_bytes: options.range_max_bytes,
+            draining: options.draining,
+            loads: BTreeMap::new(),
+            load: options.load,
         };
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
             driver.open_replica(range)?;
@@ -535,11 +579,17 @@ impl<E: Engine> Driver<E> {
                         }
                         replica.raft.tick(now);
                         maybe_quiesce(replica);
-                        // A node whose clock cannot be trusted must not assign timestamps:
-                        // hand leadership to another voter.
-                        if !self.clock_healthy && replica.raft.role() == Role::Leader {
+                        // A node whose clock cannot be trusted must not assign timestamps, and a
+                        // node being decommissioned must go: hand leadership to another voter.
+                        if (!self.clock_healthy || self.draining)
+                            && replica.raft.role() == Role::Leader
+                        {
                             let voters = replica.raft.configuration().voters.clone();
-                            if let Some(target) = voters.iter().find(|id| **id != self.node_id) {
+                            let target = voters.iter().find(|id| {
+                                **id != self.node_id
+                                    && !self.loads.get(id).is_some_and(|load| load.draining)
+                            });
+                            if let Some(target) = target {
                                 let _ = replica.raft.transfer_leadership(*target);
                             }
                         }
@@ -604,7 +654,9 @@ impl<E: Engine> Driver<E> {
                 let _ = reply.send(self.bootstrap(voters));
             }
             Event::Joined => self.joined = true,
-            Event::Liveness { live, dead, unreachable } => {
+            Event::Drain => self.draining = true,
+            Event::Liveness { live, dead, unreachable, loads } => {
+                self.loads = loads;
                 // A quiesced follower cannot tell that its leader is gone: wake it when the
                 // leader's node stops answering, so that it can elect another.
                 for replica in self.replicas.values_mut() {
@@ -662,35 +714,124 @@ impl<E: Engine> Driver<E> {
         Ok(())
     }
 
-    /// Lets every range this node leads move toward its target placement (see `placement.rs`).
+    /// Lets every range this node leads move toward its target placement (see `placement.rs`),
+    /// with at most [`MAX_MOVES_IN_FLIGHT`] rebalancing moves at a time, then hands some
+    /// leaderships to less busy nodes.
     fn place_replicas(&mut self) {
         let (live, dead) = &self.liveness;
         let mut live = live.clone();
         live.insert(self.node_id);
+        let draining: BTreeSet<NodeId> = self
+            .loads
+            .iter()
+            .filter(|(_, load)| load.draining)
+            .map(|(node, _)| *node)
+            .chain(self.draining.then_some(self.node_id))
+            .collect();
+        let mut load: BTreeMap<NodeId, u64> =
+            self.loads.iter().map(|(node, load)| (*node, load.replicas)).collect();
+        load.insert(self.node_id, self.replicas.len() as u64);
+        let mut moves = self
+            .replicas
+            .values()
+            .filter(|replica| {
+                replica.raft.role() == Role::Leader
+                    && !replica.raft.configuration().learners.is_empty()
+            })
+            .count();
         for replica in self.replicas.values_mut() {
             if replica.raft.role() != Role::Leader || replica.raft.config_change_pending() {
                 continue;
             }
-            let status = replica.raft.status();
-            let learner_match = status
-                .configuration
+            let config = replica.raft.configuration();
+            let learner_match = config
                 .learners
                 .iter()
                 .map(|learner| (*learner, replica.raft.match_index(*learner).unwrap_or_default()))
                 .collect();
             let input = PlacementInput {
-                config: status.configuration.clone(),
+                leader: self.node_id,
+                config: config.clone(),
                 live: live.clone(),
                 dead: dead.clone(),
-                commit: status.commit,
+                draining: draining.clone(),
+                load: load.clone(),
+                commit: replica.raft.commit_index(),
                 learner_match,
+                may_rebalance: moves < MAX_MOVES_IN_FLIGHT,
             };
             if let Some((voters, learners)) = plan(&input) {
-                info!(range = replica.range.0, from = %status.configuration, ?voters, ?learners, "changing replicas");
-                if let Err(error) = replica.raft.propose_config_change(voters, learners) {
-                    warn!(range = replica.range.0, %error, "could not change replicas");
+                info!(range = replica.range.0, from = %input.config, ?voters, ?learners, "changing replicas");
+                let adds_learner = learners.len() > input.config.learners.len();
+                match replica.raft.propose_config_change(voters, learners) {
+                    Ok(_) => {
+                        replica.idle_ticks = 0;
+                        if adds_learner {
+                            moves += 1;
+                            // Count the replica where it goes, so later ranges of this round
+                            // see it.
+                            if let Some(newcomer) =
+                                replica.raft.configuration().learners.iter().next()
+                            {
+                                *load.entry(*newcomer).or_default() += 1;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        warn!(range = replica.range.0, %error, "could not change replicas")
+                    }
                 }
             }
+        }
+        self.spread_leaders(&live, &draining);
+    }
+
+    /// Hands leadership of a few ranges to other voters when this node leads clearly more
+    /// than its share (ranges led across live nodes, from their hellos).
+    fn spread_leaders(&mut self, live: &BTreeSet<NodeId>, draining: &BTreeSet<NodeId>) {
+        if self.draining {
+            return; // Every leadership goes, in the tick loop.
+        }
+        let leaders = |node: &NodeId| self.loads.get(node).map_or(0, |load| load.leaders);
+        let mine =
+            self.replicas.values().filter(|replica| replica.raft.role() == Role::Leader).count()
+                as u64;
+        let eligible: Vec<NodeId> =
+            live.iter().copied().filter(|node| !draining.contains(node)).collect();
+        if eligible.len() < 2 {
+            return;
+        }
+        let total: u64 =
+            mine + eligible.iter().filter(|node| **node != self.node_id).map(leaders).sum::<u64>();
+        let share = total.div_ceil(eligible.len() as u64);
+        if mine <= share + 1 {
+            return;
+        }
+        let mut transfers = 0;
+        for replica in self.replicas.values_mut() {
+            if transfers >= MAX_TRANSFERS_PER_ROUND || mine - transfers <= share {
+                break;
+            }
+            if replica.raft.role() != Role::Leader || replica.raft.config_change_pending() {
+                continue;
+            }
+            let target = replica
+                .raft
+                .configuration()
+                .voters
+                .iter()
+                .copied()
+                .filter(|voter| *voter != self.node_id && eligible.contains(voter))
+                .filter(|voter| leaders(voter) + 1 < share)
+                .min_by_key(|voter| leaders(voter));
+            if let Some(target) = target
+                && replica.raft.transfer_leadership(target).is_ok()
+            {
+                transfers += 1;
+            }
+        }
+        if transfers > 0 {
+            info!(transfers, led = mine, share, "handing leaderships to less busy nodes");
         }
     }
 
@@ -1177,8 +1318,8 @@ impl<E: Engine> Driver<E> {
 
     /// Updates the gauges describing the replicas, and counts elections won.
     fn record_gauges(&mut self) {
-        let mut led = 0;
-        let mut quiesced = 0;
+        let mut led: u32 = 0;
+        let mut quiesced: u32 = 0;
         let mut apply_lag = 0;
         for replica in self.replicas.values_mut() {
             // Cheap accessors only: this runs every cycle (`status()` clones the configuration).
@@ -1195,6 +1336,9 @@ impl<E: Engine> Driver<E> {
         }
         metrics::gauge!("meridian_ranges_quiesced").set(f64::from(quiesced));
         metrics::gauge!("meridian_ranges").set(self.replicas.len() as f64);
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.load.replicas.store(self.replicas.len() as u64, relaxed);
+        self.load.leaders.store(u64::from(led), relaxed);
         metrics::gauge!("meridian_ranges_led").set(f64::from(led));
         metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);
     }

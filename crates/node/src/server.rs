@@ -24,9 +24,9 @@ use meridian_rpc::kv::{
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
 use meridian_rpc::node::{
-    Ack, BootstrapRequest, BootstrapResponse, HelloRequest, HelloResponse, InitRequest,
-    InitResponse, MessageBatch, Peer, PeerClock, PeerLiveness, RangeStatus, ReplicaProgress,
-    StatusRequest, StatusResponse,
+    Ack, BootstrapRequest, BootstrapResponse, DecommissionRequest, DecommissionResponse,
+    HelloRequest, HelloResponse, InitRequest, InitResponse, MessageBatch, Peer, PeerClock,
+    PeerLiveness, RangeStatus, ReplicaProgress, StatusRequest, StatusResponse,
 };
 use meridian_storage::{
     Engine, FaultyEngine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace,
@@ -38,8 +38,8 @@ use tracing::{info, warn};
 
 use crate::clock_monitor::ClockMonitor;
 use crate::driver::{
-    Background, Driver, DriverOptions, Event, MetaWrite, RaftTiming, RangeReport, ReadRequest,
-    log_fatal,
+    Background, Driver, DriverOptions, Event, MetaWrite, NodeLoad, PeerLoad, RaftTiming,
+    RangeReport, ReadRequest, log_fatal,
 };
 use crate::transport::Transport;
 use crate::{META_RANGE, NodeError, RangeId};
@@ -75,6 +75,7 @@ pub struct NodeOptions {
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
 const CLUSTER_ID_KEY: &[u8] = b"\x01node/cluster_id";
+const DRAINING_KEY: &[u8] = b"\x01node/draining";
 const PEER_PREFIX: &[u8] = b"\x01node/peer/";
 /// How often a node says hello to the nodes it knows.
 const HELLO_INTERVAL: Duration = Duration::from_secs(2);
@@ -119,11 +120,31 @@ struct Shared {
     dead_node_timeout: Duration,
     /// This node's client of other ranges (the meta range, mostly).
     client: Client,
+    /// This node's load, kept by the driver.
+    load: Arc<NodeLoad>,
+    /// Whether this node is being decommissioned.
+    draining: std::sync::atomic::AtomicBool,
+    /// The peers' loads from their last hellos.
+    peer_loads: Mutex<BTreeMap<NodeId, PeerLoad>>,
 }
 
 impl Shared {
     fn cluster_id(&self) -> String {
         self.cluster_id.lock().clone()
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This node's load as it reports it.
+    fn own_load(&self) -> PeerLoad {
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        PeerLoad {
+            replicas: self.load.replicas.load(relaxed),
+            leaders: self.load.leaders.load(relaxed),
+            draining: self.draining(),
+        }
     }
 
     /// Fails if this node's clock disagrees with a majority of its peers.
@@ -158,7 +179,11 @@ impl Shared {
             .map(|peer| {
                 let heard = last_seen.get(&peer).copied();
                 let since = heard.unwrap_or(self.started);
+                let load = self.peer_loads.lock().get(&peer).copied().unwrap_or_default();
                 PeerLiveness {
+                    replicas: load.replicas,
+                    leaders: load.leaders,
+                    draining: load.draining,
                     node_id: peer.0,
                     last_heard_ms: heard
                         .map(|at| now.saturating_duration_since(at).as_millis() as u64),
@@ -360,11 +385,15 @@ impl NodeService for NodeApi {
         if let Some(from) = &request.from {
             self.0.remember_peer(NodeId(from.node_id), &from.address);
         }
+        let load = self.0.own_load();
         Ok(Response::new(HelloResponse {
             node: Some(Peer { node_id: self.0.node_id.0, address: self.0.advertise.clone() }),
             cluster_id: self.0.cluster_id(),
             peers: self.0.peers(),
             clock_nanos: self.0.truetime.read().local.as_nanos(),
+            replicas: load.replicas,
+            leaders: load.leaders,
+            draining: load.draining,
         }))
     }
 
@@ -494,7 +523,30 @@ impl NodeService for NodeApi {
                 .collect(),
             clock_problem: self.0.clock_problem.lock().clone().unwrap_or_default(),
             liveness: self.0.liveness(),
+            replicas: self.0.own_load().replicas,
+            leaders: self.0.own_load().leaders,
+            draining: self.0.draining(),
         }))
+    }
+
+    async fn decommission(
+        &self,
+        _: Request<DecommissionRequest>,
+    ) -> Result<Response<DecommissionResponse>, Status> {
+        if self.0.cluster_id().is_empty() {
+            return Err(NodeError::NotInitialized.into());
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(DRAINING_KEY.to_vec(), vec![1]);
+        self.0.meta.write_meta(batch, true).map_err(|error| Status::internal(error.to_string()))?;
+        self.0.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .events
+            .send(Event::Drain)
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        warn!("decommissioning: replicas move to other nodes, leaderships are handed away");
+        Ok(Response::new(DecommissionResponse {}))
     }
 }
 
@@ -776,6 +828,11 @@ async fn serve<E: Engine>(
     };
     let transport = Transport::new(options.node_id);
     transport.set_cluster_id(&cluster_id);
+    let draining =
+        engine.get(DRAINING_KEY).map_err(|error| NodeError::Internal(error.to_string()))?.is_some();
+    if draining {
+        warn!("this node is being decommissioned");
+    }
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
     let shared = Arc::new(Shared {
         node_id: options.node_id,
@@ -792,6 +849,9 @@ async fn serve<E: Engine>(
         dead_node_timeout: options.dead_node_timeout,
         client: Client::new(vec![options.advertise.clone()], ClientOptions::default())
             .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
+        load: Arc::new(NodeLoad::default()),
+        draining: std::sync::atomic::AtomicBool::new(draining),
+        peer_loads: Mutex::new(BTreeMap::new()),
     });
     // Peers remembered from an earlier run.
     let end = keyspace::prefix_end(PEER_PREFIX);
@@ -808,6 +868,8 @@ async fn serve<E: Engine>(
         initialized: !cluster_id.is_empty(),
         timing: options.timing.clone(),
         range_max_bytes: options.range_max_bytes,
+        draining,
+        load: shared.load.clone(),
     };
     let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
     let listener = tokio::net::TcpListener::bind(options.rpc_listen).await.map_err(|error| {
@@ -896,6 +958,12 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
                     Instant::now(),
                 );
                 shared.last_seen.lock().insert(peer, Instant::now());
+                let load = PeerLoad {
+                    replicas: response.replicas,
+                    leaders: response.leaders,
+                    draining: response.draining,
+                };
+                shared.peer_loads.lock().insert(peer, load);
             }
             if !response.cluster_id.is_empty() && shared.cluster_id().is_empty() {
                 join_cluster(&shared, &response.cluster_id);
@@ -936,7 +1004,8 @@ fn report_liveness(shared: &Shared) {
         }
     }
     let unreachable = shared.unreachable();
-    let _ = shared.events.try_send(Event::Liveness { live, dead, unreachable });
+    let loads = shared.peer_loads.lock().clone();
+    let _ = shared.events.try_send(Event::Liveness { live, dead, unreachable, loads });
 }
 
 /// Re-evaluates the clock checks; tells the driver and logs when the verdict changes.

@@ -410,12 +410,17 @@ impl<S: Storage> RawNode<S> {
                 message.to, self.id
             )));
         }
-        // Any message but the quiet ones wakes a quiesced node, even one it then ignores (a
-        // pre-vote it refuses comes from a member that is not quiet).
-        if !matches!(
-            message.body,
-            MessageBody::Quiesce { .. } | MessageBody::HeartbeatResponse { .. }
-        ) {
+        // Any message from a member but the quiet ones wakes a quiesced node, even one it then
+        // ignores (a pre-vote it refuses comes from a member that is not quiet). A node removed
+        // from the group that has not learned so cannot wake it.
+        let member = self.configuration.is_voter(message.from)
+            || self.configuration.learners.contains(&message.from);
+        if member
+            && !matches!(
+                message.body,
+                MessageBody::Quiesce { .. } | MessageBody::HeartbeatResponse { .. }
+            )
+        {
             self.wake();
         }
         if message.term > self.term {

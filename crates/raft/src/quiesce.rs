@@ -7,9 +7,11 @@
 //! caught up to that index (its log ends there and it has committed it) goes quiet as well;
 //! one that is not keeps ticking and, if it times out, wakes the leader with its pre-vote.
 //!
-//! Any message other than `Quiesce` and `HeartbeatResponse`, a proposal, a read, a
-//! leadership transfer or a campaign wakes a node ([`RawNode::wake`]); so does the application
-//! when it suspects the leader is gone (a quiesced follower cannot notice by itself).
+//! Any message from a member other than `Quiesce` and `HeartbeatResponse`, a proposal, a
+//! read, a leadership transfer or a campaign wakes a node ([`RawNode::wake`]); so does the
+//! application when it suspects the leader is gone (a quiesced follower cannot notice by
+//! itself). Messages of non-members do not: a removed node that never learned of its removal
+//! keeps campaigning, and must not keep the group awake.
 //!
 //! Safety does not depend on quiescence: a node that does not tick only refrains from acting.
 //! A quiesced leader's lease runs out on its own; its next read or write renews it with a

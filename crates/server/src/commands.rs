@@ -11,7 +11,7 @@ use meridian_clock::ClockOptions;
 use meridian_node::{META_RANGE, NodeOptions, RaftTiming, run_node};
 use meridian_raft::NodeId;
 use meridian_rpc::node::node_client::NodeClient;
-use meridian_rpc::node::{InitRequest, StatusRequest};
+use meridian_rpc::node::{DecommissionRequest, InitRequest, StatusRequest};
 
 /// Meridian: a distributed SQL database in the style of Spanner.
 #[derive(Parser, Debug)]
@@ -55,6 +55,16 @@ enum Command {
         /// Split keys (UTF-8); keys that already start a range are skipped.
         #[arg(required = true)]
         keys: Vec<String>,
+    },
+    /// Decommissions a node: its replicas move to other nodes and it hands its leaderships
+    /// away. Follow the progress with `meridian ranges`; stop the node once it holds none.
+    Decommission {
+        /// The RPC address of any node of the cluster (HOST:PORT).
+        #[arg(long)]
+        host: String,
+        /// The node to decommission.
+        #[arg(long)]
+        node_id: u64,
     },
     /// Lists every range from the meta range: span, generation and replicas.
     Ranges {
@@ -133,6 +143,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Kv { host, operation } => kv(&host, operation).await,
         Command::Split { host, keys } => split(&host, keys).await,
         Command::Ranges { host } => ranges(&host).await,
+        Command::Decommission { host, node_id } => decommission(&host, node_id).await,
     }
 }
 
@@ -239,7 +250,10 @@ async fn status(host: &str) -> Result<()> {
         println!("CLOCK PROBLEM: {}", status.clock_problem);
     }
     println!("nodes:");
-    println!("  {:>4}  {:<22} {:<18} clock", "id", "address", "liveness");
+    println!(
+        "  {:>4}  {:<22} {:<18} {:>8} {:>8}  clock",
+        "id", "address", "liveness", "replicas", "leaders"
+    );
     for peer in &status.peers {
         let liveness = if peer.node_id == status.node_id {
             "this node".to_string()
@@ -266,7 +280,20 @@ async fn status(host: &str) -> Result<()> {
                 )
             })
             .unwrap_or_default();
-        println!("  {:>4}  {:<22} {liveness:<18} {clock}", peer.node_id, peer.address);
+        let (replicas, leaders, draining) = if peer.node_id == status.node_id {
+            (status.replicas, status.leaders, status.draining)
+        } else {
+            status
+                .liveness
+                .iter()
+                .find(|liveness| liveness.node_id == peer.node_id)
+                .map_or((0, 0, false), |l| (l.replicas, l.leaders, l.draining))
+        };
+        let liveness = if draining { format!("{liveness}, decommissioning") } else { liveness };
+        println!(
+            "  {:>4}  {:<22} {liveness:<18} {replicas:>8} {leaders:>8}  {clock}",
+            peer.node_id, peer.address
+        );
     }
     println!("ranges:");
     println!(
@@ -379,6 +406,31 @@ async fn split(host: &str, keys: Vec<String>) -> Result<()> {
             descriptor.generation
         );
     }
+    Ok(())
+}
+
+async fn decommission(host: &str, node_id: u64) -> Result<()> {
+    let mut client = NodeClient::connect(endpoint(host))
+        .await
+        .with_context(|| format!("cannot reach {host}"))?;
+    let status = client
+        .status(StatusRequest {})
+        .await
+        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?
+        .into_inner();
+    let Some(peer) = status.peers.iter().find(|peer| peer.node_id == node_id) else {
+        bail!("node {host} knows no node {node_id}");
+    };
+    let mut target = NodeClient::connect(endpoint(&peer.address))
+        .await
+        .with_context(|| format!("cannot reach node {node_id} at {}", peer.address))?;
+    target
+        .decommission(DecommissionRequest {})
+        .await
+        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?;
+    println!(
+        "node {node_id} is being decommissioned: its replicas move to other nodes (see `meridian ranges`)"
+    );
     Ok(())
 }
 

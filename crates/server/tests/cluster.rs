@@ -40,16 +40,27 @@ impl Cluster {
     }
 
     fn start_with(nodes: usize, flags: &[&str]) -> Cluster {
+        Cluster::start_some(nodes, nodes, flags)
+    }
+
+    /// Picks addresses for `nodes` nodes (all in every node's `--join` list) and starts the
+    /// first `running`; start the others with [`Cluster::start_node`].
+    fn start_some(nodes: usize, running: usize, flags: &[&str]) -> Cluster {
         let directory = tempfile::tempdir().unwrap();
         let addresses: Vec<String> =
             (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let flags = flags.iter().map(|flag| flag.to_string()).collect();
-        let mut cluster = Cluster { directory, addresses, processes: Vec::new(), flags };
-        for index in 0..nodes {
-            let child = cluster.spawn(index);
-            cluster.processes.push(Some(child));
+        let mut cluster =
+            Cluster { directory, addresses, processes: (0..nodes).map(|_| None).collect(), flags };
+        for index in 0..running {
+            cluster.start_node(index);
         }
         cluster
+    }
+
+    fn start_node(&mut self, index: usize) {
+        let child = self.spawn(index);
+        self.processes[index] = Some(child);
     }
 
     fn store(&self, index: usize) -> PathBuf {
@@ -140,11 +151,19 @@ async fn status(address: &str) -> Option<StatusResponse> {
     Some(client.status(StatusRequest {}).await.ok()?.into_inner())
 }
 
-/// Initializes the cluster once every node answers, and waits for a leader.
-async fn init(cluster: &Cluster) {
-    for address in &cluster.addresses {
+/// Initializes the cluster once every node answers, and waits for a leader; returns what
+/// `meridian init` printed.
+async fn init(cluster: &Cluster) -> String {
+    let running: Vec<&String> = cluster
+        .addresses
+        .iter()
+        .zip(&cluster.processes)
+        .filter(|(_, process)| process.is_some())
+        .map(|(address, _)| address)
+        .collect();
+    for address in &running {
         let ready = eventually(Duration::from_secs(20), || async {
-            status(address).await.filter(|s| s.peers.len() == cluster.addresses.len())
+            status(address).await.filter(|s| s.peers.len() == running.len())
         })
         .await;
         assert!(
@@ -162,6 +181,7 @@ async fn init(cluster: &Cluster) {
     })
     .await;
     assert!(leader.is_some(), "no leader elected\n{}", cluster.logs());
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn client(addresses: &[String]) -> Client {
@@ -458,15 +478,12 @@ async fn metrics_are_served_over_http() {
 #[tokio::test]
 async fn a_dead_voter_is_replaced_by_a_spare_node() {
     let mut cluster = Cluster::start_with(4, &["--dead-node-timeout-s", "3"]);
-    init(&cluster).await;
-    let view = status(&cluster.addresses[0]).await.unwrap();
-    for range in &view.ranges {
-        assert_eq!(
-            range.voters,
-            [1, 2, 3],
-            "init picks the initializing node and the two lowest peers"
-        );
-    }
+    let initialized = init(&cluster).await;
+    assert!(
+        ["node 1", "node 2", "node 3"].iter().all(|node| initialized.contains(node))
+            && !initialized.contains("node 4"),
+        "init picks the initializing node and the two lowest peers: {initialized}"
+    );
     let mut written = Vec::new();
     for i in 0..30 {
         let (key, value) = (format!("a{i:02}"), format!("{i}"));
@@ -474,8 +491,8 @@ async fn a_dead_voter_is_replaced_by_a_spare_node() {
         written.push((key, value));
     }
 
-    // Node 3 dies; after the dead-node timeout the leader adds node 4 as a learner, lets it
-    // catch up and swaps it in.
+    // Node 3 dies; after the dead-node timeout the leader adds node 4 as a learner (if
+    // rebalancing has not already), lets it catch up and swaps it in.
     cluster.kill(2);
     let survivors = vec![
         cluster.addresses[0].clone(),
@@ -747,4 +764,91 @@ async fn ranges_split_and_survive_killing_a_leader_mid_split() {
     let descriptors = tiled_ranges(&client, 50, Duration::from_secs(30)).await.unwrap();
     assert_tiled(&descriptors);
     assert_all_present(&client, &written, || cluster.logs()).await;
+}
+
+/// Returns how many descriptors name each node as a voter, and whether any has learners.
+fn voter_counts(
+    descriptors: &[meridian_rpc::kv::RangeDescriptor],
+) -> (std::collections::BTreeMap<u64, usize>, bool) {
+    let mut counts = std::collections::BTreeMap::new();
+    for descriptor in descriptors {
+        for voter in &descriptor.voters {
+            *counts.entry(*voter).or_insert(0) += 1;
+        }
+    }
+    (counts, descriptors.iter().any(|descriptor| !descriptor.learners.is_empty()))
+}
+
+#[tokio::test]
+async fn joining_nodes_receive_replicas_and_a_decommissioned_node_is_emptied() {
+    let mut cluster = Cluster::start_some(5, 3, &[]);
+    init(&cluster).await;
+    let client = client(&cluster.addresses[..3]);
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i:05}")).collect();
+    for key in &keys {
+        assert!(put(&cluster.addresses[..3], key, &value_of(key)).await, "{}", cluster.logs());
+    }
+    let splits: Vec<Vec<u8>> = (1..16).map(|i| format!("k{:05}", i * 12).into_bytes()).collect();
+    client.split(&splits).await.unwrap();
+
+    // Nodes 4 and 5 join and receive replicas until the counts are about even.
+    cluster.start_node(3);
+    cluster.start_node(4);
+    let balanced = eventually(Duration::from_secs(120), || async {
+        let (descriptors, _) = client.ranges().await.ok()?;
+        let (counts, learners) = voter_counts(&descriptors);
+        let even = (1..=5).all(|node| counts.get(&node).is_some_and(|count| *count >= 6));
+        (descriptors.iter().all(|d| d.voters.len() == 3) && !learners && even).then_some(counts)
+    })
+    .await;
+    let (descriptors, _) = client.ranges().await.unwrap();
+    assert!(
+        balanced.is_some(),
+        "replicas did not spread: {:?}\n{}",
+        voter_counts(&descriptors),
+        cluster.logs()
+    );
+    println!("replicas per node after nodes 4 and 5 joined: {:?}", balanced.unwrap());
+    assert_all_present(&client, &keys, || cluster.logs()).await;
+
+    // Node 2 is decommissioned: its replicas, the meta range's included, move away.
+    let output = meridian(&["decommission", "--host", &cluster.addresses[0], "--node-id", "2"]);
+    assert!(output.status.success(), "{output:?}");
+    let others: Vec<String> =
+        [0, 2, 3, 4].iter().map(|index| cluster.addresses[*index].clone()).collect();
+    let emptied = eventually(Duration::from_secs(120), || async {
+        let (descriptors, _) = client.ranges().await.ok()?;
+        let (counts, learners) = voter_counts(&descriptors);
+        let meta =
+            status(&others[0]).await?.ranges.into_iter().find(|range| range.range_id == 1)?;
+        (!counts.contains_key(&2) && !learners && !meta.voters.contains(&2)).then_some(())
+    })
+    .await;
+    let (descriptors, _) = client.ranges().await.unwrap();
+    assert!(
+        emptied.is_some(),
+        "node 2 still holds replicas: {:?}\n{}",
+        voter_counts(&descriptors),
+        cluster.logs()
+    );
+    let view = status(&cluster.addresses[1]).await.unwrap();
+    assert!(view.draining, "node 2 reports that it is decommissioning");
+    // With node 2 stopped, the rest serve everything.
+    cluster.kill(1);
+    let rest = Client::new(others.clone(), ClientOptions::default()).unwrap();
+    assert_all_present(&rest, &keys, || cluster.logs()).await;
+    assert!(put(&others, "after-decommission", "ok").await, "{}", cluster.logs());
+
+    // Leaders spread over the remaining nodes.
+    let spread = eventually(Duration::from_secs(60), || async {
+        let mut leading = Vec::new();
+        for address in &others {
+            let view = status(address).await?;
+            leading.push(view.ranges.iter().filter(|range| range.role == "leader").count());
+        }
+        leading.iter().all(|count| *count > 0).then_some(leading)
+    })
+    .await;
+    assert!(spread.is_some(), "some node leads nothing\n{}", cluster.logs());
+    println!("ranges led per remaining node: {:?}", spread.unwrap());
 }
