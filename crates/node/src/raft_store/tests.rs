@@ -209,7 +209,8 @@ fn new_replicas_start_compacted_and_are_listed() {
     assert_eq!(stored_ranges(&*engine).unwrap(), []);
     let metadata = SnapshotMetadata { index: LogIndex(1), term: Term(1), ..initial() };
     let mut batch = WriteBatch::new();
-    stage_new_replica(RangeId(5), &metadata, HardState::default(), &mut batch);
+    let fresh = HardState { term: Term(1), vote: None, commit: LogIndex(0) };
+    stage_new_replica(RangeId(5), &metadata, fresh, &mut batch);
     let voted = HardState { term: Term(3), vote: Some(NodeId(2)), commit: LogIndex(0) };
     stage_new_replica(RangeId(u64::MAX), &metadata, voted, &mut batch);
     engine.write(batch, true).unwrap();
