@@ -2,16 +2,18 @@
 //! state and state machine live in the node's single RocksDB store, served over gRPC.
 //!
 //! - [`raft_store`](RaftLogStore): a range's persistent Raft log, staged into shared batches.
-//! - `state_machine`: MVCC writes at leader-assigned timestamps, applied state, snapshots.
-//! - `driver`: one task running every replica's Raft cycle with group commit.
+//! - `descriptor`: range descriptors and the meta range's index of them.
+//! - `state_machine`: MVCC writes at leader-assigned timestamps, splits, the meta range's
+//!   updates, applied state, span-bounded snapshots.
+//! - `driver`: one task running every replica's Raft cycle with group commit, routing checks,
+//!   splits, quiescence and placement.
 //! - `transport`: batched, per-peer gRPC streams for Raft messages.
-//! - `server`: the `Kv` and `Node` services, store identity checks and peer discovery.
+//! - `server`: the `Kv` and `Node` services, store identity checks, peer discovery, and the
+//!   background task that talks to the meta range.
 //! - `clock_monitor`: clock offsets measured on hello round trips, and self-eviction.
-//! - `placement`: the leader keeps three live voters, replacing dead ones through learners.
+//! - `placement`: each leader keeps three voters on live nodes, balanced across them.
 //!
-//! This is the first slice of the node: one range covering all keys, replicated on up to three
-//! nodes chosen at `init` and replaced when they die. The meta range and splits are not built
-//! yet.
+//! See `docs/ARCHITECTURE.md` for the protocols and the invariants they keep.
 
 mod clock_monitor;
 mod descriptor;
