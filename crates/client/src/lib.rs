@@ -305,11 +305,26 @@ impl Client {
         }
     }
 
+    /// Returns the descriptor of the range holding `key` as the meta range records it now,
+    /// bypassing the cache (and refreshing it).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn lookup_fresh(&self, key: &[u8]) -> Result<RangeDescriptor, ClientError> {
+        self.lookup(key).await
+    }
+
     /// Returns the descriptor of the range holding `key`, from the cache or the meta range.
     async fn route(&self, key: &[u8]) -> Result<RangeDescriptor, ClientError> {
         if let Some(descriptor) = self.routes.lock().lookup(key) {
             return Ok(descriptor.clone());
         }
+        self.lookup(key).await
+    }
+
+    /// Looks `key` up in the meta range and caches the answer.
+    async fn lookup(&self, key: &[u8]) -> Result<RangeDescriptor, ClientError> {
         let response = self
             .on_meta(true, |mut client| {
                 let request = RangeLookupRequest { key: key.to_vec() };

@@ -41,11 +41,11 @@ use tracing::{error, info, warn};
 
 use crate::descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 use crate::placement::{PlacementInput, plan};
-use crate::raft_store::{has_replica, stage_new_replica, stored_ranges};
+use crate::raft_store::{has_replica, stage_destroy_replica, stage_new_replica, stored_ranges};
 use crate::state_machine::{
     Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
     encode_allocate_range_ids, encode_delete, encode_put, encode_split, encode_update_descriptors,
-    snapshot_descriptor, stage_initial_state,
+    snapshot_descriptor, stage_initial_state, uncovered,
 };
 use crate::transport::Transport;
 use crate::{NodeError, RaftLogStore, RangeId};
@@ -59,8 +59,11 @@ const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Ticks a leader stays idle (no request, no proposal) before its range quiesces.
 const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
+/// Ticks without a known leader before a replica asks the meta range whether this node still
+/// belongs to its range.
+const LEADERLESS_TICKS_BEFORE_CHECK: u64 = 50;
 /// Rebalancing moves (replicas being added as learners) one node's ranges make at a time.
-const MAX_MOVES_IN_FLIGHT: usize = 4;
+const MAX_MOVES_IN_FLIGHT: usize = 2;
 /// Leaderships one node hands away per placement round to spread leaders.
 const MAX_TRANSFERS_PER_ROUND: u64 = 8;
 /// Descriptors per meta update the driver asks for.
@@ -171,6 +174,10 @@ pub enum Background {
     /// Split `range` at `key` (it grew past the size threshold); answer with
     /// [`Event::SplitDone`].
     Split { range: RangeId, key: Vec<u8> },
+    /// Ask the meta range whether this node still belongs to these ranges (their replicas
+    /// have heard from no leader for a while); answer with [`Event::Removed`] or
+    /// [`Event::StillMember`].
+    CheckMembership(Vec<(RangeId, DescriptorVersion, wire::RangeDescriptor)>),
 }
 
 /// A node's load as it reports it in hellos.
@@ -254,6 +261,11 @@ pub enum Event {
     Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },
     /// A size-triggered split of `range` finished (or failed).
     SplitDone { range: RangeId },
+    /// The meta range records a version of `range` at least as new as `version` without this
+    /// node: destroy the replica if it is still at that version and leaderless.
+    Removed { range: RangeId, version: DescriptorVersion },
+    /// The membership check of `range` found nothing to do (or could not tell).
+    StillMember { range: RangeId },
 }
 
 /// What a proposal's proposer waits for.
@@ -333,6 +345,10 @@ struct Replica<E: Engine> {
     splitting: bool,
     /// Ticks since this replica, as leader, last had a request to serve.
     idle_ticks: u64,
+    /// Ticks this replica has known no leader.
+    leaderless_ticks: u64,
+    /// Whether the meta range is being asked if this node still belongs to the range.
+    checking_membership: bool,
 }
 
 impl<E: Engine> Replica<E> {
@@ -482,6 +498,8 @@ impl<E: Engine> Driver<E> {
                 size_bytes: None,
                 splitting: false,
                 idle_ticks: 0,
+                leaderless_ticks: 0,
+                checking_membership: false,
             },
         );
         Ok(())
@@ -569,6 +587,8 @@ impl<E: Engine> Driver<E> {
                         self.ticks_since_placement = 0;
                         self.place_replicas();
                         self.publish_descriptors();
+                        self.check_leaderless_replicas();
+                        self.destroy_removed_replicas()?;
                         self.split_large_ranges()?;
                     }
                     let now = raft_interval(&self.truetime);
@@ -579,6 +599,10 @@ impl<E: Engine> Driver<E> {
                         }
                         replica.raft.tick(now);
                         maybe_quiesce(replica);
+                        replica.leaderless_ticks = match replica.raft.leader() {
+                            None => replica.leaderless_ticks + 1,
+                            Some(_) => 0,
+                        };
                         // A node whose clock cannot be trusted must not assign timestamps, and a
                         // node being decommissioned must go: hand leadership to another voter.
                         if (!self.clock_healthy || self.draining)
@@ -631,6 +655,10 @@ impl<E: Engine> Driver<E> {
                 let check = keys.first().map(Vec::as_slice);
                 self.propose(range, check, command, Pending::Split { reply });
             }
+            Event::CheckSplit { range, reply, .. } if range == META_RANGE => {
+                let _ = reply
+                    .send(Err(NodeError::InvalidArgument("the meta range does not split".into())));
+            }
             Event::CheckSplit { range, keys, reply } => {
                 let result = self.leader_replica(range, keys.first().map(Vec::as_slice)).and_then(
                     |replica| {
@@ -678,6 +706,13 @@ impl<E: Engine> Driver<E> {
                             replica.published = Some(version);
                         }
                     }
+                }
+            }
+            Event::Removed { range, version } => self.destroy_replica(range, version, true)?,
+            Event::StillMember { range } => {
+                if let Some(replica) = self.replicas.get_mut(&range) {
+                    replica.checking_membership = false;
+                    replica.leaderless_ticks = 0;
                 }
             }
             Event::SplitDone { range } => {
@@ -730,7 +765,7 @@ impl<E: Engine> Driver<E> {
             .collect();
         let mut load: BTreeMap<NodeId, u64> =
             self.loads.iter().map(|(node, load)| (*node, load.replicas)).collect();
-        load.insert(self.node_id, self.replicas.len() as u64);
+        load.insert(self.node_id, self.counted_replicas());
         let mut moves = self
             .replicas
             .values()
@@ -763,9 +798,15 @@ impl<E: Engine> Driver<E> {
             if let Some((voters, learners)) = plan(&input) {
                 info!(range = replica.range.0, from = %input.config, ?voters, ?learners, "changing replicas");
                 let adds_learner = learners.len() > input.config.learners.len();
+                let removed: Vec<NodeId> =
+                    input.config.voters.difference(&voters).copied().collect();
                 match replica.raft.propose_config_change(voters, learners) {
                     Ok(_) => {
                         replica.idle_ticks = 0;
+                        for node in removed {
+                            let count = load.entry(node).or_default();
+                            *count = count.saturating_sub(1);
+                        }
                         if adds_learner {
                             moves += 1;
                             // Count the replica where it goes, so later ranges of this round
@@ -857,6 +898,92 @@ impl<E: Engine> Driver<E> {
             let _ = self.background.send(Background::Publish(batch));
             batch = rest;
         }
+    }
+
+    /// Asks the background task whether this node still belongs to the data ranges whose
+    /// replicas here have known no leader for a while: a node removed from a range while it
+    /// was away (or before it applied its removal) is told by nobody else.
+    fn check_leaderless_replicas(&mut self) {
+        let mut batch = Vec::new();
+        for replica in self.replicas.values_mut() {
+            if replica.range == META_RANGE
+                || replica.checking_membership
+                || !replica.state.is_initialized()
+                || replica.leaderless_ticks < LEADERLESS_TICKS_BEFORE_CHECK
+            {
+                continue;
+            }
+            replica.checking_membership = true;
+            let version = replica.descriptor_version();
+            batch.push((replica.range, version, replica.state.applied().wire_descriptor()));
+        }
+        if !batch.is_empty() {
+            let _ = self.background.send(Background::CheckMembership(batch));
+        }
+    }
+
+    /// Destroys the replicas that applied their own removal from their range.
+    fn destroy_removed_replicas(&mut self) -> Result<(), NodeError> {
+        let removed: Vec<(RangeId, DescriptorVersion)> = self
+            .replicas
+            .values()
+            .filter(|replica| {
+                let config = replica.raft.configuration();
+                replica.state.is_initialized()
+                    && !config.is_voter(self.node_id)
+                    && !config.learners.contains(&self.node_id)
+            })
+            .map(|replica| (replica.range, replica.descriptor_version()))
+            .collect();
+        for (range, version) in removed {
+            self.destroy_replica(range, version, false)?;
+        }
+        Ok(())
+    }
+
+    /// Destroys the replica of `range` if it is still at `version` (and, if `leaderless`, still
+    /// knows no leader): deletes its Raft state (keeping its term and vote) and its data where
+    /// no other replica here holds the keys.
+    fn destroy_replica(
+        &mut self,
+        range: RangeId,
+        version: DescriptorVersion,
+        leaderless: bool,
+    ) -> Result<(), NodeError> {
+        let Some(replica) = self.replicas.get(&range) else { return Ok(()) };
+        if replica.descriptor_version() != version
+            || (leaderless && replica.raft.leader().is_some())
+        {
+            if let Some(replica) = self.replicas.get_mut(&range) {
+                replica.checking_membership = false;
+            }
+            return Ok(());
+        }
+        let descriptor = replica.state.descriptor().clone();
+        let holes: Vec<RangeDescriptor> = self
+            .replicas
+            .values()
+            .filter(|other| other.range != range && other.state.is_initialized())
+            .map(|other| other.state.descriptor().clone())
+            .filter(|other| other.overlaps(&descriptor))
+            .collect();
+        let mut batch = WriteBatch::new();
+        stage_destroy_replica(self.engine.as_ref(), range, &mut batch).map_err(internal)?;
+        for (start, end) in uncovered(&descriptor, &holes) {
+            self.mvcc.stage_clear(&mut batch, &start, end.as_deref()).map_err(internal)?;
+        }
+        self.engine.write(batch, true).map_err(internal)?;
+        if let Some(replica) = self.replicas.remove(&range) {
+            for (_, proposal) in replica.proposals {
+                proposal.pending.fail(NodeError::RangeNotFound(range));
+            }
+            for (_, request) in replica.reads {
+                request.fail(NodeError::RangeNotFound(range));
+            }
+        }
+        info!(range = range.0, "destroyed a replica this node no longer belongs to");
+        metrics::counter!("meridian_replicas_destroyed_total").increment(1);
+        Ok(())
     }
 
     /// Asks the background task to split the data ranges this node leads that grew past the
@@ -1316,6 +1443,21 @@ impl<E: Engine> Driver<E> {
             .collect()
     }
 
+    /// The replicas this node counts as its load: initialized members of their range with a
+    /// known leader (a replica removed from its range is destroyed soon, but not at once).
+    fn counted_replicas(&self) -> u64 {
+        let node = self.node_id;
+        self.replicas
+            .values()
+            .filter(|replica| {
+                let config = replica.raft.configuration();
+                replica.state.is_initialized()
+                    && replica.raft.leader().is_some()
+                    && (config.is_voter(node) || config.learners.contains(&node))
+            })
+            .count() as u64
+    }
+
     /// Updates the gauges describing the replicas, and counts elections won.
     fn record_gauges(&mut self) {
         let mut led: u32 = 0;
@@ -1337,7 +1479,7 @@ impl<E: Engine> Driver<E> {
         metrics::gauge!("meridian_ranges_quiesced").set(f64::from(quiesced));
         metrics::gauge!("meridian_ranges").set(self.replicas.len() as f64);
         let relaxed = std::sync::atomic::Ordering::Relaxed;
-        self.load.replicas.store(self.replicas.len() as u64, relaxed);
+        self.load.replicas.store(self.counted_replicas(), relaxed);
         self.load.leaders.store(u64::from(led), relaxed);
         metrics::gauge!("meridian_ranges_led").set(f64::from(led));
         metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);

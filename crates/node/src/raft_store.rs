@@ -127,6 +127,36 @@ pub fn stage_new_replica(
     batch.put(state_key(range, HARD_STATE), wire::HardState::from(&hard_state).encode_to_vec());
 }
 
+/// Stages the removal of a replica's Raft state (log, truncation point, applied state), keeping
+/// its term and vote as a tombstone: a replica created again later on this node must not vote
+/// twice in a term. Returns how many keys it deletes.
+///
+/// # Errors
+///
+/// [`RaftError::Storage`] if the engine fails.
+pub fn stage_destroy_replica<E: Engine>(
+    engine: &E,
+    range: RangeId,
+    batch: &mut WriteBatch,
+) -> RaftResult<usize> {
+    let start = range_prefix(range);
+    let end = keyspace::prefix_end(&start);
+    let mut deleted = 0;
+    let mut hard_state = HardState::default();
+    for entry in engine.scan(&start, end.as_deref(), ScanDirection::Forward) {
+        let (key, value) = entry.map_err(storage_error)?;
+        if key == state_key(range, HARD_STATE) {
+            hard_state =
+                (&wire::HardState::decode(value.as_slice()).map_err(storage_error)?).into();
+        }
+        batch.delete(key);
+        deleted += 1;
+    }
+    let tombstone = HardState { commit: meridian_raft::LogIndex(0), ..hard_state };
+    batch.put(state_key(range, HARD_STATE), wire::HardState::from(&tombstone).encode_to_vec());
+    Ok(deleted)
+}
+
 /// Whether `engine` holds a replica of `range`.
 ///
 /// # Errors

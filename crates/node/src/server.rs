@@ -670,6 +670,12 @@ impl Kv for KvApi {
                 bad.range_id
             )));
         }
+        if let Some(bad) = descriptors.iter().find(|d| !d.end.is_empty() && d.start >= d.end) {
+            return Err(Status::invalid_argument(format!(
+                "range {} has an empty span",
+                bad.range_id
+            )));
+        }
         self.0
             .request("update_descriptors", |reply| {
                 Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply })
@@ -719,6 +725,17 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
                         .send(Event::Published { ranges, recorded: result.is_ok() })
                         .await;
                 }
+                Background::CheckMembership(replicas) => {
+                    for (range, version, ours) in replicas {
+                        let verdict = membership_verdict(&shared, &ours).await;
+                        let event = if verdict == Some(false) {
+                            Event::Removed { range, version }
+                        } else {
+                            Event::StillMember { range }
+                        };
+                        let _ = shared.events.send(event).await;
+                    }
+                }
                 Background::Split { range, key } => {
                     if let Err(error) = shared.split(range, vec![key]).await {
                         warn!(range = range.0, %error, "size-triggered split failed");
@@ -728,6 +745,26 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
             }
         });
     }
+}
+
+/// Asks the meta range whether this node still belongs to the range described by `ours`:
+/// `Some(false)` when the meta range records the span at a version at least as new without this
+/// node, `Some(true)` when it lists the node, `None` when it cannot tell (unreachable, older).
+async fn membership_verdict(
+    shared: &Shared,
+    ours: &meridian_rpc::kv::RangeDescriptor,
+) -> Option<bool> {
+    let recorded = shared.client.lookup_fresh(&ours.start).await.ok()?;
+    let node = shared.node_id.0;
+    if recorded.voters.contains(&node) || recorded.learners.contains(&node) {
+        return Some(true);
+    }
+    let newer_or_same = if recorded.range_id == ours.range_id {
+        (recorded.generation, recorded.config_index) >= (ours.generation, ours.config_index)
+    } else {
+        recorded.generation > ours.generation
+    };
+    if newer_or_same { Some(false) } else { None }
 }
 
 /// Returns a new cluster id: the time and the initializing node, in hex.

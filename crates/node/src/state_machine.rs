@@ -412,7 +412,10 @@ impl<E: Engine> RangeStateMachine<E> {
 }
 
 /// Returns the parts of `span` outside every descriptor in `holes`, in key order.
-fn uncovered(span: &RangeDescriptor, holes: &[RangeDescriptor]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+pub fn uncovered(
+    span: &RangeDescriptor,
+    holes: &[RangeDescriptor],
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let mut holes: Vec<&RangeDescriptor> = holes.iter().collect();
     holes.sort_by(|a, b| a.start.cmp(&b.start));
     let mut parts = Vec::new();

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_client::{Client, ClientOptions};
-use meridian_node::FIRST_DATA_RANGE;
-use meridian_rpc::kv::PutRequest;
+use meridian_node::{FIRST_DATA_RANGE, META_RANGE};
 use meridian_rpc::kv::kv_client::KvClient;
+use meridian_rpc::kv::{GetRequest, PutRequest, RangeDescriptor, SplitRequest};
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{MessageBatch, RangeMessage, RangeStatus, StatusRequest, StatusResponse};
 
@@ -351,6 +351,40 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
     let error = client.raft(tokio_stream::iter(vec![other_cluster])).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error:?}");
     assert!(put(&cluster.addresses, "after-bad-input", "ok").await, "{}", cluster.logs());
+
+    // Key-value calls that name no range, an unknown range, or misuse the meta range.
+    let mut kv = KvClient::connect(format!("http://{address}")).await.unwrap();
+    let get = |range_id| GetRequest { range_id, key: b"k".to_vec() };
+    let error = kv.get(get(0)).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    let error = kv.get(get(999)).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::NotFound, "{error:?}");
+    let error = kv.get(get(META_RANGE.0)).await.unwrap_err();
+    assert!(
+        matches!(error.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition),
+        "{error:?}"
+    );
+    let meta_leader = Client::new(cluster.addresses.clone(), ClientOptions::default()).unwrap();
+    let empty_span = RangeDescriptor {
+        range_id: 77,
+        start: b"b".to_vec(),
+        end: b"a".to_vec(),
+        ..RangeDescriptor::default()
+    };
+    let error = meta_leader.update_descriptors(vec![empty_span]).await.unwrap_err();
+    assert!(error.to_string().contains("empty span"), "{error}");
+    let error = meta_leader.allocate_range_ids(0).await.unwrap_err();
+    assert!(error.to_string().contains("between 1 and"), "{error}");
+    for address in &cluster.addresses {
+        let mut kv = KvClient::connect(format!("http://{address}")).await.unwrap();
+        let split = SplitRequest { range_id: META_RANGE.0, keys: vec![b"m".to_vec()] };
+        let error = kv.split(split).await.unwrap_err();
+        assert!(
+            matches!(error.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition),
+            "{error:?}"
+        );
+    }
+    assert!(put(&cluster.addresses, "after-bad-kv-calls", "ok").await, "{}", cluster.logs());
 
     // Wrong flags and a store that belongs to another node fail with a message and exit code.
     let output =
@@ -832,6 +866,18 @@ async fn joining_nodes_receive_replicas_and_a_decommissioned_node_is_emptied() {
     );
     let view = status(&cluster.addresses[1]).await.unwrap();
     assert!(view.draining, "node 2 reports that it is decommissioning");
+    // Node 2 learns from the meta range that it no longer belongs to its ranges and destroys
+    // its replicas of them (the meta range's replica is left to a later replica GC).
+    let collected = eventually(Duration::from_secs(60), || async {
+        let view = status(&cluster.addresses[1]).await?;
+        view.ranges.iter().all(|range| range.range_id == META_RANGE.0).then_some(())
+    })
+    .await;
+    let left: Vec<u64> = status(&cluster.addresses[1])
+        .await
+        .map(|view| view.ranges.iter().map(|range| range.range_id).collect())
+        .unwrap_or_default();
+    assert!(collected.is_some(), "node 2 kept replicas {left:?}\n{}", cluster.logs());
     // With node 2 stopped, the rest serve everything.
     cluster.kill(1);
     let rest = Client::new(others.clone(), ClientOptions::default()).unwrap();
