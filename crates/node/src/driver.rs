@@ -385,6 +385,8 @@ pub struct Driver<E: Engine> {
     loads: BTreeMap<NodeId, PeerLoad>,
     /// This node's load, for its hellos.
     load: Arc<NodeLoad>,
+    /// Fault injection: abort right after leading a split.
+    crash_after_split: bool,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -411,6 +413,8 @@ pub struct DriverOptions {
     pub draining: bool,
     /// Where the driver publishes this node's load.
     pub load: Arc<NodeLoad>,
+    /// Fault injection for tests: abort right after leading a split (see `NodeOptions`).
+    pub crash_after_split: bool,
 }
 
 impl<E: Engine> Driver<E> {
@@ -446,6 +450,7 @@ impl<E: Engine> Driver<E> {
             draining: options.draining,
             loads: BTreeMap::new(),
             load: options.load,
+            crash_after_split: options.crash_after_split,
         };
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
             driver.open_replica(range)?;
@@ -1357,6 +1362,12 @@ impl<E: Engine> Driver<E> {
                     replica.raft.campaign();
                 }
             }
+        }
+        if self.crash_after_split && !publish.is_empty() {
+            error!(
+                "fault injection: aborting right after a split, before the meta range records it"
+            );
+            std::process::abort();
         }
         if !publish.is_empty() {
             let _ = self.background.send(Background::Publish(

@@ -71,6 +71,9 @@ pub struct NodeOptions {
     pub inject_disk_full_after_bytes: Option<u64>,
     /// A data range whose data grows past this many bytes splits in two.
     pub range_max_bytes: u64,
+    /// Fault injection for tests: abort the process right after leading a split, before the
+    /// meta range records it.
+    pub inject_crash_after_split: bool,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -907,6 +910,7 @@ async fn serve<E: Engine>(
         range_max_bytes: options.range_max_bytes,
         draining,
         load: shared.load.clone(),
+        crash_after_split: options.inject_crash_after_split,
     };
     let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
     let listener = tokio::net::TcpListener::bind(options.rpc_listen).await.map_err(|error| {

@@ -107,6 +107,10 @@ struct StartArgs {
     /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     inject_clock_skew_ms: i64,
+    /// Fault injection for tests: abort right after leading a split, before the meta range
+    /// records it.
+    #[arg(long)]
+    inject_crash_after_split: bool,
     /// A range whose data grows past this many KiB splits in two.
     #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     range_max_kib: u64,
@@ -179,6 +183,7 @@ async fn start(args: StartArgs) -> Result<()> {
             .inject_disk_full_after_mb
             .map(|mb| mb.saturating_mul(1 << 20)),
         range_max_bytes: args.range_max_kib.saturating_mul(1024),
+        inject_crash_after_split: args.inject_crash_after_split,
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())

@@ -897,3 +897,50 @@ async fn joining_nodes_receive_replicas_and_a_decommissioned_node_is_emptied() {
     assert!(spread.is_some(), "some node leads nothing\n{}", cluster.logs());
     println!("ranges led per remaining node: {:?}", spread.unwrap());
 }
+
+#[tokio::test]
+async fn a_leader_crashing_mid_split_leaves_routing_consistent() {
+    let mut cluster = Cluster::start(3);
+    // Every node aborts right after leading a split, before the meta range records it.
+    for index in 0..3 {
+        cluster.kill(index);
+        let child = cluster.spawn_with(index, &["--inject-crash-after-split"]);
+        cluster.processes[index] = Some(child);
+    }
+    init(&cluster).await;
+    let keys: Vec<String> = (0..100).map(|i| format!("k{i:05}")).collect();
+    for key in &keys {
+        assert!(put(&cluster.addresses, key, &value_of(key)).await, "{}", cluster.logs());
+    }
+    // The split applies everywhere; its leader dies before recording it (the command may or
+    // may not report success).
+    let _ = meridian(&["split", "--host", &cluster.addresses[0], "k00050"]);
+    let crashed = eventually(Duration::from_secs(20), || {
+        let exited = cluster.processes.iter_mut().enumerate().find_map(|(index, child)| {
+            child.as_mut()?.try_wait().ok().flatten().map(|status| (index, status))
+        });
+        async move { exited }
+    })
+    .await;
+    let Some((crashed, exit)) = crashed else {
+        panic!("no leader crashed after the split\n{}", cluster.logs());
+    };
+    assert!(!exit.success());
+    cluster.processes[crashed] = None;
+    // The survivors elect new leaders, which record the new descriptors; the crashed node
+    // restarts (without the fault) and catches up.
+    let client = client(&cluster.addresses);
+    let tiled = eventually(Duration::from_secs(60), || async {
+        let (descriptors, _) = client.ranges().await.ok()?;
+        let starts: Vec<&[u8]> = descriptors.iter().map(|d| d.start.as_slice()).collect();
+        (starts == [&b""[..], b"k00050"]).then_some(())
+    })
+    .await;
+    assert!(tiled.is_some(), "the meta range did not record the split\n{}", cluster.logs());
+    cluster.start_node(crashed);
+    assert_all_present(&client, &keys, || cluster.logs()).await;
+    assert!(put(&cluster.addresses, "k00075", "after the crash").await, "{}", cluster.logs());
+    assert!(put(&cluster.addresses, "k00025", "after the crash").await, "{}", cluster.logs());
+    let descriptors = tiled_ranges(&client, 2, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(assert_tiled(&descriptors), 2);
+}
