@@ -62,6 +62,9 @@ const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
 /// Ticks without a known leader before a replica asks the meta range whether this node still
 /// belongs to its range.
 const LEADERLESS_TICKS_BEFORE_CHECK: u64 = 50;
+/// How long a range rests after a rebalancing move before it starts another (loads from
+/// hellos take a few seconds to reflect a move).
+const REBALANCE_REST: Duration = Duration::from_secs(10);
 /// Rebalancing moves (replicas being added as learners) one node's ranges make at a time.
 const MAX_MOVES_IN_FLIGHT: usize = 2;
 /// Leaderships one node hands away per placement round to spread leaders.
@@ -347,6 +350,10 @@ struct Replica<E: Engine> {
     idle_ticks: u64,
     /// Ticks this replica has known no leader.
     leaderless_ticks: u64,
+    /// As leader: the voter the rebalancing move under way means to relieve.
+    move_source: Option<NodeId>,
+    /// As leader: when the last rebalancing move ended (ranges rest between moves).
+    rebalanced_at: Option<std::time::Instant>,
     /// Whether the meta range is being asked if this node still belongs to the range.
     checking_membership: bool,
 }
@@ -504,6 +511,8 @@ impl<E: Engine> Driver<E> {
                 splitting: false,
                 idle_ticks: 0,
                 leaderless_ticks: 0,
+                move_source: None,
+                rebalanced_at: None,
                 checking_membership: false,
             },
         );
@@ -789,8 +798,10 @@ impl<E: Engine> Driver<E> {
                 .iter()
                 .map(|learner| (*learner, replica.raft.match_index(*learner).unwrap_or_default()))
                 .collect();
+            let rested = replica.rebalanced_at.is_none_or(|at| at.elapsed() >= REBALANCE_REST);
             let input = PlacementInput {
                 leader: self.node_id,
+                move_source: replica.move_source,
                 config: config.clone(),
                 live: live.clone(),
                 dead: dead.clone(),
@@ -798,7 +809,7 @@ impl<E: Engine> Driver<E> {
                 load: load.clone(),
                 commit: replica.raft.commit_index(),
                 learner_match,
-                may_rebalance: moves < MAX_MOVES_IN_FLIGHT,
+                may_rebalance: moves < MAX_MOVES_IN_FLIGHT && rested,
             };
             if let Some((voters, learners)) = plan(&input) {
                 info!(range = replica.range.0, from = %input.config, ?voters, ?learners, "changing replicas");
@@ -808,6 +819,13 @@ impl<E: Engine> Driver<E> {
                 match replica.raft.propose_config_change(voters, learners) {
                     Ok(_) => {
                         replica.idle_ticks = 0;
+                        if adds_learner {
+                            replica.move_source = input.voter_to_remove();
+                        } else if !input.config.learners.is_empty() {
+                            // The learner was promoted or dropped: the move is over.
+                            replica.move_source = None;
+                            replica.rebalanced_at = Some(std::time::Instant::now());
+                        }
                         for node in removed {
                             let count = load.entry(node).or_default();
                             *count = count.saturating_sub(1);

@@ -44,8 +44,12 @@ pub struct PlacementInput {
     pub commit: LogIndex,
     /// Match indexes of the learners, as the leader knows them.
     pub learner_match: Vec<(NodeId, LogIndex)>,
-    /// Whether this range may start a rebalancing move (the driver limits moves in flight).
+    /// Whether this range may start a rebalancing move (the driver limits moves in flight and
+    /// lets a range rest after one).
     pub may_rebalance: bool,
+    /// The voter a rebalancing move under way means to relieve (chosen when its learner was
+    /// added, so that the move finishes what it started).
+    pub move_source: Option<NodeId>,
 }
 
 impl PlacementInput {
@@ -60,7 +64,7 @@ impl PlacementInput {
 
     /// The voter to remove when one must go: one on a dead or draining node, otherwise the
     /// most loaded one (never the leader).
-    fn voter_to_remove(&self) -> Option<NodeId> {
+    pub fn voter_to_remove(&self) -> Option<NodeId> {
         let voters = self.config.voters.iter().copied().filter(|voter| *voter != self.leader);
         let leaving = |voter: &NodeId| self.dead.contains(voter) || self.draining.contains(voter);
         let candidates: Vec<NodeId> = voters.collect();
@@ -112,13 +116,27 @@ pub fn plan(input: &PlacementInput) -> Option<(BTreeSet<NodeId>, BTreeSet<NodeId
         .map(|(learner, _)| *learner);
     if let Some(learner) = caught_up {
         let mut voters = config.voters.clone();
+        let mut learners = config.learners.clone();
+        let source = match leaving.first() {
+            Some(leaving) => Some(*leaving),
+            None => input
+                .move_source
+                .filter(|source| voters.contains(source) && *source != input.leader)
+                .or_else(|| input.voter_to_remove()),
+        };
         if voters.len() >= REPLICATION_FACTOR
-            && let Some(removed) = input.voter_to_remove()
+            && let Some(removed) = source
         {
+            // A rebalancing move that would now go uphill (the loads changed while the learner
+            // caught up) is abandoned rather than finished: otherwise two nodes could pass a
+            // replica back and forth.
+            if leaving.is_empty() && input.load(removed) <= input.load(learner) {
+                learners.remove(&learner);
+                return Some((voters, learners));
+            }
             voters.remove(&removed);
         }
         voters.insert(learner);
-        let mut learners = config.learners.clone();
         learners.remove(&learner);
         return Some((voters, learners));
     }
@@ -176,6 +194,7 @@ mod tests {
                 .map(|(id, index)| (NodeId(*id), LogIndex(*index)))
                 .collect(),
             may_rebalance: true,
+            move_source: None,
             draining: BTreeSet::new(),
             load: BTreeMap::new(),
         }
@@ -251,6 +270,26 @@ mod tests {
                     input(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[(4, 10)]),
                     &[(1, 20), (2, 12), (3, 11), (4, 1)],
                 ),
+                Some((vec![1, 3, 4], vec![])),
+            ),
+            (
+                "a rebalancing move that became uphill is abandoned",
+                loaded(
+                    input(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[(4, 10)]),
+                    &[(2, 9), (3, 9), (4, 9)],
+                ),
+                Some((vec![1, 2, 3], vec![])),
+            ),
+            (
+                "a move finishes with the voter it meant to relieve",
+                {
+                    let mut input = loaded(
+                        input(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[(4, 10)]),
+                        &[(2, 9), (3, 12), (4, 5)],
+                    );
+                    input.move_source = Some(NodeId(2));
+                    input
+                },
                 Some((vec![1, 3, 4], vec![])),
             ),
             (
