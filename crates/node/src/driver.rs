@@ -51,6 +51,8 @@ use crate::transport::Transport;
 use crate::{NodeError, RaftLogStore, RangeId};
 /// Compact a range's log when this many applied entries sit above its truncation point.
 const COMPACTION_THRESHOLD: u64 = 1_000;
+/// Placement looks at quiesced ranges once in this many rounds.
+const QUIESCED_PLACEMENT_EVERY: u64 = 10;
 /// Ticks between placement checks of the ranges this node leads.
 const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
@@ -67,8 +69,10 @@ const LEADERLESS_TICKS_BEFORE_CHECK: u64 = 50;
 const REBALANCE_REST: Duration = Duration::from_secs(10);
 /// Rebalancing moves (replicas being added as learners) one node's ranges make at a time.
 const MAX_MOVES_IN_FLIGHT: usize = 2;
-/// Leaderships one node hands away per placement round to spread leaders.
-const MAX_TRANSFERS_PER_ROUND: u64 = 8;
+/// Leaderships one node hands away per placement round to spread leaders: at least this
+/// many, or a sixteenth of its excess over its share (so that a node leading thousands of
+/// ranges after a large split spreads them within a few dozen seconds).
+const MIN_TRANSFERS_PER_ROUND: u64 = 8;
 /// Descriptors per meta update the driver asks for.
 const PUBLISH_CHUNK: usize = 1_000;
 
@@ -382,6 +386,8 @@ pub struct Driver<E: Engine> {
     liveness: (BTreeSet<NodeId>, BTreeSet<NodeId>),
     /// Ticks since the last placement check.
     ticks_since_placement: u64,
+    /// Placement rounds run.
+    placement_rounds: u64,
     /// Where work for other ranges goes.
     background: mpsc::UnboundedSender<Background>,
     /// A data range larger than this splits.
@@ -452,6 +458,7 @@ impl<E: Engine> Driver<E> {
             joined: options.initialized,
             liveness: (BTreeSet::new(), BTreeSet::new()),
             ticks_since_placement: 0,
+            placement_rounds: 0,
             background,
             range_max_bytes: options.range_max_bytes,
             draining: options.draining,
@@ -600,6 +607,7 @@ impl<E: Engine> Driver<E> {
                     if self.ticks_since_placement >= PLACEMENT_INTERVAL_TICKS {
                         self.ticks_since_placement = 0;
                         self.place_replicas();
+                        self.record_gauges();
                         self.publish_descriptors();
                         self.check_leaderless_replicas();
                         self.destroy_removed_replicas()?;
@@ -779,7 +787,13 @@ impl<E: Engine> Driver<E> {
             .collect();
         let mut load: BTreeMap<NodeId, u64> =
             self.loads.iter().map(|(node, load)| (*node, load.replicas)).collect();
-        load.insert(self.node_id, self.counted_replicas());
+        let counted = self.counted_replicas();
+        self.load.replicas.store(counted, std::sync::atomic::Ordering::Relaxed);
+        load.insert(self.node_id, counted);
+        // Quiesced ranges are looked at every tenth round only: they rarely need a change,
+        // and a node may lead thousands of them.
+        self.placement_rounds += 1;
+        let full_round = self.placement_rounds % QUIESCED_PLACEMENT_EVERY == 0;
         let mut moves = self
             .replicas
             .values()
@@ -788,29 +802,36 @@ impl<E: Engine> Driver<E> {
                     && !replica.raft.configuration().learners.is_empty()
             })
             .count();
+        let mut input = PlacementInput {
+            leader: self.node_id,
+            move_source: None,
+            config: Configuration::default(),
+            live: live.clone(),
+            dead: dead.clone(),
+            draining: draining.clone(),
+            load,
+            commit: LogIndex(0),
+            learner_match: Vec::new(),
+            may_rebalance: false,
+        };
         for replica in self.replicas.values_mut() {
-            if replica.raft.role() != Role::Leader || replica.raft.config_change_pending() {
+            if replica.raft.role() != Role::Leader
+                || replica.raft.config_change_pending()
+                || (replica.raft.is_quiesced() && !full_round)
+            {
                 continue;
             }
             let config = replica.raft.configuration();
-            let learner_match = config
+            input.learner_match = config
                 .learners
                 .iter()
                 .map(|learner| (*learner, replica.raft.match_index(*learner).unwrap_or_default()))
                 .collect();
             let rested = replica.rebalanced_at.is_none_or(|at| at.elapsed() >= REBALANCE_REST);
-            let input = PlacementInput {
-                leader: self.node_id,
-                move_source: replica.move_source,
-                config: config.clone(),
-                live: live.clone(),
-                dead: dead.clone(),
-                draining: draining.clone(),
-                load: load.clone(),
-                commit: replica.raft.commit_index(),
-                learner_match,
-                may_rebalance: moves < MAX_MOVES_IN_FLIGHT && rested,
-            };
+            input.config.clone_from(config);
+            input.move_source = replica.move_source;
+            input.commit = replica.raft.commit_index();
+            input.may_rebalance = moves < MAX_MOVES_IN_FLIGHT && rested;
             if let Some((voters, learners)) = plan(&input) {
                 info!(range = replica.range.0, from = %input.config, ?voters, ?learners, "changing replicas");
                 let adds_learner = learners.len() > input.config.learners.len();
@@ -827,7 +848,7 @@ impl<E: Engine> Driver<E> {
                             replica.rebalanced_at = Some(std::time::Instant::now());
                         }
                         for node in removed {
-                            let count = load.entry(node).or_default();
+                            let count = input.load.entry(node).or_default();
                             *count = count.saturating_sub(1);
                         }
                         if adds_learner {
@@ -837,7 +858,7 @@ impl<E: Engine> Driver<E> {
                             if let Some(newcomer) =
                                 replica.raft.configuration().learners.iter().next()
                             {
-                                *load.entry(*newcomer).or_default() += 1;
+                                *input.load.entry(*newcomer).or_default() += 1;
                             }
                         }
                     }
@@ -871,9 +892,10 @@ impl<E: Engine> Driver<E> {
         if mine <= share + 1 {
             return;
         }
+        let limit = MIN_TRANSFERS_PER_ROUND.max((mine - share) / 16);
         let mut transfers = 0;
         for replica in self.replicas.values_mut() {
-            if transfers >= MAX_TRANSFERS_PER_ROUND || mine - transfers <= share {
+            if transfers >= limit || mine - transfers <= share {
                 break;
             }
             if replica.raft.role() != Role::Leader || replica.raft.config_change_pending() {
@@ -1418,7 +1440,6 @@ impl<E: Engine> Driver<E> {
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
-        self.record_gauges();
         Ok(())
     }
 
@@ -1487,7 +1508,8 @@ impl<E: Engine> Driver<E> {
             .count() as u64
     }
 
-    /// Updates the gauges describing the replicas, and counts elections won.
+    /// Updates the gauges describing the replicas, and counts elections won (every placement
+    /// round: a pass over thousands of replicas is too dear for every cycle).
     fn record_gauges(&mut self) {
         let mut led: u32 = 0;
         let mut quiesced: u32 = 0;
@@ -1507,9 +1529,7 @@ impl<E: Engine> Driver<E> {
         }
         metrics::gauge!("meridian_ranges_quiesced").set(f64::from(quiesced));
         metrics::gauge!("meridian_ranges").set(self.replicas.len() as f64);
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
-        self.load.replicas.store(self.counted_replicas(), relaxed);
-        self.load.leaders.store(u64::from(led), relaxed);
+        self.load.leaders.store(u64::from(led), std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("meridian_ranges_led").set(f64::from(led));
         metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);
     }

@@ -6,8 +6,6 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use meridian_client::{Client, ClientOptions};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
@@ -43,12 +41,18 @@ async fn warm_up(client: &Client) {
     panic!("the cluster never accepted a write");
 }
 
-/// Runs `clients` concurrent loops of puts (or gets) for `MEASURE`; returns sorted latencies.
-async fn run(client: &Arc<Client>, clients: usize, writes: bool) -> Vec<Duration> {
+/// Runs `clients` concurrent loops of puts (or gets) for `MEASURE`, each client with its own
+/// connections (as separate application processes would have); returns sorted latencies.
+async fn run(addresses: &[String], clients: usize, writes: bool) -> Vec<Duration> {
+    let mut connected = Vec::new();
+    for _ in 0..clients {
+        let client = Client::new(addresses.to_vec(), ClientOptions::default()).unwrap();
+        client.get(b"warmup").await.unwrap();
+        connected.push(client);
+    }
     let deadline = Instant::now() + MEASURE;
     let mut tasks = Vec::new();
-    for client_index in 0..clients {
-        let client = client.clone();
+    for (client_index, client) in connected.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut i = 0u64;
@@ -95,7 +99,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let init = Command::new(BINARY).args(["init", "--host", &addresses[0]]).output().unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let client = Arc::new(Client::new(addresses.clone(), ClientOptions::default()).unwrap());
+    let client = Client::new(addresses.clone(), ClientOptions::default()).unwrap();
     warm_up(&client).await;
     println!("3 nodes, one data range; {MEASURE:?} per row; 100-byte values");
     println!(
@@ -104,7 +108,7 @@ async fn main() {
     );
     for writes in [true, false] {
         for clients in [1, 16, 64] {
-            let latencies = run(&client, clients, writes).await;
+            let latencies = run(&addresses, clients, writes).await;
             println!(
                 "{:<6} {:>8} {:>10} {:>10.2?} {:>10.2?} {:>12.0}",
                 if writes { "put" } else { "get" },
