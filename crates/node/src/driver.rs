@@ -793,7 +793,7 @@ impl<E: Engine> Driver<E> {
         // Quiesced ranges are looked at every tenth round only: they rarely need a change,
         // and a node may lead thousands of them.
         self.placement_rounds += 1;
-        let full_round = self.placement_rounds % QUIESCED_PLACEMENT_EVERY == 0;
+        let full_round = self.placement_rounds.is_multiple_of(QUIESCED_PLACEMENT_EVERY);
         let mut moves = self
             .replicas
             .values()
