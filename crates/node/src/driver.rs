@@ -388,6 +388,11 @@ pub struct Driver<E: Engine> {
     ticks_since_placement: u64,
     /// Placement rounds run.
     placement_rounds: u64,
+    /// The replicas that may have work: not quiesced, or with something pending. Ticks and
+    /// cycles visit only these, so that quiesced ranges cost (almost) nothing; anything that
+    /// can wake a replica (a message, a request, a membership change, a transfer) puts it
+    /// back, and a cycle drops the ones that are quiet and idle again.
+    awake: BTreeSet<RangeId>,
     /// Where work for other ranges goes.
     background: mpsc::UnboundedSender<Background>,
     /// A data range larger than this splits.
@@ -459,6 +464,7 @@ impl<E: Engine> Driver<E> {
             liveness: (BTreeSet::new(), BTreeSet::new()),
             ticks_since_placement: 0,
             placement_rounds: 0,
+            awake: BTreeSet::new(),
             background,
             range_max_bytes: options.range_max_bytes,
             draining: options.draining,
@@ -498,6 +504,7 @@ impl<E: Engine> Driver<E> {
         }
         let state = RangeStateMachine::open(range, self.mvcc.clone()).map_err(internal)?;
         let max_assigned = state.applied().max_timestamp;
+        self.awake.insert(range);
         self.replicas.insert(
             range,
             Replica {
@@ -606,6 +613,7 @@ impl<E: Engine> Driver<E> {
                     self.ticks_since_placement += 1;
                     if self.ticks_since_placement >= PLACEMENT_INTERVAL_TICKS {
                         self.ticks_since_placement = 0;
+                        self.hand_leaderships_away();
                         self.place_replicas();
                         self.record_gauges();
                         self.publish_descriptors();
@@ -614,8 +622,8 @@ impl<E: Engine> Driver<E> {
                         self.split_large_ranges()?;
                     }
                     let now = raft_interval(&self.truetime);
-                    for replica in self.replicas.values_mut() {
-                        // A quiesced range costs nothing per tick.
+                    for range in &self.awake {
+                        let Some(replica) = self.replicas.get_mut(range) else { continue };
                         if replica.raft.is_quiesced() {
                             continue;
                         }
@@ -625,20 +633,6 @@ impl<E: Engine> Driver<E> {
                             None => replica.leaderless_ticks + 1,
                             Some(_) => 0,
                         };
-                        // A node whose clock cannot be trusted must not assign timestamps, and a
-                        // node being decommissioned must go: hand leadership to another voter.
-                        if (!self.clock_healthy || self.draining)
-                            && replica.raft.role() == Role::Leader
-                        {
-                            let voters = replica.raft.configuration().voters.clone();
-                            let target = voters.iter().find(|id| {
-                                **id != self.node_id
-                                    && !self.loads.get(id).is_some_and(|load| load.draining)
-                            });
-                            if let Some(target) = target {
-                                let _ = replica.raft.transfer_leadership(*target);
-                            }
-                        }
                     }
                     self.retry_lease_waiters();
                 }
@@ -668,6 +662,7 @@ impl<E: Engine> Driver<E> {
                     if let Err(error) = replica.raft.step(message) {
                         warn!(range = range.0, %error, "rejected a raft message");
                     }
+                    self.awake.insert(range);
                 }
             }
             Event::Write { range, key, value, reply } => self.write(range, key, value, reply),
@@ -715,6 +710,7 @@ impl<E: Engine> Driver<E> {
                         && replica.raft.leader().is_none_or(|leader| unreachable.contains(&leader))
                     {
                         replica.raft.wake();
+                        self.awake.insert(replica.range);
                     }
                 }
                 self.liveness = (live, dead);
@@ -840,6 +836,7 @@ impl<E: Engine> Driver<E> {
                 match replica.raft.propose_config_change(voters, learners) {
                     Ok(_) => {
                         replica.idle_ticks = 0;
+                        self.awake.insert(replica.range);
                         if adds_learner {
                             replica.move_source = input.voter_to_remove();
                         } else if !input.config.learners.is_empty() {
@@ -869,6 +866,27 @@ impl<E: Engine> Driver<E> {
             }
         }
         self.spread_leaders(&live, &draining);
+    }
+
+    /// Hands every leadership to another voter while this node must not lead: its clock
+    /// cannot be trusted (it must not assign timestamps) or it is being decommissioned.
+    fn hand_leaderships_away(&mut self) {
+        if self.clock_healthy && !self.draining {
+            return;
+        }
+        for replica in self.replicas.values_mut() {
+            if replica.raft.role() != Role::Leader {
+                continue;
+            }
+            let target = replica.raft.configuration().voters.iter().copied().find(|id| {
+                *id != self.node_id && !self.loads.get(id).is_some_and(|load| load.draining)
+            });
+            if let Some(target) = target
+                && replica.raft.transfer_leadership(target).is_ok()
+            {
+                self.awake.insert(replica.range);
+            }
+        }
     }
 
     /// Hands leadership of a few ranges to other voters when this node leads clearly more
@@ -913,6 +931,7 @@ impl<E: Engine> Driver<E> {
             if let Some(target) = target
                 && replica.raft.transfer_leadership(target).is_ok()
             {
+                self.awake.insert(replica.range);
                 transfers += 1;
             }
         }
@@ -1018,6 +1037,7 @@ impl<E: Engine> Driver<E> {
             self.mvcc.stage_clear(&mut batch, &start, end.as_deref()).map_err(internal)?;
         }
         self.engine.write(batch, true).map_err(internal)?;
+        self.awake.remove(&range);
         if let Some(replica) = self.replicas.remove(&range) {
             for (_, proposal) in replica.proposals {
                 proposal.pending.fail(NodeError::RangeNotFound(range));
@@ -1090,6 +1110,8 @@ impl<E: Engine> Driver<E> {
         range: RangeId,
         key: Option<&[u8]>,
     ) -> Result<&mut Replica<E>, NodeError> {
+        // A request may wake the replica.
+        self.awake.insert(range);
         let Some(replica) = self.replicas.get_mut(&range) else {
             return Err(if self.joined {
                 NodeError::RangeNotFound(range)
@@ -1185,7 +1207,8 @@ impl<E: Engine> Driver<E> {
     fn retry_lease_waiters(&mut self) {
         let now = std::time::Instant::now();
         let mut retry = Vec::new();
-        for replica in self.replicas.values_mut() {
+        for range in &self.awake {
+            let Some(replica) = self.replicas.get_mut(range) else { continue };
             if replica.lease_waiters.is_empty() {
                 continue;
             }
@@ -1236,7 +1259,8 @@ impl<E: Engine> Driver<E> {
     fn cycle(&mut self) -> Result<(), NodeError> {
         let mut durable = WriteBatch::new();
         let mut readies: Vec<(RangeId, Ready)> = Vec::new();
-        for replica in self.replicas.values_mut() {
+        for range in &self.awake {
+            let Some(replica) = self.replicas.get_mut(range) else { continue };
             if let Some(metadata) = replica.compaction.take() {
                 let staged = replica.raft.storage().stage_compaction(metadata, &mut durable);
                 replica.raft.storage_mut().on_persisted(staged);
@@ -1263,6 +1287,7 @@ impl<E: Engine> Driver<E> {
         if readies.is_empty() && durable.is_empty() {
             // Lease reads of this cycle may be servable at once.
             self.serve_confirmed_reads();
+            self.forget_quiet_replicas();
             return Ok(());
         }
         let mut staged = Vec::new();
@@ -1440,6 +1465,7 @@ impl<E: Engine> Driver<E> {
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
+        self.forget_quiet_replicas();
         Ok(())
     }
 
@@ -1534,11 +1560,28 @@ impl<E: Engine> Driver<E> {
         metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);
     }
 
+    /// Drops from the awake set the replicas that are quiesced and have nothing pending.
+    fn forget_quiet_replicas(&mut self) {
+        let replicas = &self.replicas;
+        self.awake.retain(|range| {
+            replicas.get(range).is_some_and(|replica| {
+                !replica.raft.is_quiesced()
+                    || replica.raft.has_ready()
+                    || replica.compaction.is_some()
+                    || !replica.proposals.is_empty()
+                    || !replica.reads.is_empty()
+                    || !replica.confirmed.is_empty()
+                    || !replica.lease_waiters.is_empty()
+            })
+        });
+    }
+
     /// Fails the requests a replica can no longer answer because it lost leadership: reads
     /// still waiting for their ReadIndex round, and proposals not yet applied (their outcome
     /// is unknown: the entry may still commit under the new leader).
     fn fail_requests_of_former_leaders(&mut self) {
-        for replica in self.replicas.values_mut() {
+        for range in &self.awake {
+            let Some(replica) = self.replicas.get_mut(range) else { continue };
             if replica.raft.role() == Role::Leader {
                 continue;
             }
@@ -1559,7 +1602,8 @@ impl<E: Engine> Driver<E> {
     }
 
     fn serve_confirmed_reads(&mut self) {
-        for replica in self.replicas.values_mut() {
+        for range in &self.awake {
+            let Some(replica) = self.replicas.get_mut(range) else { continue };
             if replica.confirmed.is_empty() {
                 continue;
             }
