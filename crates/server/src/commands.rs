@@ -88,8 +88,8 @@ struct StartArgs {
     /// The address other nodes reach this one at (defaults to --rpc-listen).
     #[arg(long)]
     advertise: Option<String>,
-    /// Addresses of nodes of the cluster to join, comma separated.
-    #[arg(long, value_delimiter = ',')]
+    /// Addresses of nodes of the cluster to join (HOST:PORT), comma separated.
+    #[arg(long, value_delimiter = ',', value_parser = parse_host_port)]
     join: Vec<String>,
     /// The bound on this node's clock offset when the operating system reports none, in ms.
     /// A node whose clock is further than this from a majority of its peers refuses to serve.
@@ -187,6 +187,20 @@ async fn start(args: StartArgs) -> Result<()> {
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Checks that an address is `HOST:PORT` (an empty entry, as from a trailing comma, passes
+/// and is ignored).
+fn parse_host_port(address: &str) -> Result<String, String> {
+    if address.is_empty() {
+        return Ok(String::new());
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(address.to_string())
+        }
+        _ => Err(format!("{address:?} is not HOST:PORT")),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -402,6 +402,36 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
     ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("store"), "{output:?}");
+    let output = meridian(&[
+        "start",
+        "--node-id",
+        "1",
+        "--store",
+        "x",
+        "--rpc-listen",
+        "127.0.0.1:1",
+        "--join",
+        "127.0.0.1:26001,no-port",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "a malformed --join address: {output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("HOST:PORT"), "{output:?}");
+    // A --join address nobody answers at: the node runs, says it is not initialized, and
+    // joins nothing.
+    let lonely_address = format!("127.0.0.1:{}", free_port());
+    let mut lonely = Command::new(binary())
+        .args(["start", "--node-id", "9", "--rpc-listen", &lonely_address])
+        .arg("--store")
+        .arg(cluster.directory.path().join("lonely"))
+        .args(["--join", &format!("127.0.0.1:{}", free_port())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let view = eventually(Duration::from_secs(20), || status(&lonely_address)).await;
+    let _ = lonely.kill();
+    let _ = lonely.wait();
+    let view = view.expect("the node with an unreachable --join address runs");
+    assert!(view.cluster_id.is_empty() && view.peers.len() == 1, "{view:?}");
     let output =
         meridian(&["start", "--node-id", "1", "--store", "x", "--rpc-listen", "not-an-address"]);
     assert_eq!(
