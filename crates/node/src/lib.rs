@@ -6,7 +6,8 @@
 //! - `state_machine`: MVCC writes at leader-assigned timestamps, splits, the meta range's
 //!   updates, applied state, span-bounded snapshots.
 //! - `driver`: one task running every replica's Raft cycle with group commit, routing checks,
-//!   splits, quiescence and placement.
+//!   splits and quiescence; `driver::maintenance` is its once-a-second round (placement,
+//!   meta updates, size-triggered splits, replica removal).
 //! - `transport`: batched, per-peer gRPC streams for Raft messages.
 //! - `server`: the `Kv` and `Node` services, store identity checks, peer discovery, and the
 //!   background task that talks to the meta range.

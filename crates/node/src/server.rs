@@ -293,7 +293,7 @@ impl Shared {
 
     /// Splits `range` (led here) at `keys`: reserves range ids in the meta range, applies the
     /// split through the range's log, and records the resulting descriptors in the meta
-    /// range. If recording fails the leaders record them later (see `driver.rs`).
+    /// range. If recording fails the leaders record them later (see `driver/maintenance.rs`).
     async fn split(
         &self,
         range: RangeId,
