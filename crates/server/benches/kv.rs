@@ -3,28 +3,15 @@
 //! and 64 concurrent clients. Run with `cargo bench -p meridian-server --bench kv`; results are
 //! in `bench/README.md`. Not a criterion benchmark: the measured system runs in other processes.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meridian_client::{Client, ClientOptions};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
+mod common;
+
+use common::LocalCluster;
+
 const MEASURE: Duration = Duration::from_secs(5);
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     sorted[((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1)]
@@ -80,25 +67,8 @@ async fn run(addresses: &[String], clients: usize, writes: bool) -> Vec<Duration
 
 #[tokio::main]
 async fn main() {
-    let directory = tempfile::tempdir().unwrap();
-    let addresses: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let mut processes = Processes(Vec::new());
-    for (index, address) in addresses.iter().enumerate() {
-        processes.0.push(
-            Command::new(BINARY)
-                .args(["start", "--node-id", &(index + 1).to_string(), "--rpc-listen", address])
-                .arg("--store")
-                .arg(directory.path().join(format!("node{index}")))
-                .args(["--join", &addresses.join(",")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let init = Command::new(BINARY).args(["init", "--host", &addresses[0]]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let cluster = LocalCluster::start(3).await;
+    let addresses = cluster.addresses.clone();
     let client = Client::new(addresses.clone(), ClientOptions::default()).unwrap();
     warm_up(&client).await;
     println!("3 nodes, one data range; {MEASURE:?} per row; 100-byte values");
@@ -120,5 +90,5 @@ async fn main() {
             );
         }
     }
-    drop(processes);
+    drop(cluster);
 }

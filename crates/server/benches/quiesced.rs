@@ -4,31 +4,18 @@
 //! Run with `cargo bench -p meridian-server --bench quiesced`; results are in
 //! `bench/README.md`. Not a criterion benchmark: the measured system runs in other processes.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meridian_client::{Client, ClientOptions};
+
+mod common;
+
+use common::LocalCluster;
 use meridian_rpc::node::StatusRequest;
 use meridian_rpc::node::node_client::NodeClient;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
 const RANGES: usize = 10_000;
 const WINDOW: Duration = Duration::from_secs(10);
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// CPU time (user + system) a process has used, from `/proc/PID/stat`.
 fn cpu_time(pid: u32) -> Duration {
@@ -41,13 +28,14 @@ fn cpu_time(pid: u32) -> Duration {
 }
 
 /// Returns each node's CPU use over `WINDOW`, as a fraction of one core.
-async fn idle_cpu(processes: &Processes) -> Vec<f64> {
-    let before: Vec<Duration> = processes.0.iter().map(|child| cpu_time(child.id())).collect();
+async fn idle_cpu(cluster: &LocalCluster) -> Vec<f64> {
+    let before: Vec<Duration> =
+        cluster.processes.iter().map(|child| cpu_time(child.id())).collect();
     let started = Instant::now();
     tokio::time::sleep(WINDOW).await;
     let elapsed = started.elapsed().as_secs_f64();
-    processes
-        .0
+    cluster
+        .processes
         .iter()
         .zip(before)
         .map(|(child, before)| (cpu_time(child.id()) - before).as_secs_f64() / elapsed)
@@ -81,25 +69,8 @@ fn report(label: &str, counts: &[(usize, usize)], cpu: &[f64]) {
 
 #[tokio::main]
 async fn main() {
-    let directory = tempfile::tempdir().unwrap();
-    let addresses: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let mut processes = Processes(Vec::new());
-    for (index, address) in addresses.iter().enumerate() {
-        processes.0.push(
-            Command::new(BINARY)
-                .args(["start", "--node-id", &(index + 1).to_string(), "--rpc-listen", address])
-                .arg("--store")
-                .arg(directory.path().join(format!("node{index}")))
-                .args(["--join", &addresses.join(",")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let init = Command::new(BINARY).args(["init", "--host", &addresses[0]]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let cluster = LocalCluster::start(3).await;
+    let addresses = cluster.addresses.clone();
     let options = ClientOptions {
         deadline: Duration::from_secs(120),
         attempt_timeout: Duration::from_secs(60),
@@ -112,7 +83,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    report("new cluster", &replica_counts(&addresses).await, &idle_cpu(&processes).await);
+    report("new cluster", &replica_counts(&addresses).await, &idle_cpu(&cluster).await);
 
     let keys: Vec<Vec<u8>> = (1..RANGES).map(|i| format!("r{i:05}").into_bytes()).collect();
     let started = Instant::now();
@@ -129,6 +100,6 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let counts = replica_counts(&addresses).await;
-    report(&format!("{RANGES} more ranges"), &counts, &idle_cpu(&processes).await);
-    drop(processes);
+    report(&format!("{RANGES} more ranges"), &counts, &idle_cpu(&cluster).await);
+    drop(cluster);
 }

@@ -1,0 +1,58 @@
+//! What the process-level benchmarks share: a local cluster of real `meridian` processes that
+//! are killed when it is dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
+
+/// A cluster of `meridian start` processes on free local ports, initialized; killed on drop.
+pub struct LocalCluster {
+    /// The nodes' RPC addresses, node 1 first.
+    pub addresses: Vec<String>,
+    /// The processes, in node order.
+    pub processes: Vec<Child>,
+    _directory: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// Starts `nodes` nodes, each joining the others, and initializes the cluster.
+    pub async fn start(nodes: usize) -> LocalCluster {
+        let directory = tempfile::tempdir().unwrap();
+        let addresses: Vec<String> =
+            (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut processes = Vec::new();
+        for (index, address) in addresses.iter().enumerate() {
+            processes.push(
+                Command::new(BINARY)
+                    .args(["start", "--node-id", &(index + 1).to_string()])
+                    .args(["--rpc-listen", address, "--join", &addresses.join(",")])
+                    .arg("--store")
+                    .arg(directory.path().join(format!("node{index}")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let cluster = LocalCluster { addresses, processes, _directory: directory };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let init =
+            Command::new(BINARY).args(["init", "--host", &cluster.addresses[0]]).output().unwrap();
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        cluster
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
