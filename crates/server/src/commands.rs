@@ -229,14 +229,19 @@ fn endpoint(host: &str) -> String {
     if host.contains("://") { host.to_string() } else { format!("http://{host}") }
 }
 
+/// Connects to the `Node` service of the node at `host`.
+async fn node_client(host: &str) -> Result<NodeClient<tonic::transport::Channel>> {
+    NodeClient::connect(endpoint(host)).await.with_context(|| format!("cannot reach {host}"))
+}
+
+/// Turns a refusal from a node into an error for the user: its message.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(status.message().to_string())
+}
+
 async fn init(host: &str) -> Result<()> {
-    let mut client = NodeClient::connect(endpoint(host))
-        .await
-        .with_context(|| format!("cannot reach {host}"))?;
-    let response = client
-        .init(InitRequest {})
-        .await
-        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?;
+    let mut client = node_client(host).await?;
+    let response = client.init(InitRequest {}).await.map_err(refused)?;
     let response = response.into_inner();
     println!("cluster {} initialized", response.cluster_id);
     for voter in response.voters {
@@ -246,13 +251,8 @@ async fn init(host: &str) -> Result<()> {
 }
 
 async fn status(host: &str) -> Result<()> {
-    let mut client = NodeClient::connect(endpoint(host))
-        .await
-        .with_context(|| format!("cannot reach {host}"))?;
-    let status = client
-        .status(StatusRequest {})
-        .await
-        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?;
+    let mut client = node_client(host).await?;
+    let status = client.status(StatusRequest {}).await.map_err(refused)?;
     let status = status.into_inner();
     let cluster = if status.cluster_id.is_empty() {
         "(not initialized)".to_string()
@@ -429,24 +429,13 @@ async fn split(host: &str, keys: Vec<String>) -> Result<()> {
 }
 
 async fn decommission(host: &str, node_id: u64) -> Result<()> {
-    let mut client = NodeClient::connect(endpoint(host))
-        .await
-        .with_context(|| format!("cannot reach {host}"))?;
-    let status = client
-        .status(StatusRequest {})
-        .await
-        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?
-        .into_inner();
+    let mut client = node_client(host).await?;
+    let status = client.status(StatusRequest {}).await.map_err(refused)?.into_inner();
     let Some(peer) = status.peers.iter().find(|peer| peer.node_id == node_id) else {
         bail!("node {host} knows no node {node_id}");
     };
-    let mut target = NodeClient::connect(endpoint(&peer.address))
-        .await
-        .with_context(|| format!("cannot reach node {node_id} at {}", peer.address))?;
-    target
-        .decommission(DecommissionRequest {})
-        .await
-        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?;
+    let mut target = node_client(&peer.address).await?;
+    target.decommission(DecommissionRequest {}).await.map_err(refused)?;
     println!(
         "node {node_id} is being decommissioned: its replicas move to other nodes (see `meridian ranges`)"
     );
