@@ -26,8 +26,9 @@ enum Command {
     /// Runs a node until Ctrl-C or SIGTERM. A node restarted with the same store rejoins with
     /// its data.
     Start(StartArgs),
-    /// Initializes a new cluster through one node: the first range is replicated on that node
-    /// and up to two other nodes it knows (start them with --join first).
+    /// Initializes a new cluster through one node: the meta range and a first range over all
+    /// keys are replicated on that node and up to two other nodes it knows (start them with
+    /// --join first); later nodes receive replicas as ranges rebalance.
     Init {
         /// The RPC address of a node (HOST:PORT).
         #[arg(long)]
