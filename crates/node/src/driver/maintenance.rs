@@ -25,8 +25,10 @@ impl<E: Engine> Driver<E> {
     /// with at most [`MAX_MOVES_IN_FLIGHT`] rebalancing moves at a time, then hands some
     /// leaderships to less busy nodes.
     fn place_replicas(&mut self) {
+        // A node that missed its last hellos gets no new replica (it counts as dead only after
+        // the dead-node timeout).
         let (live, dead) = &self.liveness;
-        let mut live = live.clone();
+        let mut live: BTreeSet<NodeId> = live.difference(&self.unreachable).copied().collect();
         live.insert(self.node_id);
         let draining: BTreeSet<NodeId> = self
             .loads
@@ -133,7 +135,9 @@ impl<E: Engine> Driver<E> {
                 continue;
             }
             let target = replica.raft.configuration().voters.iter().copied().find(|id| {
-                *id != self.node_id && !self.loads.get(id).is_some_and(|load| load.draining)
+                *id != self.node_id
+                    && !self.unreachable.contains(id)
+                    && !self.loads.get(id).is_some_and(|load| load.draining)
             });
             if let Some(target) = target
                 && replica.raft.transfer_leadership(target).is_ok()

@@ -403,6 +403,8 @@ pub struct Driver<E: Engine> {
     draining: bool,
     /// The peers' loads, from their hellos.
     loads: BTreeMap<NodeId, PeerLoad>,
+    /// Peers that missed their last hellos: no replicas or leaderships are sent their way.
+    unreachable: BTreeSet<NodeId>,
     /// This node's load, for its hellos.
     load: Arc<NodeLoad>,
     /// Fault injection: abort right after leading a split.
@@ -471,6 +473,7 @@ impl<E: Engine> Driver<E> {
             range_max_bytes: options.range_max_bytes,
             draining: options.draining,
             loads: BTreeMap::new(),
+            unreachable: BTreeSet::new(),
             load: options.load,
             crash_after_split: options.crash_after_split,
         };
@@ -710,6 +713,7 @@ impl<E: Engine> Driver<E> {
                     }
                 }
                 self.liveness = (live, dead);
+                self.unreachable = unreachable;
             }
             Event::ClockHealth { healthy } => self.clock_healthy = healthy,
             Event::Published { ranges, recorded } => {
@@ -1022,7 +1026,14 @@ impl<E: Engine> Driver<E> {
                         }
                         if replica.raft.role() == Role::Leader {
                             publish.extend(split_descriptors.iter().cloned());
-                            campaign.extend(new_ranges.iter().map(|descriptor| descriptor.id));
+                        }
+                        // The voters take turns to campaign for the new ranges, so that their
+                        // leaders are spread from the start.
+                        let voters = &replica.state.applied().config.voters;
+                        for (i, descriptor) in new_ranges.iter().enumerate() {
+                            if voters.iter().nth(i % voters.len().max(1)) == Some(&self.node_id) {
+                                campaign.push(descriptor.id);
+                            }
                         }
                     }
                     _ => {}
@@ -1088,8 +1099,8 @@ impl<E: Engine> Driver<E> {
         for child in &children {
             let range = child.applied.descriptor.id;
             self.open_replica(range)?;
-            // The leader of the range that split campaigns at once for the new ranges, so
-            // they serve within a round trip rather than an election timeout.
+            // One voter campaigns at once for each new range, so that it serves within a
+            // round trip rather than an election timeout.
             if let Some(replica) = self.replicas.get_mut(&range) {
                 replica.raft.forget_restart_promise();
                 if campaign.contains(&range) {
