@@ -6,23 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use meridian_rpc::kv::RangeDescriptor;
-
-/// A span's end as an ordered key; the unbounded end sorts last.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum EndKey {
-    Key(Vec<u8>),
-    Unbounded,
-}
-
-impl EndKey {
-    fn of(end: &[u8]) -> Self {
-        if end.is_empty() { EndKey::Unbounded } else { EndKey::Key(end.to_vec()) }
-    }
-}
-
-fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
-    (b.end.is_empty() || a.start < b.end) && (a.end.is_empty() || b.start < a.end)
-}
+use meridian_rpc::span::{EndKey, overlaps};
 
 /// What the client knows about where ranges are.
 #[derive(Debug, Default)]

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use meridian_rpc::kv as wire;
+use meridian_rpc::span::{EndKey, overlaps};
 use meridian_storage::keycode::{decode_escaped, encode_escaped};
 use meridian_storage::{WriteBatch, keyspace};
 
@@ -88,48 +89,29 @@ impl RangeDescriptor {
     }
 }
 
-/// A span's end as an ordered key: every bounded end sorts before the unbounded one.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum EndKey {
-    Key(Vec<u8>),
-    Unbounded,
+/// The engine key of the meta entry ending at `end`: `RANGES ‖ 0x01 ‖ escaped(end)`, or
+/// `RANGES ‖ 0x02` for the unbounded end, so that entries scan in end-key order.
+fn engine_key(end: &EndKey) -> Vec<u8> {
+    let mut key = vec![keyspace::RANGES];
+    match end {
+        EndKey::Key(end) => {
+            key.push(0x01);
+            encode_escaped(end, &mut key);
+        }
+        EndKey::Unbounded => key.push(0x02),
+    }
+    key
 }
 
-impl EndKey {
-    fn of(end: &[u8]) -> Self {
-        if end.is_empty() { EndKey::Unbounded } else { EndKey::Key(end.to_vec()) }
-    }
-
-    /// The engine key of an entry: `RANGES ‖ 0x01 ‖ escaped(end)`, or `RANGES ‖ 0x02` for the
-    /// unbounded end, so that entries scan in end-key order.
-    fn engine_key(&self) -> Vec<u8> {
-        let mut key = vec![keyspace::RANGES];
-        match self {
-            EndKey::Key(end) => {
-                key.push(0x01);
-                encode_escaped(end, &mut key);
-            }
-            EndKey::Unbounded => key.push(0x02),
+/// The end key a meta entry's engine key names.
+fn end_of_engine_key(key: &[u8]) -> Option<EndKey> {
+    match key {
+        [keyspace::RANGES, 0x01, rest @ ..] => {
+            decode_escaped(rest).ok().map(|(end, _)| EndKey::Key(end))
         }
-        key
+        [keyspace::RANGES, 0x02] => Some(EndKey::Unbounded),
+        _ => None,
     }
-
-    fn from_engine_key(key: &[u8]) -> Option<Self> {
-        match key {
-            [keyspace::RANGES, 0x01, rest @ ..] => {
-                decode_escaped(rest).ok().map(|(end, _)| EndKey::Key(end))
-            }
-            [keyspace::RANGES, 0x02] => Some(EndKey::Unbounded),
-            _ => None,
-        }
-    }
-}
-
-/// Whether `a` and `b` share a key.
-fn overlaps(a: &wire::RangeDescriptor, b: &wire::RangeDescriptor) -> bool {
-    let a_before_b_ends = b.end.is_empty() || a.start < b.end;
-    let b_before_a_ends = a.end.is_empty() || b.start < a.end;
-    a_before_b_ends && b_before_a_ends
 }
 
 /// The meta range's index of descriptors by end key. See the module docs for its invariants.
@@ -148,8 +130,8 @@ impl MetaIndex {
         use prost::Message as _;
         let mut entries = BTreeMap::new();
         for (key, value) in stored {
-            let end = EndKey::from_engine_key(&key)
-                .ok_or_else(|| format!("invalid meta key {key:x?}"))?;
+            let end =
+                end_of_engine_key(&key).ok_or_else(|| format!("invalid meta key {key:x?}"))?;
             let descriptor = wire::RangeDescriptor::decode(value.as_slice())
                 .map_err(|error| format!("invalid descriptor under {key:x?}: {error}"))?;
             entries.insert(end, descriptor);
@@ -205,10 +187,10 @@ impl MetaIndex {
         }
         for end in overlapping {
             self.entries.remove(&end);
-            batch.delete(end.engine_key());
+            batch.delete(engine_key(&end));
         }
         let end = EndKey::of(&descriptor.end);
-        batch.put(end.engine_key(), descriptor.encode_to_vec());
+        batch.put(engine_key(&end), descriptor.encode_to_vec());
         self.entries.insert(end, descriptor.clone());
         true
     }
@@ -217,7 +199,7 @@ impl MetaIndex {
     /// snapshot replaces it).
     pub fn stage_clear(&mut self, batch: &mut WriteBatch) {
         for end in std::mem::take(&mut self.entries).into_keys() {
-            batch.delete(end.engine_key());
+            batch.delete(engine_key(&end));
         }
     }
 }
