@@ -192,6 +192,9 @@ fn split_descriptors(
     if ids.len() != split.range_ids.len() || ids.iter().any(|id| *id <= META_RANGE.0) {
         return Err("new range ids must be distinct and above the meta range's".into());
     }
+    if ids.contains(&parent.id.0) {
+        return Err(format!("range {} cannot split into a range with its own id", parent.id.0));
+    }
     let generation = parent.generation + 1;
     Ok((0..split.keys.len())
         .map(|i| RangeDescriptor {
@@ -253,6 +256,13 @@ impl<E: Engine> RangeStateMachine<E> {
     ///
     /// Only non-deterministic storage errors; the node must stop on them.
     pub fn apply(&mut self, entry: &Entry, batch: &mut WriteBatch) -> RaftResult<Applied> {
+        // After a restart Raft hands out again every entry committed since its last compaction.
+        // The ones at or below the applied index already took effect (the applied state is
+        // written in the same batch as their effects), and not every command is idempotent:
+        // allocating range ids again would hand out ids already in use.
+        if entry.index <= self.applied.index {
+            return Ok(Applied::Nothing);
+        }
         self.applied.index = entry.index;
         self.applied.term = entry.term;
         let data = match &entry.kind {
@@ -529,6 +539,87 @@ mod tests {
             start: start.into(),
             end: end.map(Into::into),
             generation: 0,
+        }
+    }
+
+    /// Opens the meta range's state machine on a new in-memory store, at index 1 with range ids
+    /// from 3 on.
+    fn meta_state_machine() -> (
+        Arc<Mvcc<meridian_storage::MemoryEngine>>,
+        RangeStateMachine<meridian_storage::MemoryEngine>,
+    ) {
+        let mvcc = Arc::new(Mvcc::new(Arc::new(meridian_storage::MemoryEngine::new())).unwrap());
+        let initial = AppliedState {
+            index: LogIndex(1),
+            term: Term(1),
+            next_range_id: 3,
+            descriptor: RangeDescriptor { id: META_RANGE, ..RangeDescriptor::default() },
+            ..AppliedState::default()
+        };
+        let mut batch = WriteBatch::new();
+        stage_initial_state(META_RANGE, &initial, &mut batch);
+        mvcc.engine().write(batch, true).unwrap();
+        let machine = RangeStateMachine::open(META_RANGE, mvcc.clone()).unwrap();
+        (mvcc, machine)
+    }
+
+    fn allocate(
+        machine: &mut RangeStateMachine<meridian_storage::MemoryEngine>,
+        index: u64,
+    ) -> Applied {
+        let entry = Entry {
+            index: LogIndex(index),
+            term: Term(1),
+            kind: EntryKind::Command(encode_allocate_range_ids(1)),
+        };
+        let mut batch = WriteBatch::new();
+        let applied = machine.apply(&entry, &mut batch).unwrap();
+        machine.stage_applied_state(&mut batch);
+        machine.mvcc.engine().write(batch, true).unwrap();
+        applied
+    }
+
+    /// Raft replays the entries since its last compaction after a restart; an entry applied
+    /// before must not take effect twice (the whole-cluster simulation found range ids handed
+    /// out twice this way).
+    #[test]
+    fn entries_applied_before_a_restart_are_skipped() {
+        let (mvcc, mut machine) = meta_state_machine();
+        assert!(matches!(allocate(&mut machine, 2), Applied::RangeIds(3)));
+        assert!(matches!(allocate(&mut machine, 3), Applied::RangeIds(4)));
+        // The same entries again, on the running machine and after reopening it.
+        assert!(matches!(allocate(&mut machine, 3), Applied::Nothing));
+        let mut reopened = RangeStateMachine::open(META_RANGE, mvcc).unwrap();
+        assert_eq!(reopened.applied().index, LogIndex(3));
+        assert!(matches!(allocate(&mut reopened, 2), Applied::Nothing));
+        assert!(matches!(allocate(&mut reopened, 3), Applied::Nothing));
+        assert!(matches!(allocate(&mut reopened, 4), Applied::RangeIds(5)));
+    }
+
+    #[test]
+    fn splits_need_new_distinct_range_ids() {
+        let parent = RangeDescriptor { id: RangeId(5), ..span("a", Some("z")) };
+        let voters = [1, 2, 3].map(meridian_raft::NodeId);
+        let config = Configuration::with_voters(voters.to_vec());
+        let split = |keys: &[&str], ids: &[u64]| wire::Split {
+            keys: keys.iter().map(|key| key.as_bytes().to_vec()).collect(),
+            range_ids: ids.to_vec(),
+        };
+        let children = split_descriptors(&parent, &config, &split(&["m"], &[6])).unwrap();
+        assert_eq!(
+            children,
+            vec![RangeDescriptor { id: RangeId(6), generation: 1, ..span("m", Some("z")) }]
+        );
+        for (keys, ids) in [
+            (&["m"][..], &[5][..]),
+            (&["m"][..], &[1][..]),
+            (&["m", "p"][..], &[6, 6][..]),
+            (&["m", "p"][..], &[6][..]),
+        ] {
+            assert!(
+                split_descriptors(&parent, &config, &split(keys, ids)).is_err(),
+                "{keys:?} {ids:?}"
+            );
         }
     }
 
