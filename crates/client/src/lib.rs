@@ -20,8 +20,9 @@ mod routes;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use meridian_rpc::dial::Dialer;
 use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::kv::{
     AllocateRangeIdsRequest, DeleteRequest, GetRequest, ListRangesRequest, PutRequest,
@@ -29,7 +30,8 @@ use meridian_rpc::kv::{
 };
 use meridian_rpc::metadata;
 use parking_lot::Mutex;
-use tonic::transport::{Channel, Endpoint};
+use tokio::time::Instant;
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 use tracing::debug;
 
@@ -78,11 +80,17 @@ pub struct ClientOptions {
     pub deadline: Duration,
     /// How long one attempt may take.
     pub attempt_timeout: Duration,
+    /// How connections are opened (TCP unless a simulation says otherwise).
+    pub dialer: Dialer,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { deadline: Duration::from_secs(10), attempt_timeout: Duration::from_secs(5) }
+        ClientOptions {
+            deadline: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
+            dialer: Dialer::tcp(),
+        }
     }
 }
 
@@ -226,11 +234,9 @@ impl Client {
         }
         let invalid =
             |reason: String| ClientError::InvalidAddress { address: address.into(), reason };
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|error| invalid(error.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(self.options.attempt_timeout);
-        let channel = endpoint.connect_lazy();
+        let endpoint =
+            Dialer::endpoint(address).map_err(invalid)?.timeout(self.options.attempt_timeout);
+        let channel = self.options.dialer.connect_lazy(endpoint);
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

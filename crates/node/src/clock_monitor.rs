@@ -11,9 +11,10 @@
 //! side (with two nodes, or while a node has heard of only one peer so far).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_raft::NodeId;
+use tokio::time::Instant;
 
 /// Samples older than this are ignored.
 pub const SAMPLE_LIFETIME: Duration = Duration::from_secs(10);

@@ -30,5 +30,5 @@ pub use descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 pub use driver::{DriverOptions, RaftTiming};
 pub use error::{NodeError, leader_hint};
 pub use raft_store::{RaftLogStore, RangeId, SnapshotSource, StagedReady};
-pub use server::{NodeOptions, run_node};
+pub use server::{NodeEnvironment, NodeOptions, run_node, serve};
 pub use state_machine::{AppliedState, encode_delete, encode_put};

@@ -9,11 +9,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use meridian_client::{Client, ClientOptions};
 use meridian_clock::{ClockOptions, ClockSource, SkewedClock, SystemClock, TrueTime};
 use meridian_raft::NodeId;
+use meridian_rpc::dial::{self, Dialer};
 use meridian_rpc::kv::kv_server::{Kv, KvServer};
 use meridian_rpc::kv::{
     AllocateRangeIdsRequest, AllocateRangeIdsResponse, DeleteRequest, GetRequest, GetResponse,
@@ -28,11 +31,10 @@ use meridian_rpc::node::{
     HelloRequest, HelloResponse, InitRequest, InitResponse, MessageBatch, Peer, PeerClock,
     PeerLiveness, RangeStatus, ReplicaProgress, StatusRequest, StatusResponse,
 };
-use meridian_storage::{
-    Engine, FaultyEngine, ReadView, RocksEngine, RocksOptions, WriteBatch, keyspace,
-};
+use meridian_storage::{Engine, FaultyEngine, RocksEngine, RocksOptions, WriteBatch, keyspace};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -129,9 +131,18 @@ struct Shared {
     draining: std::sync::atomic::AtomicBool,
     /// The peers' loads from their last hellos.
     peer_loads: Mutex<BTreeMap<NodeId, PeerLoad>>,
+    /// How this node connects to others.
+    dialer: Dialer,
 }
 
 impl Shared {
+    /// Connects to the node at `address`.
+    async fn connect(&self, address: &str) -> Result<NodeClient<Channel>, String> {
+        let endpoint = Dialer::endpoint(address)?;
+        let channel = self.dialer.connect(endpoint).await.map_err(|error| error.to_string())?;
+        Ok(NodeClient::new(channel))
+    }
+
     fn cluster_id(&self) -> String {
         self.cluster_id.lock().clone()
     }
@@ -312,6 +323,7 @@ impl Shared {
             self.client.allocate_range_ids(count).await.map_err(|error| {
                 Status::unavailable(format!("cannot reserve range ids: {error}"))
             })?;
+        tracing::debug!(range = range.0, first, count, "reserved range ids for a split");
         let ids = (first..first + count).collect();
         let descriptors =
             self.request("split", |reply| Event::Split { range, keys, ids, reply }).await?;
@@ -426,9 +438,7 @@ impl NodeService for NodeApi {
                     peer.node_id, peer.address
                 ))
             };
-            let mut client = NodeClient::connect(format!("http://{}", peer.address))
-                .await
-                .map_err(|error| unreachable(error.to_string()))?;
+            let mut client = self.0.connect(&peer.address).await.map_err(unreachable)?;
             let hello = HelloRequest {
                 from: Some(Peer { node_id: self.0.node_id.0, address: self.0.advertise.clone() }),
                 cluster_id: String::new(),
@@ -778,15 +788,19 @@ fn new_cluster_id(node_id: NodeId) -> String {
     format!("{nanos:x}-{:x}", node_id.0)
 }
 
-/// Opens the store, checks its identity, and returns the cluster id it belongs to (empty if
-/// not initialized).
-fn open_store(options: &NodeOptions) -> Result<(RocksEngine, String), NodeError> {
+/// Opens the RocksDB store in `options.store`, creating the directory if needed.
+fn open_store(options: &NodeOptions) -> Result<RocksEngine, NodeError> {
     std::fs::create_dir_all(&options.store).map_err(|error| {
         NodeError::Internal(format!("cannot create store {}: {error}", options.store.display()))
     })?;
-    let engine = RocksEngine::open(&options.store, RocksOptions::default()).map_err(|error| {
+    RocksEngine::open(&options.store, RocksOptions::default()).map_err(|error| {
         NodeError::Internal(format!("cannot open store {}: {error}", options.store.display()))
-    })?;
+    })
+}
+
+/// Checks that the store belongs to this node (claiming a new store for it), and returns the
+/// cluster id it belongs to (empty if not initialized).
+fn check_store_identity<E: Engine>(engine: &E, options: &NodeOptions) -> Result<String, NodeError> {
     let internal = |error: meridian_storage::Error| NodeError::Internal(error.to_string());
     match engine.get(NODE_ID_KEY).map_err(internal)? {
         Some(bytes) => {
@@ -811,10 +825,11 @@ fn open_store(options: &NodeOptions) -> Result<(RocksEngine, String), NodeError>
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default();
     debug_assert_eq!(NODE_ID_KEY[0], keyspace::META);
-    Ok((engine, cluster_id))
+    Ok(cluster_id)
 }
 
-/// Runs a node until `shutdown` resolves or its driver fails.
+/// Runs a node until `shutdown` resolves or its driver fails: RocksDB in `options.store`, the
+/// system clock, TCP on `options.rpc_listen`.
 ///
 /// # Errors
 ///
@@ -836,37 +851,83 @@ pub async fn run_node(
             })?;
         info!(%address, "serving Prometheus metrics over HTTP");
     }
-    let (engine, cluster_id) = open_store(&options)?;
-    match options.inject_disk_full_after_bytes {
-        None => serve(options, Arc::new(engine), cluster_id, shutdown).await,
-        Some(budget) => {
-            warn!(budget_bytes = budget, "fault injection: writes fail once the budget is spent");
-            serve(options, Arc::new(FaultyEngine::new(engine, budget)), cluster_id, shutdown).await
-        }
-    }
-}
-
-/// Runs the node's services and driver over `engine`.
-async fn serve<E: Engine>(
-    options: NodeOptions,
-    engine: Arc<E>,
-    cluster_id: String,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), NodeError> {
+    let engine = open_store(&options)?;
     let system: Arc<dyn ClockSource> = Arc::new(
         SystemClock::new(options.clock)
             .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
     );
-    let truetime = if options.inject_clock_skew_ns == 0 {
-        TrueTime::new(system)
+    let clock = if options.inject_clock_skew_ns == 0 {
+        system
     } else {
         warn!(
             skew_ns = options.inject_clock_skew_ns,
             "fault injection: this node's clock is skewed"
         );
-        TrueTime::new(Arc::new(SkewedClock::new(system, options.inject_clock_skew_ns)))
+        Arc::new(SkewedClock::new(system, options.inject_clock_skew_ns))
     };
-    let transport = Transport::new(options.node_id);
+    let listener = tokio::net::TcpListener::bind(options.rpc_listen).await.map_err(|error| {
+        NodeError::Internal(format!("cannot listen on {}: {error}", options.rpc_listen))
+    })?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let dialer = Dialer::tcp();
+    match options.inject_disk_full_after_bytes {
+        None => {
+            let engine = Arc::new(engine);
+            let environment = NodeEnvironment { engine, clock, dialer, seed: None };
+            serve(options, environment, incoming, shutdown).await
+        }
+        Some(budget) => {
+            warn!(budget_bytes = budget, "fault injection: writes fail once the budget is spent");
+            let engine = Arc::new(FaultyEngine::new(engine, budget));
+            let environment = NodeEnvironment { engine, clock, dialer, seed: None };
+            serve(options, environment, incoming, shutdown).await
+        }
+    }
+}
+
+/// What a node runs on besides its options: [`run_node`] gives it RocksDB, the system clock and
+/// TCP; a simulation gives it the in-memory engine, simulated clocks and a simulated network.
+pub struct NodeEnvironment<E> {
+    /// The store (it outlives the node in a simulation, as a disk outlives a process).
+    pub engine: Arc<E>,
+    /// The node's clock.
+    pub clock: Arc<dyn ClockSource>,
+    /// How the node connects to its peers and to the meta range.
+    pub dialer: Dialer,
+    /// Seeds the election jitter of the node's replicas; `None` takes it from the wall clock.
+    pub seed: Option<u64>,
+}
+
+/// Runs a node over `environment`, serving gRPC on the connections `incoming` yields, until
+/// `shutdown` resolves or the driver fails.
+///
+/// # Errors
+///
+/// As [`run_node`], but for opening the store and binding the address.
+pub async fn serve<E, S, IO, IE>(
+    options: NodeOptions,
+    environment: NodeEnvironment<E>,
+    incoming: S,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError>
+where
+    E: Engine,
+    S: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if options.node_id.0 == 0 {
+        return Err(NodeError::InvalidArgument("node id 0 is reserved".into()));
+    }
+    let NodeEnvironment { engine, clock, dialer, seed } = environment;
+    let cluster_id = check_store_identity(&*engine, &options)?;
+    let truetime = TrueTime::new(clock);
+    let transport = Transport::new(options.node_id, dialer.clone());
     transport.set_cluster_id(&cluster_id);
     let draining =
         engine.get(DRAINING_KEY).map_err(|error| NodeError::Internal(error.to_string()))?.is_some();
@@ -887,11 +948,15 @@ async fn serve<E: Engine>(
         last_seen: Mutex::new(BTreeMap::new()),
         started: Instant::now(),
         dead_node_timeout: options.dead_node_timeout,
-        client: Client::new(vec![options.advertise.clone()], ClientOptions::default())
-            .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
+        client: Client::new(
+            vec![options.advertise.clone()],
+            ClientOptions { dialer: dialer.clone(), ..ClientOptions::default() },
+        )
+        .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
         load: Arc::new(NodeLoad::default()),
         draining: std::sync::atomic::AtomicBool::new(draining),
         peer_loads: Mutex::new(BTreeMap::new()),
+        dialer,
     });
     // Peers remembered from an earlier run.
     let end = keyspace::prefix_end(PEER_PREFIX);
@@ -911,14 +976,13 @@ async fn serve<E: Engine>(
         draining,
         load: shared.load.clone(),
         crash_after_split: options.inject_crash_after_split,
+        seed,
     };
     let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
-    let listener = tokio::net::TcpListener::bind(options.rpc_listen).await.map_err(|error| {
-        NodeError::Internal(format!("cannot listen on {}: {error}", options.rpc_listen))
-    })?;
     info!(node = options.node_id.0, address = %options.advertise, cluster = %cluster_id, "node started");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(dial::KEEP_ALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(dial::KEEP_ALIVE_TIMEOUT))
         .add_service(
             NodeServer::new(NodeApi(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -951,7 +1015,7 @@ async fn serve<E: Engine>(
 async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
     // One connection per address, kept across rounds: reconnecting every round would cost a
     // handshake each time and put its latency into the offset measurement.
-    let mut clients: BTreeMap<String, NodeClient<tonic::transport::Channel>> = BTreeMap::new();
+    let mut clients: BTreeMap<String, NodeClient<Channel>> = BTreeMap::new();
     loop {
         let mut targets: Vec<String> = join.clone();
         targets.extend(shared.transport.peers().into_values());
@@ -966,7 +1030,7 @@ async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
             let attempt = async {
                 let mut client = match cached {
                     Some(client) => client,
-                    None => NodeClient::connect(format!("http://{address}")).await.ok()?,
+                    None => shared.connect(&address).await.ok()?,
                 };
                 let sent = shared.truetime.read().local.as_nanos();
                 let response = client

@@ -2,7 +2,8 @@
 //! message of a driver cycle for that peer into one `MessageBatch`.
 //!
 //! A peer task connects (with backoff from 50 ms up to 2 s), opens the `Raft` stream and
-//! forwards batches until the stream breaks, then reconnects. Messages queued while a peer is
+//! forwards batches until the stream breaks (HTTP/2 keep-alive pings notice a peer that vanished
+//! without closing the connection), then reconnects. Messages queued while a peer is
 //! unreachable are dropped once its queue is full: Raft retransmits what matters, and a node
 //! must never block on a slow peer. The address book (node id → address) grows as nodes say
 //! hello; it is also persisted by the node so that a restarted node can reach its peers.
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_raft::{Message, NodeId};
+use meridian_rpc::dial::{self, Dialer};
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{MessageBatch, RangeMessage};
 use parking_lot::RwLock;
@@ -22,8 +24,6 @@ use crate::RangeId;
 
 /// Batches queued per peer before new ones are dropped.
 const PEER_QUEUE_BATCHES: usize = 1024;
-/// How long a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 struct Peer {
     address: String,
@@ -33,15 +33,18 @@ struct Peer {
 /// The node's connections to its peers. Cheap to share.
 pub struct Transport {
     node_id: NodeId,
+    dialer: Dialer,
     cluster_id: RwLock<String>,
     peers: RwLock<BTreeMap<NodeId, Peer>>,
 }
 
 impl Transport {
-    /// Returns a transport for node `node_id`, not connected to anyone yet.
-    pub fn new(node_id: NodeId) -> Arc<Self> {
+    /// Returns a transport for node `node_id` that connects through `dialer`, not connected to
+    /// anyone yet.
+    pub fn new(node_id: NodeId, dialer: Dialer) -> Arc<Self> {
         Arc::new(Transport {
             node_id,
+            dialer,
             cluster_id: RwLock::new(String::new()),
             peers: RwLock::new(BTreeMap::new()),
         })
@@ -75,7 +78,7 @@ impl Transport {
         let (queue, receiver) = mpsc::channel(PEER_QUEUE_BATCHES);
         peers.insert(id, Peer { address: address.to_string(), queue });
         info!(peer = id.0, address, "peer added");
-        tokio::spawn(run_peer(id, address.to_string(), receiver));
+        tokio::spawn(run_peer(id, address.to_string(), self.dialer.clone(), receiver));
         true
     }
 
@@ -105,14 +108,22 @@ impl Transport {
 
 /// Keeps a stream open to one peer and forwards its batches; exits when the transport drops the
 /// peer (its queue closes).
-async fn run_peer(id: NodeId, address: String, mut queue: mpsc::Receiver<MessageBatch>) {
+async fn run_peer(
+    id: NodeId,
+    address: String,
+    dialer: Dialer,
+    mut queue: mpsc::Receiver<MessageBatch>,
+) {
     let mut backoff = Duration::from_millis(50);
-    let endpoint = format!("http://{address}");
     loop {
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, NodeClient::connect(endpoint.clone())).await;
+        let connected = match Dialer::endpoint(&address) {
+            Ok(endpoint) => {
+                tokio::time::timeout(dial::CONNECT_TIMEOUT, dialer.connect(endpoint)).await.ok()
+            }
+            Err(_) => None,
+        };
         let mut client = match connected {
-            Ok(Ok(client)) => client,
+            Some(Ok(channel)) => NodeClient::new(channel),
             _ => {
                 debug!(peer = id.0, %address, "cannot connect; retrying in {backoff:?}");
                 // Drain what queued up meanwhile: it is stale by the time we connect.

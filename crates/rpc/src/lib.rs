@@ -7,6 +7,7 @@
 //! or hostile peer cannot crash a node.
 
 mod convert;
+pub mod dial;
 pub mod span;
 
 pub use convert::{Error, decode_message, encode_message};

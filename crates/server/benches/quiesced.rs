@@ -74,6 +74,7 @@ async fn main() {
     let options = ClientOptions {
         deadline: Duration::from_secs(120),
         attempt_timeout: Duration::from_secs(60),
+        ..ClientOptions::default()
     };
     let client = Client::new(addresses.clone(), options).unwrap();
     for _ in 0..100 {

@@ -98,7 +98,7 @@ impl<E: Engine> Driver<E> {
                         } else if !input.config.learners.is_empty() {
                             // The learner was promoted or dropped: the move is over.
                             replica.move_source = None;
-                            replica.rebalanced_at = Some(std::time::Instant::now());
+                            replica.rebalanced_at = Some(tokio::time::Instant::now());
                         }
                         for node in removed {
                             let count = input.load.entry(node).or_default();
@@ -380,6 +380,7 @@ impl<E: Engine> Driver<E> {
                 led += 1;
                 if replica.led_term != Some(raft.term()) {
                     replica.led_term = Some(raft.term());
+                    tracing::debug!(range = replica.range.0, term = raft.term().0, "leading");
                     metrics::counter!("meridian_raft_leader_elections_won_total").increment(1);
                 }
             }

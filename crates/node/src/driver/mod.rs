@@ -319,7 +319,7 @@ struct NewReplica {
 
 /// A write waiting for its leader's lease.
 struct LeaseWaiter {
-    deadline: std::time::Instant,
+    deadline: tokio::time::Instant,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
     reply: Reply<u64>,
@@ -359,7 +359,7 @@ struct Replica<E: Engine> {
     /// As leader: the voter the rebalancing move under way means to relieve.
     move_source: Option<NodeId>,
     /// As leader: when the last rebalancing move ended (ranges rest between moves).
-    rebalanced_at: Option<std::time::Instant>,
+    rebalanced_at: Option<tokio::time::Instant>,
     /// Whether the meta range is being asked if this node still belongs to the range.
     checking_membership: bool,
 }
@@ -409,6 +409,8 @@ pub struct Driver<E: Engine> {
     load: Arc<NodeLoad>,
     /// Fault injection: abort right after leading a split.
     crash_after_split: bool,
+    /// Seeds the election jitter of this node's replicas.
+    seed: u64,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -437,6 +439,8 @@ pub struct DriverOptions {
     pub load: Arc<NodeLoad>,
     /// Fault injection for tests: abort right after leading a split (see `NodeOptions`).
     pub crash_after_split: bool,
+    /// Seeds election jitter; `None` takes a seed from the wall clock.
+    pub seed: Option<u64>,
 }
 
 impl<E: Engine> Driver<E> {
@@ -476,6 +480,7 @@ impl<E: Engine> Driver<E> {
             unreachable: BTreeSet::new(),
             load: options.load,
             crash_after_split: options.crash_after_split,
+            seed: node_seed(options.node_id, options.seed),
         };
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
             driver.open_replica(range)?;
@@ -501,7 +506,7 @@ impl<E: Engine> Driver<E> {
         config.election_timeout_ticks = self.timing.election_timeout_ticks;
         config.heartbeat_interval_ticks = self.timing.heartbeat_interval_ticks;
         config.lease_duration_ns = self.timing.lease_duration.as_nanos() as u64;
-        config.seed = rand_seed(self.node_id) ^ range.0.rotate_left(17);
+        config.seed = self.seed ^ range.0.rotate_left(17);
         let mut raft =
             RawNode::new(config, store, raft_interval(&self.truetime)).map_err(internal)?;
         if fresh {
@@ -848,7 +853,7 @@ impl<E: Engine> Driver<E> {
                 // A read round renews the lease at once; its result is not needed.
                 let _ = replica.raft.read_index(context);
             }
-            let deadline = std::time::Instant::now() + LEASE_WAIT;
+            let deadline = tokio::time::Instant::now() + LEASE_WAIT;
             replica.lease_waiters.push(LeaseWaiter { deadline, key, value, reply });
             return;
         }
@@ -878,7 +883,7 @@ impl<E: Engine> Driver<E> {
 
     /// Proposes the writes whose leader now has a lease; fails those that waited too long.
     fn retry_lease_waiters(&mut self) {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut retry = Vec::new();
         for range in &self.awake {
             let Some(replica) = self.replicas.get_mut(range) else { continue };
@@ -969,7 +974,7 @@ impl<E: Engine> Driver<E> {
             staged.push(replica.raft.storage().stage(ready, &mut durable));
         }
         if !durable.is_empty() {
-            let (size, started) = (durable.size_bytes(), std::time::Instant::now());
+            let (size, started) = (durable.size_bytes(), tokio::time::Instant::now());
             self.engine.write(durable, true).map_err(internal)?;
             metrics::histogram!("meridian_storage_sync_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -1010,11 +1015,19 @@ impl<E: Engine> Driver<E> {
                             *size += data.len() as u64;
                         }
                     }
+                    Applied::RangeIds(first) => {
+                        tracing::debug!(
+                            index = entry.index.0,
+                            term = entry.term.0,
+                            first,
+                            "range ids allocated"
+                        );
+                    }
                     Applied::Split(new_ranges) => {
                         info!(
                             range = range.0,
                             index = entry.index.0,
-                            new_ranges = new_ranges.len(),
+                            new_ranges = ?new_ranges.iter().map(|d| d.id.0).collect::<Vec<_>>(),
                             "range split"
                         );
                         replica.size_bytes = None;
@@ -1341,12 +1354,15 @@ fn serve_read<E: Engine>(mvcc: &Mvcc<E>, replica: &Replica<E>, request: ReadRequ
     }
 }
 
-/// Returns a seed for election jitter that differs between nodes and runs.
-fn rand_seed(node_id: NodeId) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |duration| duration.as_nanos() as u64);
-    nanos ^ node_id.0.rotate_left(32)
+/// Returns a seed for election jitter that differs between nodes and, unless `seed` is given,
+/// between runs.
+fn node_seed(node_id: NodeId, seed: Option<u64>) -> u64 {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |duration| duration.as_nanos() as u64)
+    });
+    seed ^ node_id.0.rotate_left(32)
 }
 
 /// Logs a fatal driver error.
