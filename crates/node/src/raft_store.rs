@@ -50,6 +50,8 @@ const TRUNCATED_STATE: u8 = 0x02;
 const ENTRY: u8 = 0x03;
 /// The range's applied state (written by the state machine, see `state_machine.rs`).
 pub(crate) const APPLIED_STATE: u8 = 0x04;
+/// Present once a replica of the range on this node was destroyed.
+const TOMBSTONE: u8 = 0x05;
 
 fn range_prefix(range: RangeId) -> Vec<u8> {
     let mut key = Vec::with_capacity(18);
@@ -154,7 +156,18 @@ pub fn stage_destroy_replica<E: Engine>(
     }
     let tombstone = HardState { commit: meridian_raft::LogIndex(0), ..hard_state };
     batch.put(state_key(range, HARD_STATE), wire::HardState::from(&tombstone).encode_to_vec());
+    batch.put(state_key(range, TOMBSTONE), Vec::new());
     Ok(deleted)
+}
+
+/// Whether a replica of `range` on this node was destroyed at some point: a replica created
+/// for the range again has forgotten a log that may have been part of a quorum.
+///
+/// # Errors
+///
+/// [`RaftError::Storage`] if the engine fails.
+pub fn was_destroyed<E: Engine>(engine: &E, range: RangeId) -> RaftResult<bool> {
+    Ok(engine.get(&state_key(range, TOMBSTONE)).map_err(storage_error)?.is_some())
 }
 
 /// Whether `engine` holds a replica of `range`.

@@ -31,17 +31,19 @@ use std::time::Duration;
 
 use meridian_clock::{Timestamp, TrueTime};
 use meridian_raft::{
-    Config as RaftConfig, Configuration, EntryKind, HardState, Interval, LogIndex, Message, NodeId,
-    RawNode, Ready, Role, Snapshot, SnapshotMetadata, Storage, Term,
+    Config as RaftConfig, Configuration, EntryKind, HardState, Interval, LogIndex, Message,
+    MessageBody, NodeId, RawNode, Ready, Role, Snapshot, SnapshotMetadata, Storage, Term,
 };
 use meridian_rpc::kv as wire;
 use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 use crate::placement::{PlacementInput, plan};
-use crate::raft_store::{has_replica, stage_destroy_replica, stage_new_replica, stored_ranges};
+use crate::raft_store::{
+    has_replica, stage_destroy_replica, stage_new_replica, stored_ranges, was_destroyed,
+};
 use crate::state_machine::{
     Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
     encode_allocate_range_ids, encode_delete, encode_put, encode_split, encode_update_descriptors,
@@ -327,6 +329,9 @@ struct LeaseWaiter {
 
 struct Replica<E: Engine> {
     range: RangeId,
+    /// Whether a replica of this range on this node was destroyed before: until a snapshot
+    /// initializes it, this one must not vote (see `withholds_vote`).
+    destroyed_before: bool,
     raft: RawNode<RaftLogStore<E>>,
     state: RangeStateMachine<E>,
     /// The highest timestamp this replica assigned as leader.
@@ -493,8 +498,10 @@ impl<E: Engine> Driver<E> {
     /// waiting for a snapshot) if the store holds none.
     fn open_replica(&mut self, range: RangeId) -> Result<(), NodeError> {
         let source = Arc::new(RangeSnapshotSource { range, mvcc: self.mvcc.clone() });
+        let destroyed_before = was_destroyed(self.engine.as_ref(), range).map_err(internal)?;
         // A replica this store never held has given no promise it could have forgotten.
-        let fresh = !has_replica(self.engine.as_ref(), range).map_err(internal)?;
+        let fresh =
+            !destroyed_before && !has_replica(self.engine.as_ref(), range).map_err(internal)?;
         let metadata = SnapshotMetadata {
             index: LogIndex(0),
             term: Term(0),
@@ -538,6 +545,7 @@ impl<E: Engine> Driver<E> {
                 move_source: None,
                 rebalanced_at: None,
                 checking_membership: false,
+                destroyed_before,
             },
         );
         Ok(())
@@ -663,6 +671,14 @@ impl<E: Engine> Driver<E> {
                         info!(range = range.0, "created an uninitialized replica");
                     }
                     let replica = self.replicas.get_mut(&range).expect("replica exists");
+                    if withholds_vote(replica, &message) {
+                        debug!(
+                            range = range.0,
+                            from = message.from.0,
+                            "a replica without its log withholds its vote"
+                        );
+                        continue;
+                    }
                     if let Err(error) = replica.raft.step(message) {
                         warn!(range = range.0, %error, "rejected a raft message");
                     }
@@ -1016,7 +1032,7 @@ impl<E: Engine> Driver<E> {
                         }
                     }
                     Applied::RangeIds(first) => {
-                        tracing::debug!(
+                        debug!(
                             index = entry.index.0,
                             term = entry.term.0,
                             first,
@@ -1354,6 +1370,26 @@ fn serve_read<E: Engine>(mvcc: &Mvcc<E>, replica: &Replica<E>, request: ReadRequ
     }
 }
 
+/// Whether `replica` must ignore `message`, a (pre-)vote request: it is a replica created again
+/// after this node's replica of the range was destroyed, and no snapshot has initialized it.
+///
+/// Its log is gone, yet it may have been part of the quorum that committed the configuration
+/// which removed it. Voting with an empty log could then elect a voter that missed that change
+/// and still counts the old configuration's majority (this node and itself): two leaders for
+/// one range. Its term and vote survive in the tombstone, which keeps it from voting twice in a
+/// term, but not from this. A replica that never existed here cannot have been in any quorum
+/// (an uninitialized replica acknowledges nothing), so it may vote, which lets the voters of a
+/// range just split off elect its leader at once.
+fn withholds_vote<E: Engine>(replica: &Replica<E>, message: &Message) -> bool {
+    withholds_vote_when(replica.destroyed_before, replica.state.is_initialized(), message)
+}
+
+fn withholds_vote_when(destroyed_before: bool, initialized: bool, message: &Message) -> bool {
+    destroyed_before
+        && !initialized
+        && matches!(message.body, MessageBody::Vote { .. } | MessageBody::PreVote { .. })
+}
+
 /// Returns a seed for election jitter that differs between nodes and, unless `seed` is given,
 /// between runs.
 fn node_seed(node_id: NodeId, seed: Option<u64>) -> u64 {
@@ -1368,4 +1404,34 @@ fn node_seed(node_id: NodeId, seed: Option<u64>) -> u64 {
 /// Logs a fatal driver error.
 pub fn log_fatal(error: &NodeError) {
     error!(%error, "the node's driver stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use meridian_raft::{CommitPoint, LogIndex, Message, MessageBody, NodeId, Term};
+
+    use super::withholds_vote_when;
+
+    #[test]
+    fn only_recreated_uninitialized_replicas_withhold_votes() {
+        let message = |body| Message { from: NodeId(2), to: NodeId(1), term: Term(3), body };
+        let vote = message(MessageBody::Vote {
+            last_index: LogIndex(7),
+            last_term: Term(2),
+            transfer: false,
+        });
+        let pre_vote =
+            message(MessageBody::PreVote { last_index: LogIndex(7), last_term: Term(2) });
+        let answer = message(MessageBody::VoteResponse {
+            granted: true,
+            commit: CommitPoint { index: LogIndex(0), term: Term(0) },
+        });
+        assert!(withholds_vote_when(true, false, &vote));
+        assert!(withholds_vote_when(true, false, &pre_vote));
+        assert!(!withholds_vote_when(true, false, &answer));
+        // Initialized by a snapshot, or never destroyed here: it votes.
+        assert!(!withholds_vote_when(true, true, &vote));
+        assert!(!withholds_vote_when(false, false, &vote));
+        assert!(!withholds_vote_when(false, false, &pre_vote));
+    }
 }

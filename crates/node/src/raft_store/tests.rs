@@ -230,3 +230,28 @@ fn new_replicas_start_compacted_and_are_listed() {
             .unwrap();
     assert_eq!(voter.hard_state(), HardState { commit: LogIndex(1), ..voted });
 }
+
+/// Destroying a replica keeps its term and vote and marks the range, and the mark outlives a
+/// replica created for the range again (whose log starts empty).
+#[test]
+fn destroyed_replicas_leave_a_tombstone() {
+    let engine = Arc::new(MemoryEngine::new());
+    let metadata = SnapshotMetadata { index: LogIndex(1), term: Term(1), ..initial() };
+    let voted = HardState { term: Term(4), vote: Some(NodeId(3)), commit: LogIndex(0) };
+    let mut batch = WriteBatch::new();
+    stage_new_replica(RangeId(5), &metadata, voted, &mut batch);
+    engine.write(batch, true).unwrap();
+    assert!(!was_destroyed(&*engine, RangeId(5)).unwrap());
+    let mut batch = WriteBatch::new();
+    stage_destroy_replica(&*engine, RangeId(5), &mut batch).unwrap();
+    engine.write(batch, true).unwrap();
+    assert!(was_destroyed(&*engine, RangeId(5)).unwrap());
+    assert!(!has_replica(&*engine, RangeId(5)).unwrap());
+    assert_eq!(stored_ranges(&*engine).unwrap(), []);
+    let again =
+        RaftLogStore::open(engine.clone(), RangeId(5), initial(), Arc::new(EmptySource)).unwrap();
+    assert_eq!(again.hard_state(), HardState { commit: LogIndex(0), ..voted });
+    assert_eq!(again.last_index(), LogIndex(0));
+    assert!(was_destroyed(&*engine, RangeId(5)).unwrap());
+    assert!(!was_destroyed(&*engine, RangeId(6)).unwrap());
+}
