@@ -11,8 +11,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use meridian_client::{Client, ClientOptions};
 use meridian_clock::{ClockOptions, ClockSource, SkewedClock, SystemClock, TrueTime};
 use meridian_raft::NodeId;
@@ -34,9 +32,10 @@ use meridian_rpc::node::{
 use meridian_storage::{Engine, FaultyEngine, RocksEngine, RocksOptions, WriteBatch, keyspace};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::clock_monitor::ClockMonitor;
 use crate::driver::{
@@ -323,7 +322,7 @@ impl Shared {
             self.client.allocate_range_ids(count).await.map_err(|error| {
                 Status::unavailable(format!("cannot reserve range ids: {error}"))
             })?;
-        tracing::debug!(range = range.0, first, count, "reserved range ids for a split");
+        debug!(range = range.0, first, count, "reserved range ids for a split");
         let ids = (first..first + count).collect();
         let descriptors =
             self.request("split", |reply| Event::Split { range, keys, ids, reply }).await?;

@@ -7,7 +7,8 @@
 //! Nodes 1–3 form the cluster; node 4 is switched on later and must receive replicas. While a
 //! client writes and reads a dozen keys and splits the key space, the simulation partitions
 //! nodes, isolates them from their peers (but not from the client), drops messages on their
-//! links at random, holds them, and crashes and restarts nodes, one fault at a time. After the
+//! links at random, holds them, and crashes and restarts nodes (some for longer than the
+//! dead-node timeout, so that their replicas are replaced), one fault at a time. After the
 //! faults heal it checks:
 //!
 //! - **no acknowledged write is lost** and **reads are linearizable**: the history of every key
@@ -60,6 +61,8 @@ const OPERATIONS_PER_WORKER: usize = 60;
 const SPLIT_KEYS: [&str; 3] = ["k03", "k06", "k09"];
 /// How long faults are injected, in simulated time.
 const FAULT_PHASE: Duration = Duration::from_secs(40);
+/// How long a node may be unheard before its replicas are replaced.
+const DEAD_NODE_TIMEOUT: Duration = Duration::from_secs(6);
 /// How long the cluster has to converge after the faults end.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
@@ -159,7 +162,7 @@ fn node_options(node: usize) -> NodeOptions {
         timing: RaftTiming::default(),
         inject_clock_skew_ns: 0,
         http_listen: None,
-        dead_node_timeout: Duration::from_secs(3600),
+        dead_node_timeout: DEAD_NODE_TIMEOUT,
         inject_disk_full_after_bytes: None,
         range_max_bytes: 64 << 20,
         inject_crash_after_split: false,
@@ -526,29 +529,99 @@ fn tiling(spans: &[Span]) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // The simulation.
 
-/// A fault in progress, and when it ends (in simulated time since the start).
-enum Fault {
-    Partition {
-        node: String,
-        until: Duration,
-    },
+/// What a fault does to its node.
+#[derive(Clone, Copy, Debug)]
+enum FaultKind {
+    /// Cut off from everyone.
+    Partition,
     /// Cut off from the other nodes, but not from the client.
-    Isolate {
+    Isolate,
+    /// Crashed, restarted with its store a few seconds later.
+    Crash,
+    /// Crashed for longer than the dead-node timeout: its replicas are replaced elsewhere, and
+    /// the ones it comes back with are removed.
+    Outage,
+    /// Its links drop messages at random.
+    Lossy,
+    /// Its messages are held back, then delivered.
+    Hold,
+}
+
+/// A fault in progress, and when it ends (in simulated time since the start).
+struct Fault {
+    kind: FaultKind,
+    node: String,
+    until: Duration,
+}
+
+impl Fault {
+    /// Starts a fault of `kind` on `node` at `now`, for a duration drawn from `rng`.
+    fn start(
+        sim: &mut turmoil::Sim<'_>,
+        kind: FaultKind,
         node: String,
-        until: Duration,
-    },
-    Crash {
-        node: String,
-        until: Duration,
-    },
-    Lossy {
-        node: String,
-        until: Duration,
-    },
-    Hold {
-        node: String,
-        until: Duration,
-    },
+        now: Duration,
+        rng: &mut SplitMix64,
+    ) -> Fault {
+        let short = Duration::from_millis(1_000 + rng.next_u64() % 4_000);
+        let until = now
+            + match kind {
+                FaultKind::Partition => {
+                    others(&node)
+                        .iter()
+                        .for_each(|other| sim.partition(node.as_str(), other.as_str()));
+                    short
+                }
+                FaultKind::Isolate => {
+                    peers(&node)
+                        .iter()
+                        .for_each(|other| sim.partition(node.as_str(), other.as_str()));
+                    short
+                }
+                FaultKind::Crash => {
+                    sim.crash(node.as_str());
+                    short
+                }
+                FaultKind::Outage => {
+                    sim.crash(node.as_str());
+                    DEAD_NODE_TIMEOUT + short
+                }
+                FaultKind::Lossy => {
+                    for other in others(&node) {
+                        sim.set_link_fail_rate(node.as_str(), other.as_str(), 0.05);
+                    }
+                    short
+                }
+                FaultKind::Hold => {
+                    others(&node).iter().for_each(|other| sim.hold(node.as_str(), other.as_str()));
+                    Duration::from_millis(300)
+                }
+            };
+        Fault { kind, node, until }
+    }
+
+    /// Ends the fault.
+    fn end(self, sim: &mut turmoil::Sim<'_>) {
+        let node = self.node.as_str();
+        match self.kind {
+            FaultKind::Partition => {
+                others(node).iter().for_each(|other| sim.repair(node, other.as_str()))
+            }
+            FaultKind::Isolate => {
+                peers(node).iter().for_each(|other| sim.repair(node, other.as_str()))
+            }
+            FaultKind::Crash | FaultKind::Outage => sim.bounce(node),
+            FaultKind::Lossy => {
+                for other in others(node) {
+                    sim.set_link_fail_rate(node, other.as_str(), 0.0);
+                }
+                others(node).iter().for_each(|other| sim.repair(node, other.as_str()));
+            }
+            FaultKind::Hold => {
+                others(node).iter().for_each(|other| sim.release(node, other.as_str()))
+            }
+        }
+    }
 }
 
 fn others(node: &str) -> Vec<String> {
@@ -621,84 +694,24 @@ fn run(seed: u64) -> Result<(), String> {
             next_sync += Duration::from_secs(5);
         }
         // End the current fault when its time is up.
-        let over = match &fault {
-            Some(
-                Fault::Partition { until, .. }
-                | Fault::Isolate { until, .. }
-                | Fault::Crash { until, .. }
-                | Fault::Lossy { until, .. }
-                | Fault::Hold { until, .. },
-            ) => elapsed >= *until,
-            None => false,
-        };
-        if over {
-            match fault.take() {
-                Some(Fault::Partition { node, .. }) => {
-                    others(&node).iter().for_each(|other| sim.repair(node.as_str(), other.as_str()))
-                }
-                Some(Fault::Isolate { node, .. }) => {
-                    peers(&node).iter().for_each(|other| sim.repair(node.as_str(), other.as_str()))
-                }
-                Some(Fault::Crash { node, .. }) => sim.bounce(node.as_str()),
-                Some(Fault::Lossy { node, .. }) => {
-                    for other in others(&node) {
-                        sim.set_link_fail_rate(node.as_str(), other.as_str(), 0.0);
-                    }
-                    others(&node)
-                        .iter()
-                        .for_each(|other| sim.repair(node.as_str(), other.as_str()));
-                }
-                Some(Fault::Hold { node, .. }) => others(&node)
-                    .iter()
-                    .for_each(|other| sim.release(node.as_str(), other.as_str())),
-                None => {}
-            }
+        if fault.as_ref().is_some_and(|fault| elapsed >= fault.until) {
+            fault.take().expect("a fault").end(&mut sim);
             next_fault = elapsed + Duration::from_millis(500 + rng.next_u64() % 3_000);
         }
         // Start the next one while the fault phase lasts (after the cluster had time to form).
         if fault.is_none() && elapsed >= next_fault && elapsed < FAULT_PHASE {
             let node = host(1 + rng.next_u64() as usize % NODES);
-            let until = elapsed + Duration::from_millis(1_000 + rng.next_u64() % 4_000);
-            let chosen = match rng.next_u64() % 5 {
-                0 => {
-                    others(&node)
-                        .iter()
-                        .for_each(|other| sim.partition(node.as_str(), other.as_str()));
-                    Fault::Partition { node: node.clone(), until }
-                }
-                4 => {
-                    peers(&node)
-                        .iter()
-                        .for_each(|other| sim.partition(node.as_str(), other.as_str()));
-                    Fault::Isolate { node: node.clone(), until }
-                }
-                1 => {
-                    sim.crash(node.as_str());
-                    Fault::Crash { node: node.clone(), until }
-                }
-                2 => {
-                    for other in others(&node) {
-                        sim.set_link_fail_rate(node.as_str(), other.as_str(), 0.05);
-                    }
-                    Fault::Lossy { node: node.clone(), until }
-                }
-                _ => {
-                    others(&node).iter().for_each(|other| sim.hold(node.as_str(), other.as_str()));
-                    Fault::Hold { node: node.clone(), until: elapsed + Duration::from_millis(300) }
-                }
-            };
-            faults.push(format!(
-                "{:.1}s {}",
-                elapsed.as_secs_f64(),
-                match &chosen {
-                    Fault::Partition { node, .. } => format!("partition {node}"),
-                    Fault::Isolate { node, .. } => format!("isolate {node} from its peers"),
-                    Fault::Crash { node, .. } => format!("crash {node}"),
-                    Fault::Lossy { node, .. } => format!("lossy links at {node}"),
-                    Fault::Hold { node, .. } => format!("hold {node}"),
-                }
-            ));
-            fault = Some(chosen);
+            let kinds = [
+                FaultKind::Partition,
+                FaultKind::Isolate,
+                FaultKind::Crash,
+                FaultKind::Outage,
+                FaultKind::Lossy,
+                FaultKind::Hold,
+            ];
+            let kind = kinds[rng.next_u64() as usize % kinds.len()];
+            faults.push(format!("{:.1}s {kind:?} {node}", elapsed.as_secs_f64()));
+            fault = Some(Fault::start(&mut sim, kind, node, elapsed, &mut rng));
         }
         if fault.is_none() && elapsed >= FAULT_PHASE {
             record.healed.store(true, Ordering::SeqCst);

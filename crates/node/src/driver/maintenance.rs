@@ -380,7 +380,7 @@ impl<E: Engine> Driver<E> {
                 led += 1;
                 if replica.led_term != Some(raft.term()) {
                     replica.led_term = Some(raft.term());
-                    tracing::debug!(range = replica.range.0, term = raft.term().0, "leading");
+                    debug!(range = replica.range.0, term = raft.term().0, "leading");
                     metrics::counter!("meridian_raft_leader_elections_won_total").increment(1);
                 }
             }
