@@ -160,6 +160,21 @@ pub fn stage_destroy_replica<E: Engine>(
     Ok(deleted)
 }
 
+/// Returns the hard state stored for `range` (a replica's, or a destroyed one's tombstone), if
+/// any.
+///
+/// # Errors
+///
+/// [`RaftError::Storage`] if the engine fails or holds an undecodable hard state.
+pub fn stored_hard_state<E: Engine>(engine: &E, range: RangeId) -> RaftResult<Option<HardState>> {
+    match engine.get(&state_key(range, HARD_STATE)).map_err(storage_error)? {
+        Some(bytes) => {
+            Ok(Some((&wire::HardState::decode(bytes.as_slice()).map_err(storage_error)?).into()))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Whether a replica of `range` on this node was destroyed at some point: a replica created
 /// for the range again has forgotten a log that may have been part of a quorum.
 ///
@@ -219,12 +234,7 @@ impl<E: Engine> RaftLogStore<E> {
         initial: SnapshotMetadata,
         source: Arc<dyn SnapshotSource>,
     ) -> RaftResult<Self> {
-        let hard_state = match engine.get(&state_key(range, HARD_STATE)).map_err(storage_error)? {
-            Some(bytes) => {
-                (&wire::HardState::decode(bytes.as_slice()).map_err(storage_error)?).into()
-            }
-            None => HardState::default(),
-        };
+        let hard_state = stored_hard_state(&*engine, range)?.unwrap_or_default();
         let truncated =
             match engine.get(&state_key(range, TRUNCATED_STATE)).map_err(storage_error)? {
                 Some(bytes) => {

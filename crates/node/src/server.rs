@@ -39,8 +39,8 @@ use tracing::{debug, info, warn};
 
 use crate::clock_monitor::ClockMonitor;
 use crate::driver::{
-    Background, Driver, DriverOptions, Event, MetaWrite, NodeLoad, PeerLoad, RaftTiming,
-    RangeReport, ReadRequest, log_fatal,
+    Background, Driver, DriverOptions, Event, MembershipCheck, MetaWrite, NodeLoad, PeerLoad,
+    RaftTiming, RangeReport, ReadRequest, log_fatal,
 };
 use crate::transport::Transport;
 use crate::{META_RANGE, NodeError, RangeId};
@@ -492,7 +492,7 @@ impl NodeService for NodeApi {
         let now = reading.local.as_nanos();
         let ranges = statuses
             .into_iter()
-            .map(|RangeReport { range, descriptor, status, progress }| RangeStatus {
+            .map(|RangeReport { range, descriptor, status, progress, config_index }| RangeStatus {
                 range_id: range.0,
                 quiesced: status.quiesced,
                 start: descriptor.start,
@@ -507,6 +507,7 @@ impl NodeService for NodeApi {
                 voters: status.configuration.voters.iter().map(|id| id.0).collect(),
                 learners: status.configuration.learners.iter().map(|id| id.0).collect(),
                 lease_remaining_ms: status.lease_end.saturating_sub(now) / 1_000_000,
+                config_index: config_index.0,
                 replicas: progress
                     .into_iter()
                     .map(|(node, index)| ReplicaProgress { node_id: node.0, match_index: index.0 })
@@ -738,8 +739,14 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
                         .await;
                 }
                 Background::CheckMembership(replicas) => {
-                    for (range, version, ours) in replicas {
-                        let verdict = membership_verdict(&shared, &ours).await;
+                    // Fetched once per batch, for replicas that know no span to look up.
+                    let mut listing = None;
+                    for MembershipCheck { range, version, descriptor, initialized } in replicas {
+                        let verdict = if initialized {
+                            membership_verdict(&shared, &descriptor).await
+                        } else {
+                            uninitialized_verdict(&shared, range, &mut listing).await
+                        };
                         let event = if verdict == Some(false) {
                             Event::Removed { range, version }
                         } else {
@@ -762,10 +769,14 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
 /// Asks the meta range whether this node still belongs to the range described by `ours`:
 /// `Some(false)` when the meta range records the span at a version at least as new without this
 /// node, `Some(true)` when it lists the node, `None` when it cannot tell (unreachable, older).
+/// The meta range, which records no descriptor of its own, is asked about through its leader.
 async fn membership_verdict(
     shared: &Shared,
     ours: &meridian_rpc::kv::RangeDescriptor,
 ) -> Option<bool> {
+    if ours.range_id == META_RANGE.0 {
+        return meta_membership_verdict(shared, ours.config_index).await;
+    }
     let recorded = shared.client.lookup_fresh(&ours.start).await.ok()?;
     let node = shared.node_id.0;
     if recorded.voters.contains(&node) || recorded.learners.contains(&node) {
@@ -777,6 +788,60 @@ async fn membership_verdict(
         recorded.generation > ours.generation
     };
     if newer_or_same { Some(false) } else { None }
+}
+
+/// Whether this node belongs to `range`, for a replica that waits for its first snapshot (and
+/// knows neither span nor configuration): the meta range's record of the range, by id, must
+/// list the node. `None` when that cannot be told (the range is not recorded yet, as right
+/// after a split, or the meta range is unreachable). Destroying such a replica in error costs a
+/// snapshot, not data: it holds none.
+async fn uninitialized_verdict(
+    shared: &Shared,
+    range: RangeId,
+    listing: &mut Option<Vec<meridian_rpc::kv::RangeDescriptor>>,
+) -> Option<bool> {
+    if range == META_RANGE {
+        return meta_membership_verdict(shared, 0).await;
+    }
+    if listing.is_none() {
+        *listing = Some(shared.client.ranges().await.ok()?.0);
+    }
+    let recorded = listing.as_ref()?.iter().find(|descriptor| descriptor.range_id == range.0)?;
+    let node = shared.node_id.0;
+    Some(recorded.voters.contains(&node) || recorded.learners.contains(&node))
+}
+
+/// Asks the peers which of them leads the meta range and whether its configuration, applied at
+/// `config_index` or later, still lists this node. Configurations apply only once committed, so
+/// a leader's configuration without this node means the removal is final. (A leader that was
+/// since deposed may be out of date; if this node was added back meanwhile, destroying its
+/// replica costs a snapshot, not safety: the replica created again withholds its vote until
+/// that snapshot arrives.)
+async fn meta_membership_verdict(shared: &Shared, config_index: u64) -> Option<bool> {
+    let node = shared.node_id.0;
+    for address in shared.transport.peers().into_values() {
+        let ask = async {
+            let mut client = shared.connect(&address).await.ok()?;
+            client.status(StatusRequest {}).await.ok().map(Response::into_inner)
+        };
+        let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(2), ask).await else {
+            continue;
+        };
+        let Some(meta) = status
+            .ranges
+            .iter()
+            .find(|range| range.range_id == META_RANGE.0 && range.role == "leader")
+        else {
+            continue;
+        };
+        if meta.voters.contains(&node) || meta.learners.contains(&node) {
+            return Some(true);
+        }
+        if meta.config_index >= config_index {
+            return Some(false);
+        }
+    }
+    None
 }
 
 /// Returns a new cluster id: the time and the initializing node, in hex.

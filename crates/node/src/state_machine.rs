@@ -250,6 +250,13 @@ impl<E: Engine> RangeStateMachine<E> {
         self.meta.as_ref()
     }
 
+    /// Stages the deletion of the meta range's index (on the meta range; nothing elsewhere).
+    pub fn stage_clear_meta_index(&mut self, batch: &mut WriteBatch) {
+        if let Some(meta) = self.meta.as_mut() {
+            meta.stage_clear(batch);
+        }
+    }
+
     /// Applies a committed entry into `batch`.
     ///
     /// # Errors

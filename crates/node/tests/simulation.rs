@@ -19,7 +19,9 @@
 //! - **every key is served by exactly one range**: the ranges the current leaders report tile
 //!   the key space without gaps or overlaps;
 //! - **the meta range agrees with the ranges**: its descriptors are exactly the leaders' (span,
-//!   generation, voters), and every node holds data replicas.
+//!   generation, voters), and every node holds data replicas;
+//! - **removed replicas are collected**: no node keeps a replica of a range whose current
+//!   configuration lacks it.
 //!
 //! Every run prints its seed, its faults and the ranges it ended with; `MERIDIAN_SIM_SEED=N`
 //! replays one seed, `MERIDIAN_SIM_SEEDS=K` runs K seeds, and `RUST_LOG` (e.g.
@@ -44,7 +46,7 @@ use meridian_raft::sim::linearizability::{self, HistoryEntry, Operation};
 use meridian_raft::{NodeId, SplitMix64};
 use meridian_rpc::dial::{Connecting, Dialer};
 use meridian_rpc::node::node_client::NodeClient;
-use meridian_rpc::node::{InitRequest, StatusRequest, StatusResponse};
+use meridian_rpc::node::{InitRequest, RangeStatus, StatusRequest, StatusResponse};
 use meridian_storage::MemoryEngine;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -395,6 +397,11 @@ async fn check_ranges_converge(dialer: &Dialer, checker: &Client) -> Result<Stri
             last = format!("no range starts at {missing}");
             continue;
         }
+        let strays = stray_replicas(&statuses);
+        if !strays.is_empty() {
+            last = format!("removed replicas linger: {}", strays.join(", "));
+            continue;
+        }
         let holders: BTreeSet<u64> = leaders.iter().flat_map(|span| span.voters.clone()).collect();
         if holders.len() != NODES {
             last = format!("only nodes {holders:?} hold data replicas");
@@ -477,31 +484,51 @@ struct Span {
     voters: Vec<u64>,
 }
 
-/// The data ranges as their current leaders report them (the meta range left out): for each
-/// range, the leader of the highest term.
+/// Every range's current leader (the one of the highest term), by range id.
+fn leader_reports(statuses: &[StatusResponse]) -> BTreeMap<u64, &RangeStatus> {
+    let mut best: BTreeMap<u64, &RangeStatus> = BTreeMap::new();
+    for range in statuses.iter().flat_map(|status| &status.ranges) {
+        if range.role == "leader"
+            && best.get(&range.range_id).is_none_or(|known| range.term > known.term)
+        {
+            best.insert(range.range_id, range);
+        }
+    }
+    best
+}
+
+/// The data ranges as their current leaders report them (the meta range left out), by start.
 fn current_leaders(statuses: &[StatusResponse]) -> Vec<Span> {
-    let mut best: BTreeMap<u64, (u64, Span)> = BTreeMap::new();
+    let mut spans: Vec<Span> = leader_reports(statuses)
+        .into_values()
+        .filter(|range| range.range_id != meridian_node::META_RANGE.0)
+        .map(|range| Span {
+            range_id: range.range_id,
+            start: range.start.clone(),
+            end: range.end.clone(),
+            generation: range.generation,
+            voters: sorted(&range.voters),
+        })
+        .collect();
+    spans.sort_by(|a, b| a.start.cmp(&b.start));
+    spans
+}
+
+/// The replicas that belong to no current configuration: removed, but not yet destroyed.
+fn stray_replicas(statuses: &[StatusResponse]) -> Vec<String> {
+    let leaders = leader_reports(statuses);
+    let mut strays = Vec::new();
     for status in statuses {
-        for range in status.ranges.iter().filter(|range| range.role == "leader") {
-            if range.range_id == meridian_node::META_RANGE.0 {
-                continue;
-            }
-            let span = Span {
-                range_id: range.range_id,
-                start: range.start.clone(),
-                end: range.end.clone(),
-                generation: range.generation,
-                voters: sorted(&range.voters),
-            };
-            let entry = best.entry(range.range_id).or_insert((range.term, span.clone()));
-            if range.term > entry.0 {
-                *entry = (range.term, span);
+        for range in &status.ranges {
+            let member = leaders.get(&range.range_id).is_some_and(|leader| {
+                leader.voters.contains(&status.node_id) || leader.learners.contains(&status.node_id)
+            });
+            if !member {
+                strays.push(format!("n{} holds range {}", status.node_id, range.range_id));
             }
         }
     }
-    let mut spans: Vec<Span> = best.into_values().map(|(_, span)| span).collect();
-    spans.sort_by(|a, b| a.start.cmp(&b.start));
-    spans
+    strays
 }
 
 fn sorted(ids: &[u64]) -> Vec<u64> {

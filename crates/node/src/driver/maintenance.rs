@@ -222,22 +222,29 @@ impl<E: Engine> Driver<E> {
         }
     }
 
-    /// Asks the background task whether this node still belongs to the data ranges whose
-    /// replicas here have known no leader for a while: a node removed from a range while it
-    /// was away (or before it applied its removal) is told by nobody else.
+    /// Asks the background task whether this node still belongs to the ranges whose replicas
+    /// here have known no leader for a while: a node removed from a range while it was away
+    /// (or before it applied its removal) is told by nobody else, and a replica created by a
+    /// message from a range's former leader waits for a snapshot that never comes.
     fn check_leaderless_replicas(&mut self) {
         let mut batch = Vec::new();
         for replica in self.replicas.values_mut() {
-            if replica.range == META_RANGE
-                || replica.checking_membership
-                || !replica.state.is_initialized()
-                || replica.leaderless_ticks < LEADERLESS_TICKS_BEFORE_CHECK
-            {
+            let due = if replica.state.is_initialized() {
+                replica.leaderless_ticks >= LEADERLESS_TICKS_BEFORE_CHECK
+            } else {
+                replica.uninitialized_rounds += 1;
+                replica.uninitialized_rounds > UNINITIALIZED_ROUNDS_BEFORE_CHECK
+            };
+            if replica.checking_membership || !due {
                 continue;
             }
             replica.checking_membership = true;
-            let version = replica.descriptor_version();
-            batch.push((replica.range, version, replica.state.applied().wire_descriptor()));
+            batch.push(MembershipCheck {
+                range: replica.range,
+                version: replica.descriptor_version(),
+                descriptor: replica.state.applied().wire_descriptor(),
+                initialized: replica.state.is_initialized(),
+            });
         }
         if !batch.is_empty() {
             let _ = self.background.send(Background::CheckMembership(batch));
@@ -264,8 +271,8 @@ impl<E: Engine> Driver<E> {
     }
 
     /// Destroys the replica of `range` if it is still at `version` (and, if `leaderless`, still
-    /// knows no leader): deletes its Raft state (keeping its term and vote) and its data where
-    /// no other replica here holds the keys.
+    /// knows no leader or still waits for its first snapshot): deletes its Raft state (keeping
+    /// its term and vote) and its data where no other replica here holds the keys.
     pub(super) fn destroy_replica(
         &mut self,
         range: RangeId,
@@ -273,8 +280,11 @@ impl<E: Engine> Driver<E> {
         leaderless: bool,
     ) -> Result<(), NodeError> {
         let Some(replica) = self.replicas.get(&range) else { return Ok(()) };
+        // A replica that found a leader meanwhile is not removed after all; one waiting for its
+        // first snapshot may believe in a leader that left it behind (its version changes once
+        // a snapshot arrives).
         if replica.descriptor_version() != version
-            || (leaderless && replica.raft.leader().is_some())
+            || (leaderless && replica.state.is_initialized() && replica.raft.leader().is_some())
         {
             if let Some(replica) = self.replicas.get_mut(&range) {
                 replica.checking_membership = false;
@@ -289,10 +299,21 @@ impl<E: Engine> Driver<E> {
             .map(|other| other.state.descriptor().clone())
             .filter(|other| other.overlaps(&descriptor))
             .collect();
+        let initialized = replica.state.is_initialized();
         let mut batch = WriteBatch::new();
         stage_destroy_replica(self.engine.as_ref(), range, &mut batch).map_err(internal)?;
-        for (start, end) in uncovered(&descriptor, &holes) {
-            self.mvcc.stage_clear(&mut batch, &start, end.as_deref()).map_err(internal)?;
+        if !initialized {
+            // A replica waiting for its first snapshot holds no data (and its descriptor, a
+            // default, spans every key).
+        } else if range == META_RANGE {
+            // The meta range's data is its index, in a key space of its own.
+            if let Some(replica) = self.replicas.get_mut(&range) {
+                replica.state.stage_clear_meta_index(&mut batch);
+            }
+        } else {
+            for (start, end) in uncovered(&descriptor, &holes) {
+                self.mvcc.stage_clear(&mut batch, &start, end.as_deref()).map_err(internal)?;
+            }
         }
         self.engine.write(batch, true).map_err(internal)?;
         self.awake.remove(&range);

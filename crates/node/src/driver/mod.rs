@@ -42,7 +42,8 @@ use tracing::{debug, error, info, warn};
 use crate::descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 use crate::placement::{PlacementInput, plan};
 use crate::raft_store::{
-    has_replica, stage_destroy_replica, stage_new_replica, stored_ranges, was_destroyed,
+    has_replica, stage_destroy_replica, stage_new_replica, stored_hard_state, stored_ranges,
+    was_destroyed,
 };
 use crate::state_machine::{
     Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
@@ -68,6 +69,10 @@ const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
 /// Ticks without a known leader before a replica asks the meta range whether this node still
 /// belongs to its range.
 const LEADERLESS_TICKS_BEFORE_CHECK: u64 = 50;
+/// Placement rounds (seconds) a replica may wait for its first snapshot before its node asks
+/// whether it belongs to the range: one created by a message from a leader that removed this
+/// node meanwhile may believe in that leader for ever, so knowing no leader is no criterion.
+const UNINITIALIZED_ROUNDS_BEFORE_CHECK: u64 = 5;
 /// How long a range rests after a rebalancing move before it starts another (loads from
 /// hellos take a few seconds to reflect a move).
 const REBALANCE_REST: Duration = Duration::from_secs(10);
@@ -188,7 +193,21 @@ pub enum Background {
     /// Ask the meta range whether this node still belongs to these ranges (their replicas
     /// have heard from no leader for a while); answer with [`Event::Removed`] or
     /// [`Event::StillMember`].
-    CheckMembership(Vec<(RangeId, DescriptorVersion, wire::RangeDescriptor)>),
+    CheckMembership(Vec<MembershipCheck>),
+}
+
+/// A replica whose node may have been removed from its range.
+#[derive(Debug)]
+pub struct MembershipCheck {
+    /// The range.
+    pub range: RangeId,
+    /// The replica's descriptor version when asked (a destroy applies only to it).
+    pub version: DescriptorVersion,
+    /// The replica's descriptor; meaningless if it is not initialized.
+    pub descriptor: wire::RangeDescriptor,
+    /// Whether the replica holds the range's state (else it waits for a snapshot and knows
+    /// neither the span nor the configuration).
+    pub initialized: bool,
 }
 
 /// A node's load as it reports it in hellos.
@@ -224,6 +243,8 @@ pub struct RangeReport {
     pub status: meridian_raft::Status,
     /// On the leader: each member's match index.
     pub progress: Vec<(NodeId, LogIndex)>,
+    /// The log index of the configuration in `status`.
+    pub config_index: LogIndex,
 }
 
 /// What the driver reacts to.
@@ -367,6 +388,8 @@ struct Replica<E: Engine> {
     rebalanced_at: Option<tokio::time::Instant>,
     /// Whether the meta range is being asked if this node still belongs to the range.
     checking_membership: bool,
+    /// Placement rounds this replica has waited for its first snapshot (since the last check).
+    uninitialized_rounds: u64,
 }
 
 impl<E: Engine> Replica<E> {
@@ -545,6 +568,7 @@ impl<E: Engine> Driver<E> {
                 move_source: None,
                 rebalanced_at: None,
                 checking_membership: false,
+                uninitialized_rounds: 0,
                 destroyed_before,
             },
         );
@@ -752,6 +776,7 @@ impl<E: Engine> Driver<E> {
                 if let Some(replica) = self.replicas.get_mut(&range) {
                     replica.checking_membership = false;
                     replica.leaderless_ticks = 0;
+                    replica.uninitialized_rounds = 0;
                 }
             }
             Event::SplitDone { range } => {
@@ -779,6 +804,7 @@ impl<E: Engine> Driver<E> {
                             descriptor: replica.state.descriptor().clone(),
                             status,
                             progress,
+                            config_index: replica.state.applied().config_index,
                         }
                     })
                     .collect();
@@ -1119,7 +1145,7 @@ impl<E: Engine> Driver<E> {
                 replica.compaction = Some(metadata);
             }
         }
-        let children = self.new_replicas_of_splits(children);
+        let children = self.new_replicas_of_splits(children)?;
         let sync = !children.is_empty();
         Self::stage_replicas(&children, &mut applied_batch);
         if !applied_batch.is_empty() {
@@ -1203,29 +1229,38 @@ impl<E: Engine> Driver<E> {
     /// Returns the replicas to create for ranges split off here. A replica that heard of its
     /// range first (through a message) and still waits for a snapshot is initialized from the
     /// split instead, keeping its term and vote; one that already holds data is left alone.
-    fn new_replicas_of_splits(&self, children: Vec<AppliedState>) -> Vec<NewReplica> {
-        let fresh = HardState { term: Term(1), vote: None, commit: LogIndex(1) };
-        children
-            .into_iter()
-            .filter_map(|applied| {
-                let hard_state = match self.replicas.get(&applied.descriptor.id) {
-                    None => fresh,
-                    Some(existing)
-                        if !existing.state.is_initialized()
-                            && existing.raft.storage().last_index() == LogIndex(0) =>
-                    {
-                        let current = existing.raft.storage().hard_state();
-                        HardState {
-                            term: current.term.max(Term(1)),
-                            vote: current.vote,
-                            commit: LogIndex(1),
-                        }
-                    }
-                    Some(_) => return None,
-                };
-                Some(NewReplica { applied, meta: None, hard_state })
-            })
-            .collect()
+    ///
+    /// A replica of the new range that was created here and destroyed before the split applied
+    /// (it waited too long for a snapshot) left its term and vote in a tombstone: they are kept
+    /// too, or the new replica could vote twice in a term.
+    fn new_replicas_of_splits(
+        &self,
+        children: Vec<AppliedState>,
+    ) -> Result<Vec<NewReplica>, NodeError> {
+        let keep = |current: HardState| HardState {
+            term: current.term.max(Term(1)),
+            vote: current.vote,
+            commit: LogIndex(1),
+        };
+        let mut replicas = Vec::new();
+        for applied in children {
+            let id = applied.descriptor.id;
+            let hard_state = match self.replicas.get(&id) {
+                None => match stored_hard_state(self.engine.as_ref(), id).map_err(internal)? {
+                    Some(tombstone) => keep(tombstone),
+                    None => HardState { term: Term(1), vote: None, commit: LogIndex(1) },
+                },
+                Some(existing)
+                    if !existing.state.is_initialized()
+                        && existing.raft.storage().last_index() == LogIndex(0) =>
+                {
+                    keep(existing.raft.storage().hard_state())
+                }
+                Some(_) => continue,
+            };
+            replicas.push(NewReplica { applied, meta: None, hard_state });
+        }
+        Ok(replicas)
     }
 
     /// Drops from the awake set the replicas that are quiesced and have nothing pending.

@@ -247,6 +247,9 @@ fn destroyed_replicas_leave_a_tombstone() {
     engine.write(batch, true).unwrap();
     assert!(was_destroyed(&*engine, RangeId(5)).unwrap());
     assert!(!has_replica(&*engine, RangeId(5)).unwrap());
+    let tombstone = stored_hard_state(&*engine, RangeId(5)).unwrap();
+    assert_eq!(tombstone, Some(HardState { commit: LogIndex(0), ..voted }));
+    assert_eq!(stored_hard_state(&*engine, RangeId(6)).unwrap(), None);
     assert_eq!(stored_ranges(&*engine).unwrap(), []);
     let again =
         RaftLogStore::open(engine.clone(), RangeId(5), initial(), Arc::new(EmptySource)).unwrap();
