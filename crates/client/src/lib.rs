@@ -355,8 +355,12 @@ impl Client {
         if let Some(leader) = routes.leaders.get(&descriptor.range_id) {
             return leader.clone();
         }
-        let replicas: Vec<&String> =
-            descriptor.voters.iter().filter_map(|node| routes.addresses.get(node)).collect();
+        let replicas: Vec<&String> = descriptor
+            .voters
+            .iter()
+            .chain(&descriptor.outgoing_voters)
+            .filter_map(|node| routes.addresses.get(node))
+            .collect();
         if !replicas.is_empty() {
             return replicas[(attempt as usize - 1) % replicas.len()].clone();
         }

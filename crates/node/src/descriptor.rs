@@ -75,6 +75,7 @@ impl RangeDescriptor {
             voters: voters.into_iter().collect(),
             learners: learners.into_iter().collect(),
             config_index,
+            outgoing_voters: Vec::new(),
         }
     }
 
@@ -217,6 +218,7 @@ mod tests {
             voters: vec![1, 2, 3],
             learners: vec![],
             config_index: 1,
+            outgoing_voters: vec![],
         }
     }
 

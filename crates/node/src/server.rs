@@ -5,7 +5,7 @@
 //! id it belongs to, so that starting a node with another node's or another cluster's store
 //! fails with a clear error, and batches from a node of another cluster are refused.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -508,6 +508,12 @@ impl NodeService for NodeApi {
                 learners: status.configuration.learners.iter().map(|id| id.0).collect(),
                 lease_remaining_ms: status.lease_end.saturating_sub(now) / 1_000_000,
                 config_index: config_index.0,
+                outgoing_voters: status
+                    .configuration
+                    .outgoing_voters
+                    .iter()
+                    .map(|id| id.0)
+                    .collect(),
                 replicas: progress
                     .into_iter()
                     .map(|(node, index)| ReplicaProgress { node_id: node.0, match_index: index.0 })
@@ -739,14 +745,11 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
                         .await;
                 }
                 Background::CheckMembership(replicas) => {
-                    // Fetched once per batch, for replicas that know no span to look up.
+                    // One listing of the meta range answers the whole batch.
                     let mut listing = None;
-                    for MembershipCheck { range, version, descriptor, initialized } in replicas {
-                        let verdict = if initialized {
-                            membership_verdict(&shared, &descriptor).await
-                        } else {
-                            uninitialized_verdict(&shared, range, &mut listing).await
-                        };
+                    for check in replicas {
+                        let verdict = membership_verdict(&shared, &check, &mut listing).await;
+                        let MembershipCheck { range, version, .. } = check;
                         let event = if verdict == Some(false) {
                             Event::Removed { range, version }
                         } else {
@@ -766,49 +769,44 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
     }
 }
 
-/// Asks the meta range whether this node still belongs to the range described by `ours`:
-/// `Some(false)` when the meta range records the span at a version at least as new without this
-/// node, `Some(true)` when it lists the node, `None` when it cannot tell (unreachable, older).
-/// The meta range, which records no descriptor of its own, is asked about through its leader.
+/// The meta range's descriptors by range id, fetched once per membership batch (`None` inside
+/// if the meta range could not be read).
+type Listing = Option<Option<HashMap<u64, meridian_rpc::kv::RangeDescriptor>>>;
+
+/// Asks whether this node still belongs to the range of `check`: `Some(false)` when the meta
+/// range records the range at a version at least as new as the replica's without this node,
+/// `Some(true)` when it lists the node, `None` when it cannot tell (unreachable, not recorded
+/// yet, older). A replica still waiting for its first snapshot knows no version: any record
+/// without the node counts (destroying it in error costs a snapshot, not data: it holds
+/// none). The meta range, which records no descriptor of its own, is asked about through its
+/// leader.
 async fn membership_verdict(
     shared: &Shared,
-    ours: &meridian_rpc::kv::RangeDescriptor,
+    check: &MembershipCheck,
+    listing: &mut Listing,
 ) -> Option<bool> {
-    if ours.range_id == META_RANGE.0 {
-        return meta_membership_verdict(shared, ours.config_index).await;
-    }
-    let recorded = shared.client.lookup_fresh(&ours.start).await.ok()?;
-    let node = shared.node_id.0;
-    if recorded.voters.contains(&node) || recorded.learners.contains(&node) {
-        return Some(true);
-    }
-    let newer_or_same = if recorded.range_id == ours.range_id {
-        (recorded.generation, recorded.config_index) >= (ours.generation, ours.config_index)
-    } else {
-        recorded.generation > ours.generation
-    };
-    if newer_or_same { Some(false) } else { None }
-}
-
-/// Whether this node belongs to `range`, for a replica that waits for its first snapshot (and
-/// knows neither span nor configuration): the meta range's record of the range, by id, must
-/// list the node. `None` when that cannot be told (the range is not recorded yet, as right
-/// after a split, or the meta range is unreachable). Destroying such a replica in error costs a
-/// snapshot, not data: it holds none.
-async fn uninitialized_verdict(
-    shared: &Shared,
-    range: RangeId,
-    listing: &mut Option<Vec<meridian_rpc::kv::RangeDescriptor>>,
-) -> Option<bool> {
-    if range == META_RANGE {
-        return meta_membership_verdict(shared, 0).await;
+    let ours = &check.descriptor;
+    if check.range == META_RANGE {
+        let config_index = if check.initialized { ours.config_index } else { 0 };
+        return meta_membership_verdict(shared, config_index).await;
     }
     if listing.is_none() {
-        *listing = Some(shared.client.ranges().await.ok()?.0);
+        let fetched = shared.client.ranges().await.ok().map(|(descriptors, _)| {
+            descriptors.into_iter().map(|descriptor| (descriptor.range_id, descriptor)).collect()
+        });
+        *listing = Some(fetched);
     }
-    let recorded = listing.as_ref()?.iter().find(|descriptor| descriptor.range_id == range.0)?;
+    let recorded = listing.as_ref()?.as_ref()?.get(&check.range.0)?;
     let node = shared.node_id.0;
-    Some(recorded.voters.contains(&node) || recorded.learners.contains(&node))
+    if [&recorded.voters, &recorded.outgoing_voters, &recorded.learners]
+        .iter()
+        .any(|members| members.contains(&node))
+    {
+        return Some(true);
+    }
+    let newer_or_same = !check.initialized
+        || (recorded.generation, recorded.config_index) >= (ours.generation, ours.config_index);
+    if newer_or_same { Some(false) } else { None }
 }
 
 /// Asks the peers which of them leads the meta range and whether its configuration, applied at
@@ -834,7 +832,10 @@ async fn meta_membership_verdict(shared: &Shared, config_index: u64) -> Option<b
         else {
             continue;
         };
-        if meta.voters.contains(&node) || meta.learners.contains(&node) {
+        if [&meta.voters, &meta.outgoing_voters, &meta.learners]
+            .iter()
+            .any(|members| members.contains(&node))
+        {
             return Some(true);
         }
         if meta.config_index >= config_index {

@@ -88,11 +88,13 @@ impl AppliedState {
 
     /// The descriptor with this state's replica lists, as the meta range records it.
     pub fn wire_descriptor(&self) -> wire::RangeDescriptor {
-        self.descriptor.to_wire(
+        let mut descriptor = self.descriptor.to_wire(
             self.config.voters.iter().map(|id| id.0),
             self.config.learners.iter().map(|id| id.0),
             self.config_index.0,
-        )
+        );
+        descriptor.outgoing_voters = self.config.outgoing_voters.iter().map(|id| id.0).collect();
+        descriptor
     }
 }
 

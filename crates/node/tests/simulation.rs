@@ -521,7 +521,9 @@ fn stray_replicas(statuses: &[StatusResponse]) -> Vec<String> {
     for status in statuses {
         for range in &status.ranges {
             let member = leaders.get(&range.range_id).is_some_and(|leader| {
-                leader.voters.contains(&status.node_id) || leader.learners.contains(&status.node_id)
+                [&leader.voters, &leader.outgoing_voters, &leader.learners]
+                    .iter()
+                    .any(|members| members.contains(&status.node_id))
             });
             if !member {
                 strays.push(format!("n{} holds range {}", status.node_id, range.range_id));

@@ -16,7 +16,7 @@ impl<E: Engine> Driver<E> {
         self.place_replicas();
         self.record_gauges();
         self.publish_descriptors();
-        self.check_leaderless_replicas();
+        self.check_membership();
         self.destroy_removed_replicas()?;
         self.split_large_ranges()
     }
@@ -222,15 +222,20 @@ impl<E: Engine> Driver<E> {
         }
     }
 
-    /// Asks the background task whether this node still belongs to the ranges whose replicas
-    /// here have known no leader for a while: a node removed from a range while it was away
-    /// (or before it applied its removal) is told by nobody else, and a replica created by a
-    /// message from a range's former leader waits for a snapshot that never comes.
-    fn check_leaderless_replicas(&mut self) {
+    /// Asks the background task whether this node still belongs to the ranges of some of its
+    /// replicas. A node removed from a range while it was away (or before it applied its
+    /// removal) is told by nobody else, so are asked about: replicas that have known no leader
+    /// for a while; replicas waiting for a first snapshot, which may believe for ever in the
+    /// leader whose message created them; and, every [`MEMBERSHIP_SWEEP_ROUNDS`] rounds, every
+    /// replica, since a quiesced replica cut off while it was removed does not tick and keeps
+    /// believing in its leader, or in its own leadership of an old term.
+    fn check_membership(&mut self) {
+        self.membership_rounds += 1;
+        let sweep = self.membership_rounds.is_multiple_of(MEMBERSHIP_SWEEP_ROUNDS);
         let mut batch = Vec::new();
         for replica in self.replicas.values_mut() {
             let due = if replica.state.is_initialized() {
-                replica.leaderless_ticks >= LEADERLESS_TICKS_BEFORE_CHECK
+                replica.leaderless_ticks >= LEADERLESS_TICKS_BEFORE_CHECK || sweep
             } else {
                 replica.uninitialized_rounds += 1;
                 replica.uninitialized_rounds > UNINITIALIZED_ROUNDS_BEFORE_CHECK
@@ -265,27 +270,24 @@ impl<E: Engine> Driver<E> {
             .map(|replica| (replica.range, replica.descriptor_version()))
             .collect();
         for (range, version) in removed {
-            self.destroy_replica(range, version, false)?;
+            self.destroy_replica(range, version)?;
         }
         Ok(())
     }
 
-    /// Destroys the replica of `range` if it is still at `version` (and, if `leaderless`, still
-    /// knows no leader or still waits for its first snapshot): deletes its Raft state (keeping
-    /// its term and vote) and its data where no other replica here holds the keys.
+    /// Destroys the replica of `range` if it is still at `version`: deletes its Raft state
+    /// (keeping its term and vote) and its data where no other replica here holds the keys.
+    ///
+    /// The version guards the verdict: it was that a configuration at least as new as
+    /// `version` lacks this node. A replica that applied anything newer meanwhile (or received
+    /// its first snapshot) is asked about again later instead.
     pub(super) fn destroy_replica(
         &mut self,
         range: RangeId,
         version: DescriptorVersion,
-        leaderless: bool,
     ) -> Result<(), NodeError> {
         let Some(replica) = self.replicas.get(&range) else { return Ok(()) };
-        // A replica that found a leader meanwhile is not removed after all; one waiting for its
-        // first snapshot may believe in a leader that left it behind (its version changes once
-        // a snapshot arrives).
-        if replica.descriptor_version() != version
-            || (leaderless && replica.state.is_initialized() && replica.raft.leader().is_some())
-        {
+        if replica.descriptor_version() != version {
             if let Some(replica) = self.replicas.get_mut(&range) {
                 replica.checking_membership = false;
             }

@@ -73,6 +73,9 @@ const LEADERLESS_TICKS_BEFORE_CHECK: u64 = 50;
 /// whether it belongs to the range: one created by a message from a leader that removed this
 /// node meanwhile may believe in that leader for ever, so knowing no leader is no criterion.
 const UNINITIALIZED_ROUNDS_BEFORE_CHECK: u64 = 5;
+/// Every this many placement rounds (seconds), a node asks about every replica it holds (one
+/// listing of the meta range answers them all).
+const MEMBERSHIP_SWEEP_ROUNDS: u64 = 30;
 /// How long a range rests after a rebalancing move before it starts another (loads from
 /// hellos take a few seconds to reflect a move).
 const REBALANCE_REST: Duration = Duration::from_secs(10);
@@ -418,6 +421,8 @@ pub struct Driver<E: Engine> {
     ticks_since_placement: u64,
     /// Placement rounds run.
     placement_rounds: u64,
+    /// Maintenance rounds, for the periodic membership sweep.
+    membership_rounds: u64,
     /// The replicas that may have work: not quiesced, or with something pending. Ticks and
     /// cycles visit only these, so that quiesced ranges cost (almost) nothing; anything that
     /// can wake a replica (a message, a request, a membership change, a transfer) puts it
@@ -500,6 +505,7 @@ impl<E: Engine> Driver<E> {
             liveness: (BTreeSet::new(), BTreeSet::new()),
             ticks_since_placement: 0,
             placement_rounds: 0,
+            membership_rounds: 0,
             awake: BTreeSet::new(),
             background,
             range_max_bytes: options.range_max_bytes,
@@ -771,7 +777,7 @@ impl<E: Engine> Driver<E> {
                     }
                 }
             }
-            Event::Removed { range, version } => self.destroy_replica(range, version, true)?,
+            Event::Removed { range, version } => self.destroy_replica(range, version)?,
             Event::StillMember { range } => {
                 if let Some(replica) = self.replicas.get_mut(&range) {
                     replica.checking_membership = false;
