@@ -75,6 +75,9 @@ pub struct NodeOptions {
     /// Fault injection for tests: abort the process right after leading a split, before the
     /// meta range records it.
     pub inject_crash_after_split: bool,
+    /// How often the node asks the meta range about every replica it holds (replicas with no
+    /// leader or no snapshot are asked about sooner).
+    pub replica_check_interval: Duration,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -480,11 +483,15 @@ impl NodeService for NodeApi {
         Ok(Response::new(BootstrapResponse {}))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let ranges = request.into_inner().range_ids.into_iter().map(RangeId).collect();
         let (reply, receiver) = oneshot::channel();
         self.0
             .events
-            .try_send(Event::Status { reply })
+            .try_send(Event::Status { ranges, reply })
             .map_err(|_| Status::resource_exhausted("the node is overloaded; retry later"))?;
         let statuses =
             receiver.await.map_err(|_| Status::unavailable("the node is shutting down"))?;
@@ -747,16 +754,14 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
                 Background::CheckMembership(replicas) => {
                     // One listing of the meta range answers the whole batch.
                     let mut listing = None;
+                    let (mut removed, mut kept) = (Vec::new(), Vec::new());
                     for check in replicas {
-                        let verdict = membership_verdict(&shared, &check, &mut listing).await;
-                        let MembershipCheck { range, version, .. } = check;
-                        let event = if verdict == Some(false) {
-                            Event::Removed { range, version }
-                        } else {
-                            Event::StillMember { range }
-                        };
-                        let _ = shared.events.send(event).await;
+                        match membership_verdict(&shared, &check, &mut listing).await {
+                            Some(false) => removed.push((check.range, check.version)),
+                            _ => kept.push(check.range),
+                        }
                     }
+                    let _ = shared.events.send(Event::MembershipChecked { removed, kept }).await;
                 }
                 Background::Split { range, key } => {
                     if let Err(error) = shared.split(range, vec![key]).await {
@@ -820,7 +825,8 @@ async fn meta_membership_verdict(shared: &Shared, config_index: u64) -> Option<b
     for address in shared.transport.peers().into_values() {
         let ask = async {
             let mut client = shared.connect(&address).await.ok()?;
-            client.status(StatusRequest {}).await.ok().map(Response::into_inner)
+            let request = StatusRequest { range_ids: vec![META_RANGE.0] };
+            client.status(request).await.ok().map(Response::into_inner)
         };
         let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(2), ask).await else {
             continue;
@@ -1042,6 +1048,7 @@ where
         load: shared.load.clone(),
         crash_after_split: options.inject_crash_after_split,
         seed,
+        replica_check_interval: options.replica_check_interval,
     };
     let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
     info!(node = options.node_id.0, address = %options.advertise, cluster = %cluster_id, "node started");

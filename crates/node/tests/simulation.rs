@@ -172,6 +172,9 @@ fn node_options(node: usize) -> NodeOptions {
         inject_disk_full_after_bytes: None,
         range_max_bytes: RANGE_MAX_BYTES,
         inject_crash_after_split: false,
+        // Often, so that a replica removed while it was cut off and quiesced is collected
+        // within the settle limit.
+        replica_check_interval: Duration::from_secs(20),
     }
 }
 
@@ -226,7 +229,7 @@ async fn init(dialer: &Dialer) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Ok(mut node) = node_client(dialer, 1).await else { continue };
         // Wait until node 1 knows both peers, so that init picks three voters.
-        match node.status(StatusRequest {}).await {
+        match node.status(StatusRequest::default()).await {
             Ok(status) if status.get_ref().peers.len() + 1 >= FIRST_NODES => {}
             Ok(_) => continue,
             Err(status) => {
@@ -352,7 +355,7 @@ async fn check_ranges_converge(dialer: &Dialer, checker: &Client) -> Result<Stri
         let mut statuses = Vec::new();
         for node in 1..=NODES {
             let Ok(mut client) = node_client(dialer, node).await else { continue };
-            if let Ok(status) = client.status(StatusRequest {}).await {
+            if let Ok(status) = client.status(StatusRequest::default()).await {
                 statuses.push(status.into_inner());
             }
         }
@@ -445,7 +448,7 @@ async fn diagnose(dialer: &Dialer, checker: &Client) -> String {
     for node in 1..=NODES {
         let status = match node_client(dialer, node).await {
             Ok(mut client) => {
-                client.status(StatusRequest {}).await.map_err(|status| status.to_string())
+                client.status(StatusRequest::default()).await.map_err(|status| status.to_string())
             }
             Err(error) => Err(error),
         };

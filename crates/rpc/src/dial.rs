@@ -20,9 +20,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often an HTTP/2 connection is pinged, busy or idle.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
 /// How long a ping may go unanswered before the connection counts as broken.
-pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A byte stream to a peer, as a custom dialer returns it.
 pub trait Connection: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

@@ -50,7 +50,7 @@ async fn replica_counts(addresses: &[String]) -> Vec<(usize, usize)> {
             .await
             .unwrap()
             .max_decoding_message_size(1 << 30);
-        let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+        let status = client.status(StatusRequest::default()).await.unwrap().into_inner();
         let quiesced = status.ranges.iter().filter(|range| range.quiesced).count();
         counts.push((status.ranges.len(), quiesced));
     }

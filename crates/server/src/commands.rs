@@ -115,6 +115,10 @@ struct StartArgs {
     /// A range whose data grows past this many KiB splits in two.
     #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     range_max_kib: u64,
+    /// How often the node asks the meta range about every replica it holds, in s: a replica
+    /// removed from its range while it was cut off and idle learns it no other way.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    replica_check_interval_s: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +189,7 @@ async fn start(args: StartArgs) -> Result<()> {
             .map(|mb| mb.saturating_mul(1 << 20)),
         range_max_bytes: args.range_max_kib.saturating_mul(1024),
         inject_crash_after_split: args.inject_crash_after_split,
+        replica_check_interval: Duration::from_secs(args.replica_check_interval_s),
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())
@@ -253,7 +258,7 @@ async fn init(host: &str) -> Result<()> {
 
 async fn status(host: &str) -> Result<()> {
     let mut client = node_client(host).await?;
-    let status = client.status(StatusRequest {}).await.map_err(refused)?;
+    let status = client.status(StatusRequest::default()).await.map_err(refused)?;
     let status = status.into_inner();
     let cluster = if status.cluster_id.is_empty() {
         "(not initialized)".to_string()
@@ -431,7 +436,7 @@ async fn split(host: &str, keys: Vec<String>) -> Result<()> {
 
 async fn decommission(host: &str, node_id: u64) -> Result<()> {
     let mut client = node_client(host).await?;
-    let status = client.status(StatusRequest {}).await.map_err(refused)?.into_inner();
+    let status = client.status(StatusRequest::default()).await.map_err(refused)?.into_inner();
     let Some(peer) = status.peers.iter().find(|peer| peer.node_id == node_id) else {
         bail!("node {host} knows no node {node_id}");
     };

@@ -148,7 +148,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 
 async fn status(address: &str) -> Option<StatusResponse> {
     let mut client = NodeClient::connect(format!("http://{address}")).await.ok()?;
-    Some(client.status(StatusRequest {}).await.ok()?.into_inner())
+    Some(client.status(StatusRequest::default()).await.ok()?.into_inner())
 }
 
 /// Initializes the cluster once every node answers, and waits for a leader; returns what
@@ -439,6 +439,18 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
         Some(2),
         "clap reports bad flags with exit code 2: {output:?}"
     );
+    let output = meridian(&[
+        "start",
+        "--node-id",
+        "1",
+        "--store",
+        "x",
+        "--rpc-listen",
+        "127.0.0.1:1",
+        "--replica-check-interval-s",
+        "0",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "a zero replica-check interval: {output:?}");
 }
 
 #[tokio::test]

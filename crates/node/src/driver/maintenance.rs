@@ -226,12 +226,12 @@ impl<E: Engine> Driver<E> {
     /// replicas. A node removed from a range while it was away (or before it applied its
     /// removal) is told by nobody else, so are asked about: replicas that have known no leader
     /// for a while; replicas waiting for a first snapshot, which may believe for ever in the
-    /// leader whose message created them; and, every [`MEMBERSHIP_SWEEP_ROUNDS`] rounds, every
-    /// replica, since a quiesced replica cut off while it was removed does not tick and keeps
+    /// leader whose message created them; and, every `replica_check_interval`, every
+    /// replica (one listing of the meta range answers them all), since a quiesced replica cut off while it was removed does not tick and keeps
     /// believing in its leader, or in its own leadership of an old term.
     fn check_membership(&mut self) {
         self.membership_rounds += 1;
-        let sweep = self.membership_rounds.is_multiple_of(MEMBERSHIP_SWEEP_ROUNDS);
+        let sweep = self.membership_rounds.is_multiple_of(self.sweep_rounds);
         let mut batch = Vec::new();
         for replica in self.replicas.values_mut() {
             let due = if replica.state.is_initialized() {

@@ -73,9 +73,6 @@ const LEADERLESS_TICKS_BEFORE_CHECK: u64 = 50;
 /// whether it belongs to the range: one created by a message from a leader that removed this
 /// node meanwhile may believe in that leader for ever, so knowing no leader is no criterion.
 const UNINITIALIZED_ROUNDS_BEFORE_CHECK: u64 = 5;
-/// Every this many placement rounds (seconds), a node asks about every replica it holds (one
-/// listing of the meta range answers them all).
-const MEMBERSHIP_SWEEP_ROUNDS: u64 = 30;
 /// How long a range rests after a rebalancing move before it starts another (loads from
 /// hellos take a few seconds to reflect a move).
 const REBALANCE_REST: Duration = Duration::from_secs(10);
@@ -193,9 +190,8 @@ pub enum Background {
     /// Split `range` at `key` (it grew past the size threshold); answer with
     /// [`Event::SplitDone`].
     Split { range: RangeId, key: Vec<u8> },
-    /// Ask the meta range whether this node still belongs to these ranges (their replicas
-    /// have heard from no leader for a while); answer with [`Event::Removed`] or
-    /// [`Event::StillMember`].
+    /// Ask the meta range whether this node still belongs to these ranges (see
+    /// `check_membership`); answer with one [`Event::MembershipChecked`].
     CheckMembership(Vec<MembershipCheck>),
 }
 
@@ -274,7 +270,7 @@ pub enum Event {
     /// Create the meta range and the first data range with these voters (initialization).
     Bootstrap { voters: Vec<NodeId>, reply: Reply<()> },
     /// Report the replicas' status.
-    Status { reply: oneshot::Sender<Vec<RangeReport>> },
+    Status { ranges: BTreeSet<RangeId>, reply: oneshot::Sender<Vec<RangeReport>> },
     /// Whether this node's clock agrees with its peers; a node whose clock does not gives up
     /// leadership.
     ClockHealth { healthy: bool },
@@ -296,11 +292,10 @@ pub enum Event {
     Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },
     /// A size-triggered split of `range` finished (or failed).
     SplitDone { range: RangeId },
-    /// The meta range records a version of `range` at least as new as `version` without this
-    /// node: destroy the replica if it is still at that version and leaderless.
-    Removed { range: RangeId, version: DescriptorVersion },
-    /// The membership check of `range` found nothing to do (or could not tell).
-    StillMember { range: RangeId },
+    /// The answer to a membership check: the meta range records these ranges at versions at
+    /// least as new as the replicas' without this node (destroy each replica still at that
+    /// version); the others were found to be members, or could not be told.
+    MembershipChecked { removed: Vec<(RangeId, DescriptorVersion)>, kept: Vec<RangeId> },
 }
 
 /// What a proposal's proposer waits for.
@@ -423,6 +418,8 @@ pub struct Driver<E: Engine> {
     placement_rounds: u64,
     /// Maintenance rounds, for the periodic membership sweep.
     membership_rounds: u64,
+    /// Maintenance rounds between membership sweeps (at least 1).
+    sweep_rounds: u64,
     /// The replicas that may have work: not quiesced, or with something pending. Ticks and
     /// cycles visit only these, so that quiesced ranges cost (almost) nothing; anything that
     /// can wake a replica (a message, a request, a membership change, a transfer) puts it
@@ -474,6 +471,8 @@ pub struct DriverOptions {
     pub crash_after_split: bool,
     /// Seeds election jitter; `None` takes a seed from the wall clock.
     pub seed: Option<u64>,
+    /// How often to ask the meta range about every replica (see `check_membership`).
+    pub replica_check_interval: Duration,
 }
 
 impl<E: Engine> Driver<E> {
@@ -491,6 +490,9 @@ impl<E: Engine> Driver<E> {
         background: mpsc::UnboundedSender<Background>,
     ) -> Result<Self, NodeError> {
         let mvcc = Arc::new(Mvcc::new(engine.clone()).map_err(internal)?);
+        let round = options.timing.tick_interval * PLACEMENT_INTERVAL_TICKS as u32;
+        let sweep_rounds =
+            (options.replica_check_interval.as_millis() / round.as_millis().max(1)).max(1) as u64;
         let mut driver = Driver {
             node_id: options.node_id,
             engine,
@@ -506,6 +508,7 @@ impl<E: Engine> Driver<E> {
             ticks_since_placement: 0,
             placement_rounds: 0,
             membership_rounds: 0,
+            sweep_rounds,
             awake: BTreeSet::new(),
             background,
             range_max_bytes: options.range_max_bytes,
@@ -777,12 +780,16 @@ impl<E: Engine> Driver<E> {
                     }
                 }
             }
-            Event::Removed { range, version } => self.destroy_replica(range, version)?,
-            Event::StillMember { range } => {
-                if let Some(replica) = self.replicas.get_mut(&range) {
-                    replica.checking_membership = false;
-                    replica.leaderless_ticks = 0;
-                    replica.uninitialized_rounds = 0;
+            Event::MembershipChecked { removed, kept } => {
+                for (range, version) in removed {
+                    self.destroy_replica(range, version)?;
+                }
+                for range in kept {
+                    if let Some(replica) = self.replicas.get_mut(&range) {
+                        replica.checking_membership = false;
+                        replica.leaderless_ticks = 0;
+                        replica.uninitialized_rounds = 0;
+                    }
                 }
             }
             Event::SplitDone { range } => {
@@ -791,10 +798,11 @@ impl<E: Engine> Driver<E> {
                     replica.size_bytes = None;
                 }
             }
-            Event::Status { reply } => {
+            Event::Status { ranges, reply } => {
                 let statuses = self
                     .replicas
                     .iter()
+                    .filter(|(range, _)| ranges.is_empty() || ranges.contains(range))
                     .map(|(range, replica)| {
                         let status = replica.raft.status();
                         let progress = status
