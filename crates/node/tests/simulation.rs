@@ -352,13 +352,8 @@ async fn check_ranges_converge(dialer: &Dialer, checker: &Client) -> Result<Stri
     let mut last = String::new();
     while started.elapsed() < SETTLE_LIMIT {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut statuses = Vec::new();
-        for node in 1..=NODES {
-            let Ok(mut client) = node_client(dialer, node).await else { continue };
-            if let Ok(status) = client.status(StatusRequest::default()).await {
-                statuses.push(status.into_inner());
-            }
-        }
+        let statuses: Vec<StatusResponse> =
+            node_statuses(dialer).await.into_iter().filter_map(|(_, status)| status.ok()).collect();
         let Ok((meta, _)) = checker.ranges().await else {
             last = "the meta range did not answer".into();
             continue;
@@ -424,6 +419,23 @@ async fn check_ranges_converge(dialer: &Dialer, checker: &Client) -> Result<Stri
     Err(format!("ranges did not converge within {SETTLE_LIMIT:?}: {last}{state}"))
 }
 
+/// Asks every node for the status of all its replicas.
+async fn node_statuses(dialer: &Dialer) -> Vec<(usize, Result<StatusResponse, String>)> {
+    let mut statuses = Vec::new();
+    for node in 1..=NODES {
+        let status = match node_client(dialer, node).await {
+            Ok(mut client) => client
+                .status(StatusRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| status.to_string()),
+            Err(error) => Err(error),
+        };
+        statuses.push((node, status));
+    }
+    statuses
+}
+
 /// Describes what the meta range and every node's replicas say, for a failure report.
 async fn diagnose(dialer: &Dialer, checker: &Client) -> String {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
@@ -445,16 +457,10 @@ async fn diagnose(dialer: &Dialer, checker: &Client) -> String {
         }
         Err(error) => lines.push(format!("meta: {error}")),
     }
-    for node in 1..=NODES {
-        let status = match node_client(dialer, node).await {
-            Ok(mut client) => {
-                client.status(StatusRequest::default()).await.map_err(|status| status.to_string())
-            }
-            Err(error) => Err(error),
-        };
+    for (node, status) in node_statuses(dialer).await {
         match status {
             Ok(status) => {
-                for range in status.into_inner().ranges {
+                for range in status.ranges {
                     lines.push(format!(
                         "n{node}: range {} [{:?}, {:?}) g{} {} term {} leader {} applied {} voters {:?} learners {:?}",
                         range.range_id,
