@@ -752,11 +752,18 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
                         .await;
                 }
                 Background::CheckMembership(replicas) => {
-                    // One listing of the meta range answers the whole batch.
-                    let mut listing = None;
+                    // One listing of the meta range answers every data range of the batch.
+                    let listing: Option<Listing> =
+                        if replicas.iter().any(|check| check.range != META_RANGE) {
+                            shared.client.ranges().await.ok().map(|(descriptors, _)| {
+                                descriptors.into_iter().map(|d| (d.range_id, d)).collect()
+                            })
+                        } else {
+                            None
+                        };
                     let (mut removed, mut kept) = (Vec::new(), Vec::new());
                     for check in replicas {
-                        match membership_verdict(&shared, &check, &mut listing).await {
+                        match membership_verdict(&shared, &check, listing.as_ref()).await {
                             Some(false) => removed.push((check.range, check.version)),
                             _ => kept.push(check.range),
                         }
@@ -774,9 +781,14 @@ async fn background_loop(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<
     }
 }
 
-/// The meta range's descriptors by range id, fetched once per membership batch (`None` inside
-/// if the meta range could not be read).
-type Listing = Option<Option<HashMap<u64, meridian_rpc::kv::RangeDescriptor>>>;
+/// The meta range's descriptors by range id.
+type Listing = HashMap<u64, meridian_rpc::kv::RangeDescriptor>;
+
+/// Whether `node` is in any of a configuration's member lists (voters, the outgoing voters of
+/// a joint configuration, learners).
+fn listed(node: u64, lists: [&[u64]; 3]) -> bool {
+    lists.iter().any(|members| members.contains(&node))
+}
 
 /// Asks whether this node still belongs to the range of `check`: `Some(false)` when the meta
 /// range records the range at a version at least as new as the replica's without this node,
@@ -784,29 +796,19 @@ type Listing = Option<Option<HashMap<u64, meridian_rpc::kv::RangeDescriptor>>>;
 /// yet, older). A replica still waiting for its first snapshot knows no version: any record
 /// without the node counts (destroying it in error costs a snapshot, not data: it holds
 /// none). The meta range, which records no descriptor of its own, is asked about through its
-/// leader.
+/// leader; the others are looked up in `listing` (`None`: the meta range could not be read).
 async fn membership_verdict(
     shared: &Shared,
     check: &MembershipCheck,
-    listing: &mut Listing,
+    listing: Option<&Listing>,
 ) -> Option<bool> {
     let ours = &check.descriptor;
     if check.range == META_RANGE {
         let config_index = if check.initialized { ours.config_index } else { 0 };
         return meta_membership_verdict(shared, config_index).await;
     }
-    if listing.is_none() {
-        let fetched = shared.client.ranges().await.ok().map(|(descriptors, _)| {
-            descriptors.into_iter().map(|descriptor| (descriptor.range_id, descriptor)).collect()
-        });
-        *listing = Some(fetched);
-    }
-    let recorded = listing.as_ref()?.as_ref()?.get(&check.range.0)?;
-    let node = shared.node_id.0;
-    if [&recorded.voters, &recorded.outgoing_voters, &recorded.learners]
-        .iter()
-        .any(|members| members.contains(&node))
-    {
+    let recorded = listing?.get(&check.range.0)?;
+    if listed(shared.node_id.0, [&recorded.voters, &recorded.outgoing_voters, &recorded.learners]) {
         return Some(true);
     }
     let newer_or_same = !check.initialized
@@ -838,10 +840,7 @@ async fn meta_membership_verdict(shared: &Shared, config_index: u64) -> Option<b
         else {
             continue;
         };
-        if [&meta.voters, &meta.outgoing_voters, &meta.learners]
-            .iter()
-            .any(|members| members.contains(&node))
-        {
+        if listed(node, [&meta.voters, &meta.outgoing_voters, &meta.learners]) {
             return Some(true);
         }
         if meta.config_index >= config_index {

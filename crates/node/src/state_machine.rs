@@ -265,8 +265,9 @@ impl<E: Engine> RangeStateMachine<E> {
     ///
     /// Only non-deterministic storage errors; the node must stop on them.
     pub fn apply(&mut self, entry: &Entry, batch: &mut WriteBatch) -> RaftResult<Applied> {
-        // After a restart Raft hands out again every entry committed since its last compaction.
-        // The ones at or below the applied index already took effect (the applied state is
+        // After a restart Raft hands out again every entry committed since its last compaction
+        // (it rebuilds its own configuration from them, so the skipping belongs here, not in
+        // Raft). The ones at or below the applied index already took effect (the applied state is
         // written in the same batch as their effects), and not every command is idempotent:
         // allocating range ids again would hand out ids already in use.
         if entry.index <= self.applied.index {
