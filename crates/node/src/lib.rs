@@ -5,12 +5,16 @@
 //! - `descriptor`: range descriptors and the meta range's index of them.
 //! - `state_machine`: MVCC writes at leader-assigned timestamps, splits, the meta range's
 //!   updates, applied state, span-bounded snapshots.
-//! - `driver`: one task running every replica's Raft cycle with group commit, routing checks,
-//!   splits and quiescence; `driver::maintenance` is its once-a-second round (placement,
-//!   meta updates, size-triggered splits, replica removal).
+//! - `driver`: one task running every replica's Raft cycle. `driver::events` holds what it
+//!   reacts to, `driver::replica` a replica's life cycle, `driver::leader` what a leader does
+//!   with requests, `driver::cycle` the persist–send–apply cycle with group commit and
+//!   commit-wait, and `driver::maintenance` the once-a-second round (placement, meta updates,
+//!   size-triggered splits, replica removal).
 //! - `transport`: batched, per-peer gRPC streams for Raft messages.
-//! - `server`: the `Kv` and `Node` services, store identity checks, peer discovery, and the
-//!   background task that talks to the meta range.
+//! - `server`: wiring (`serve`, `run_node`) and store identity; `server::kv_service` and
+//!   `server::node_service` are the gRPC services, `server::shared` their shared state,
+//!   `server::hello` peer discovery, liveness and clock health, `server::background` the task
+//!   that talks to the meta range.
 //! - `clock_monitor`: clock offsets measured on hello round trips, and self-eviction.
 //! - `placement`: each leader keeps three voters on live nodes, balanced across them.
 //!

@@ -1,0 +1,258 @@
+//! The persist–send–apply cycle over every awake replica: group commit, messages batched per
+//! peer, committed entries applied with their effects (splits, meta updates), acknowledgements
+//! after commit-wait, and reads served once their index is applied.
+
+use super::*;
+
+impl<E: Engine> Driver<E> {
+    /// Runs one persist–send–apply cycle over every replica.
+    pub(super) fn cycle(&mut self) -> Result<(), NodeError> {
+        let mut durable = WriteBatch::new();
+        let mut readies: Vec<(RangeId, Ready)> = Vec::new();
+        for range in &self.awake {
+            let Some(replica) = self.replicas.get_mut(range) else { continue };
+            if let Some(metadata) = replica.compaction.take() {
+                let staged = replica.raft.storage().stage_compaction(metadata, &mut durable);
+                replica.raft.storage_mut().on_persisted(staged);
+            }
+            if !replica.raft.has_ready() {
+                continue;
+            }
+            let ready = replica.raft.ready().map_err(internal)?;
+            readies.push((replica.range, ready));
+        }
+        for (range, ready) in &readies {
+            let Some(snapshot) = &ready.snapshot else { continue };
+            let protected = self.newer_overlapping_replicas(*range, snapshot);
+            let replica = self.replicas.get_mut(range).expect("replica exists");
+            replica.state.stage_install(snapshot, &protected, &mut durable).map_err(internal)?;
+            replica.size_bytes = None;
+            // Requests waiting on entries the snapshot replaced cannot be answered.
+            for (_, proposal) in std::mem::take(&mut replica.proposals) {
+                proposal
+                    .pending
+                    .fail(NodeError::Unavailable("replica was replaced by a snapshot".into()));
+            }
+        }
+        if readies.is_empty() && durable.is_empty() {
+            // Lease reads of this cycle may be servable at once.
+            self.serve_confirmed_reads();
+            self.forget_quiet_replicas();
+            return Ok(());
+        }
+        let mut staged = Vec::new();
+        for (range, ready) in &readies {
+            let replica = self.replicas.get_mut(range).expect("replica exists");
+            staged.push(replica.raft.storage().stage(ready, &mut durable));
+        }
+        if !durable.is_empty() {
+            let (size, started) = (durable.size_bytes(), tokio::time::Instant::now());
+            self.engine.write(durable, true).map_err(internal)?;
+            metrics::histogram!("meridian_storage_sync_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("meridian_storage_sync_batch_bytes").record(size as f64);
+        }
+        // Messages grouped by destination node, sent only now that their promises are durable.
+        let mut outgoing: BTreeMap<NodeId, Vec<(RangeId, Message)>> = BTreeMap::new();
+        for ((range, ready), staged) in readies.iter_mut().zip(staged) {
+            let replica = self.replicas.get_mut(range).expect("replica exists");
+            replica.raft.storage_mut().on_persisted(staged);
+            for message in ready.messages.drain(..) {
+                outgoing.entry(message.to).or_default().push((*range, message));
+            }
+        }
+        for (to, messages) in outgoing {
+            metrics::counter!("meridian_raft_messages_sent_total").increment(messages.len() as u64);
+            self.transport.send(to, messages);
+        }
+        let mut applied_batch = WriteBatch::new();
+        let mut acknowledgements = Vec::new();
+        // Replicas of ranges split off here, created once the loop is done, and whether this
+        // node led the range they split from.
+        let mut children: Vec<AppliedState> = Vec::new();
+        let mut campaign = Vec::new();
+        let mut publish = Vec::new();
+        for (range, ready) in readies {
+            let replica = self.replicas.get_mut(&range).expect("replica exists");
+            metrics::counter!("meridian_raft_entries_applied_total")
+                .increment(ready.committed_entries.len() as u64);
+            for entry in &ready.committed_entries {
+                let outcome = replica.state.apply(entry, &mut applied_batch).map_err(internal)?;
+                let mut split_descriptors = Vec::new();
+                match &outcome {
+                    Applied::Write(_) => {
+                        if let (Some(size), EntryKind::Command(data)) =
+                            (replica.size_bytes.as_mut(), &entry.kind)
+                        {
+                            *size += data.len() as u64;
+                        }
+                    }
+                    Applied::RangeIds(first) => {
+                        debug!(
+                            index = entry.index.0,
+                            term = entry.term.0,
+                            first,
+                            "range ids allocated"
+                        );
+                    }
+                    Applied::Split(new_ranges) => {
+                        info!(
+                            range = range.0,
+                            index = entry.index.0,
+                            new_ranges = ?new_ranges.iter().map(|d| d.id.0).collect::<Vec<_>>(),
+                            "range split"
+                        );
+                        replica.size_bytes = None;
+                        split_descriptors.push(replica.state.applied().wire_descriptor());
+                        for descriptor in new_ranges {
+                            let state = replica.state.child_state(descriptor.clone());
+                            split_descriptors.push(state.wire_descriptor());
+                            children.push(state);
+                        }
+                        if replica.raft.role() == Role::Leader {
+                            publish.extend(split_descriptors.iter().cloned());
+                        }
+                        // The voters take turns to campaign for the new ranges, so that their
+                        // leaders are spread from the start.
+                        let voters = &replica.state.applied().config.voters;
+                        for (i, descriptor) in new_ranges.iter().enumerate() {
+                            if voters.iter().nth(i % voters.len().max(1)) == Some(&self.node_id) {
+                                campaign.push(descriptor.id);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                let Some(proposal) = replica.proposals.remove(&entry.index) else { continue };
+                if proposal.term != entry.term {
+                    proposal.pending.fail(NodeError::Unavailable(
+                        "leadership changed; the command was not committed".into(),
+                    ));
+                    continue;
+                }
+                match (proposal.pending, outcome) {
+                    (Pending::Write { timestamp, reply }, Applied::Write(applied))
+                        if applied == timestamp =>
+                    {
+                        acknowledgements.push((reply, timestamp));
+                    }
+                    (Pending::Split { reply }, Applied::Split(_)) => {
+                        let _ = reply.send(Ok(split_descriptors));
+                    }
+                    (Pending::UpdateDescriptors { reply }, Applied::DescriptorsUpdated) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    (Pending::AllocateRangeIds { reply }, Applied::RangeIds(first)) => {
+                        let _ = reply.send(Ok(first));
+                    }
+                    (pending, Applied::KeyNotInRange) => {
+                        pending.fail(key_not_in_range(replica));
+                    }
+                    (pending, Applied::Rejected(reason)) => {
+                        pending.fail(NodeError::InvalidArgument(reason));
+                    }
+                    (pending, _) => {
+                        pending
+                            .fail(NodeError::Unavailable("the command was not committed".into()));
+                    }
+                }
+            }
+            for read in &ready.read_states {
+                if let Some(request) = replica.reads.remove(&read.context) {
+                    replica.confirmed.push((read.index, request));
+                }
+            }
+            let had_committed = !ready.committed_entries.is_empty();
+            replica.raft.advance(ready).map_err(internal)?;
+            if had_committed {
+                replica.state.stage_applied_state(&mut applied_batch);
+            }
+            let applied = replica.raft.applied_index();
+            if applied.0 > replica.raft.storage().first_index().0 + COMPACTION_THRESHOLD
+                && let Ok(metadata) = replica.raft.applied_snapshot_metadata()
+            {
+                // Staged into the next synced batch, after this cycle's applied state.
+                replica.compaction = Some(metadata);
+            }
+        }
+        let children = self.new_replicas_of_splits(children)?;
+        let sync = !children.is_empty();
+        Self::stage_replicas(&children, &mut applied_batch);
+        if !applied_batch.is_empty() {
+            self.engine.write(applied_batch, sync).map_err(internal)?;
+        }
+        for child in &children {
+            let range = child.applied.descriptor.id;
+            self.open_replica(range)?;
+            // One voter campaigns at once for each new range, so that it serves within a
+            // round trip rather than an election timeout.
+            if let Some(replica) = self.replicas.get_mut(&range) {
+                replica.raft.forget_restart_promise();
+                if campaign.contains(&range) {
+                    replica.raft.campaign();
+                }
+            }
+        }
+        if self.crash_after_split && !publish.is_empty() {
+            error!(
+                "fault injection: aborting right after a split, before the meta range records it"
+            );
+            std::process::abort();
+        }
+        if !publish.is_empty() {
+            let _ = self.background.send(Background::Publish(
+                publish
+                    .into_iter()
+                    .map(|descriptor| {
+                        let version = (descriptor.generation, descriptor.config_index);
+                        (RangeId(descriptor.range_id), version, descriptor)
+                    })
+                    .collect(),
+            ));
+        }
+        for (reply, timestamp) in acknowledgements {
+            // Commit-wait (Spanner §4.1.2): acknowledge only once the timestamp has passed.
+            let truetime = self.truetime.clone();
+            tokio::spawn(async move {
+                let waited = truetime
+                    .wait_until_after(Timestamp::from_nanos(timestamp), MAX_COMMIT_WAIT)
+                    .await;
+                if let Ok(waited) = &waited {
+                    metrics::histogram!("meridian_commit_wait_seconds")
+                        .record(waited.as_secs_f64());
+                }
+                let _ = reply.send(
+                    waited
+                        .map(|_| timestamp)
+                        .map_err(|error| NodeError::Unavailable(error.to_string())),
+                );
+            });
+        }
+        self.serve_confirmed_reads();
+        self.fail_requests_of_former_leaders();
+        self.forget_quiet_replicas();
+        Ok(())
+    }
+
+    /// Returns the descriptors of the initialized replicas on this node that overlap the span of
+    /// `snapshot` (for `range`) and are newer: ranges split off it after the snapshot's state.
+    pub(super) fn newer_overlapping_replicas(
+        &self,
+        range: RangeId,
+        snapshot: &Snapshot,
+    ) -> Vec<RangeDescriptor> {
+        let Some(incoming) = snapshot_descriptor(snapshot) else { return Vec::new() };
+        if range == META_RANGE {
+            return Vec::new();
+        }
+        self.replicas
+            .values()
+            .filter(|other| {
+                other.range != range && other.range != META_RANGE && other.state.is_initialized()
+            })
+            .map(|other| other.state.descriptor())
+            .filter(|other| other.generation > incoming.generation && other.overlaps(&incoming))
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,193 @@
+//! What the driver reacts to and answers with: client requests, peer messages, work for the
+//! background task, and the reports it hands out.
+
+use super::*;
+
+/// A client's answer channel.
+pub type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+/// Rows a scan returned, and where to continue if it stopped at its range's end.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Keys with their latest values and commit timestamps.
+    pub rows: Vec<(Vec<u8>, Vec<u8>, u64)>,
+    /// The range's end, if the scan reached it before the requested end and the limit.
+    pub resume_key: Option<Vec<u8>>,
+}
+
+/// A read a client asked for.
+pub enum ReadRequest {
+    /// The latest value of a key, with its commit timestamp.
+    Get { range: RangeId, key: Vec<u8>, reply: Reply<Option<(Vec<u8>, u64)>> },
+    /// Keys in `[start, end)` of one range with their latest values, at most `limit`.
+    Scan {
+        range: RangeId,
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+        limit: usize,
+        reply: Reply<ScanResult>,
+    },
+    /// The meta range: the descriptor of the range holding `key`.
+    Lookup { key: Vec<u8>, reply: Reply<wire::RangeDescriptor> },
+    /// The meta range: every descriptor.
+    List { reply: Reply<Vec<wire::RangeDescriptor>> },
+}
+
+impl ReadRequest {
+    pub(super) fn range(&self) -> RangeId {
+        match self {
+            ReadRequest::Get { range, .. } | ReadRequest::Scan { range, .. } => *range,
+            ReadRequest::Lookup { .. } | ReadRequest::List { .. } => META_RANGE,
+        }
+    }
+
+    /// The key the request must find inside the range, if any.
+    pub(super) fn key(&self) -> Option<&[u8]> {
+        match self {
+            ReadRequest::Get { key, .. } => Some(key),
+            ReadRequest::Scan { start, .. } => Some(start),
+            ReadRequest::Lookup { .. } | ReadRequest::List { .. } => None,
+        }
+    }
+
+    pub(super) fn fail(self, error: NodeError) {
+        match self {
+            ReadRequest::Get { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ReadRequest::Scan { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ReadRequest::Lookup { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ReadRequest::List { reply } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// A change to the meta range a node asked for.
+pub enum MetaWrite {
+    /// Record these descriptors.
+    UpdateDescriptors { descriptors: Vec<wire::RangeDescriptor>, reply: Reply<()> },
+    /// Reserve `count` range ids; answers the first.
+    AllocateRangeIds { count: u64, reply: Reply<u64> },
+}
+
+/// Work the driver hands to the node's background task, which talks to other ranges' leaders.
+#[derive(Debug)]
+pub enum Background {
+    /// Record these descriptors in the meta range; answer with [`Event::Published`].
+    Publish(Vec<(RangeId, DescriptorVersion, wire::RangeDescriptor)>),
+    /// Split `range` at `key` (it grew past the size threshold); answer with
+    /// [`Event::SplitDone`].
+    Split { range: RangeId, key: Vec<u8> },
+    /// Ask the meta range whether this node still belongs to these ranges (see
+    /// `check_membership`); answer with one [`Event::MembershipChecked`].
+    CheckMembership(Vec<MembershipCheck>),
+}
+
+/// A replica whose node may have been removed from its range.
+#[derive(Debug)]
+pub struct MembershipCheck {
+    /// The range.
+    pub range: RangeId,
+    /// The replica's descriptor version when asked (a destroy applies only to it).
+    pub version: DescriptorVersion,
+    /// The replica's descriptor; meaningless if it is not initialized.
+    pub descriptor: wire::RangeDescriptor,
+    /// Whether the replica holds the range's state (else it waits for a snapshot and knows
+    /// neither the span nor the configuration).
+    pub initialized: bool,
+}
+
+/// A node's load as it reports it in hellos.
+#[derive(Debug, Default)]
+pub struct NodeLoad {
+    /// Replicas the node holds.
+    pub replicas: std::sync::atomic::AtomicU64,
+    /// Ranges it leads.
+    pub leaders: std::sync::atomic::AtomicU64,
+}
+
+/// A peer's load as last reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerLoad {
+    /// Replicas it holds.
+    pub replicas: u64,
+    /// Ranges it leads.
+    pub leaders: u64,
+    /// Whether it is being decommissioned.
+    pub draining: bool,
+}
+
+/// Orders the versions of one range's descriptor: `(generation, config_index)`.
+pub type DescriptorVersion = (u64, u64);
+
+/// A replica's state for `meridian status`.
+pub struct RangeReport {
+    /// The range.
+    pub range: RangeId,
+    /// Its span.
+    pub descriptor: RangeDescriptor,
+    /// Its Raft status.
+    pub status: meridian_raft::Status,
+    /// On the leader: each member's match index.
+    pub progress: Vec<(NodeId, LogIndex)>,
+    /// The log index of the configuration in `status`.
+    pub config_index: LogIndex,
+}
+
+/// What the driver reacts to.
+pub enum Event {
+    /// Raft messages from a peer.
+    Raft(Vec<(RangeId, Message)>),
+    /// Write (`value: Some`) or delete (`None`) a key of a range.
+    Write { range: RangeId, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<u64> },
+    /// A linearizable read.
+    Read(ReadRequest),
+    /// Split a range at `keys`, creating the ranges `ids`. Answers the range's descriptor after
+    /// the split, then the new ranges'.
+    Split {
+        range: RangeId,
+        keys: Vec<Vec<u8>>,
+        ids: Vec<u64>,
+        reply: Reply<Vec<wire::RangeDescriptor>>,
+    },
+    /// Check that this node leads `range` and that it can split at `keys` (before range ids
+    /// are reserved for the split).
+    CheckSplit { range: RangeId, keys: Vec<Vec<u8>>, reply: Reply<()> },
+    /// A change to the meta range.
+    Meta(MetaWrite),
+    /// Create the meta range and the first data range with these voters (initialization).
+    Bootstrap { voters: Vec<NodeId>, reply: Reply<()> },
+    /// Report the replicas' status.
+    Status { ranges: BTreeSet<RangeId>, reply: oneshot::Sender<Vec<RangeReport>> },
+    /// Whether this node's clock agrees with its peers; a node whose clock does not gives up
+    /// leadership.
+    ClockHealth { healthy: bool },
+    /// This node joined an initialized cluster (it learned the cluster id from a peer).
+    Joined,
+    /// Which nodes were heard from recently, which not for longer than the dead-node timeout
+    /// (for placement), and which did not answer the last hello rounds (to wake quiesced
+    /// followers of their ranges).
+    Liveness {
+        live: BTreeSet<NodeId>,
+        dead: BTreeSet<NodeId>,
+        unreachable: BTreeSet<NodeId>,
+        loads: BTreeMap<NodeId, PeerLoad>,
+    },
+    /// This node is being decommissioned: hand leaderships away, let replicas move.
+    Drain,
+    /// These descriptor versions are recorded in the meta range (`recorded`), or the attempt
+    /// failed and may be repeated.
+    Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },
+    /// A size-triggered split of `range` finished (or failed).
+    SplitDone { range: RangeId },
+    /// The answer to a membership check: the meta range records these ranges at versions at
+    /// least as new as the replicas' without this node (destroy each replica still at that
+    /// version); the others were found to be members, or could not be told.
+    MembershipChecked { removed: Vec<(RangeId, DescriptorVersion)>, kept: Vec<RangeId> },
+}

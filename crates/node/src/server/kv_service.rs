@@ -1,0 +1,158 @@
+//! The `Kv` gRPC service: clients' reads and writes, scans, range lookups, splits and the meta
+//! range's calls.
+
+use super::*;
+
+/// The `Kv` gRPC service.
+pub(super) struct KvApi(pub(super) Arc<Shared>);
+
+/// Returns the range a request names, refusing none.
+pub(super) fn range_of(range_id: u64) -> Result<RangeId, Status> {
+    if range_id == 0 {
+        return Err(Status::invalid_argument("the request names no range (range_id 0)"));
+    }
+    Ok(RangeId(range_id))
+}
+
+#[tonic::async_trait]
+impl Kv for KvApi {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let request = request.into_inner();
+        let (range, key) = (range_of(request.range_id)?, request.key);
+        let found = self
+            .0
+            .request("get", |reply| Event::Read(ReadRequest::Get { range, key, reply }))
+            .await?;
+        Ok(Response::new(match found {
+            Some((value, timestamp)) => GetResponse { value: Some(value), timestamp },
+            None => GetResponse { value: None, timestamp: 0 },
+        }))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let (range, key, value) = (range_of(request.range_id)?, request.key, request.value);
+        let timestamp = self
+            .0
+            .request("put", |reply| Event::Write { range, key, value: Some(value), reply })
+            .await?;
+        Ok(Response::new(WriteResponse { timestamp }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let (range, key) = (range_of(request.range_id)?, request.key);
+        let timestamp = self
+            .0
+            .request("delete", |reply| Event::Write { range, key, value: None, reply })
+            .await?;
+        Ok(Response::new(WriteResponse { timestamp }))
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let end = (!request.end.is_empty()).then_some(request.end);
+        let limit = if request.limit == 0 { 1_000 } else { request.limit.min(100_000) as usize };
+        let start = request.start;
+        let result = self
+            .0
+            .request("scan", |reply| {
+                Event::Read(ReadRequest::Scan { range, start, end, limit, reply })
+            })
+            .await?;
+        Ok(Response::new(ScanResponse {
+            rows: result
+                .rows
+                .into_iter()
+                .map(|(key, value, timestamp)| KeyValue { key, value, timestamp })
+                .collect(),
+            resume_key: result.resume_key,
+        }))
+    }
+
+    async fn range_lookup(
+        &self,
+        request: Request<RangeLookupRequest>,
+    ) -> Result<Response<RangeLookupResponse>, Status> {
+        let key = request.into_inner().key;
+        let descriptor = self
+            .0
+            .request("range_lookup", |reply| Event::Read(ReadRequest::Lookup { key, reply }))
+            .await?;
+        let nodes = descriptor.voters.iter().chain(&descriptor.learners).copied();
+        let addresses = self.0.addresses(nodes.collect::<Vec<_>>());
+        Ok(Response::new(RangeLookupResponse { descriptor: Some(descriptor), addresses }))
+    }
+
+    async fn list_ranges(
+        &self,
+        _: Request<ListRangesRequest>,
+    ) -> Result<Response<ListRangesResponse>, Status> {
+        let descriptors =
+            self.0.request("list_ranges", |reply| Event::Read(ReadRequest::List { reply })).await?;
+        let mut nodes: Vec<u64> =
+            descriptors.iter().flat_map(|d| d.voters.iter().chain(&d.learners)).copied().collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let addresses = self.0.addresses(nodes);
+        Ok(Response::new(ListRangesResponse { descriptors, addresses }))
+    }
+
+    async fn split(
+        &self,
+        request: Request<SplitRequest>,
+    ) -> Result<Response<SplitResponse>, Status> {
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let descriptors = self.0.split(range, request.keys).await?;
+        Ok(Response::new(SplitResponse { descriptors }))
+    }
+
+    async fn update_descriptors(
+        &self,
+        request: Request<UpdateDescriptorsRequest>,
+    ) -> Result<Response<UpdateDescriptorsResponse>, Status> {
+        let descriptors = request.into_inner().descriptors;
+        if let Some(bad) = descriptors.iter().find(|d| d.range_id <= META_RANGE.0) {
+            return Err(Status::invalid_argument(format!(
+                "range {} cannot be recorded in the meta range",
+                bad.range_id
+            )));
+        }
+        if let Some(bad) = descriptors.iter().find(|d| !d.end.is_empty() && d.start >= d.end) {
+            return Err(Status::invalid_argument(format!(
+                "range {} has an empty span",
+                bad.range_id
+            )));
+        }
+        self.0
+            .request("update_descriptors", |reply| {
+                Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply })
+            })
+            .await?;
+        Ok(Response::new(UpdateDescriptorsResponse {}))
+    }
+
+    async fn allocate_range_ids(
+        &self,
+        request: Request<AllocateRangeIdsRequest>,
+    ) -> Result<Response<AllocateRangeIdsResponse>, Status> {
+        let count = request.into_inner().count;
+        if count == 0 || count > MAX_SPLIT_KEYS as u64 {
+            return Err(Status::invalid_argument(format!(
+                "can reserve between 1 and {MAX_SPLIT_KEYS} range ids at once"
+            )));
+        }
+        let first = self
+            .0
+            .request("allocate_range_ids", |reply| {
+                Event::Meta(MetaWrite::AllocateRangeIds { count, reply })
+            })
+            .await?;
+        Ok(Response::new(AllocateRangeIdsResponse { first }))
+    }
+}
