@@ -22,9 +22,18 @@ pub struct Config {
     /// timeout (thesis §6.2).
     pub check_quorum: bool,
     /// How long a heartbeat round acknowledged by a quorum lets the leader serve, in
-    /// nanoseconds of TrueTime; zero disables leases. Must be shorter than the election
-    /// timeout in real time, or leases delay elections.
+    /// nanoseconds of TrueTime; zero disables leases. With leases, the shortest election
+    /// timeout must exceed the lease plus twice `max_clock_offset_ns` (see [`Config::validate`]).
     pub lease_duration_ns: u64,
+    /// The real time one tick stands for, in nanoseconds (the application ticks at this
+    /// rate). Raft counts ticks, not time; this only lets [`Config::validate`] compare the
+    /// election timeout with the lease. Zero when unknown, which leases do not allow.
+    pub tick_interval_ns: u64,
+    /// The bound ε on every node's clock uncertainty that the group relies on, in
+    /// nanoseconds: a leader whose reading is wider asks for no lease, and a restarted node
+    /// keeps the promises it may have given to a leader of that uncertainty (see `reads.rs`).
+    /// Required with leases.
+    pub max_clock_offset_ns: u64,
     /// The seed of the election-timeout jitter, so that runs are reproducible.
     pub seed: u64,
     /// Test-only switches that break one safety rule each, so that tests can show the
@@ -42,6 +51,12 @@ pub struct UnsafeSwitches {
     pub commit_previous_term_by_count: bool,
     /// Serve lease reads after the lease has expired.
     pub serve_expired_lease: bool,
+    /// Start with no lease promise after a restart (breaks rule 4 of `reads.rs`).
+    pub forget_promise_on_restart: bool,
+    /// Extend every lease by this many nanoseconds past what its round allows (breaks rule 3).
+    pub lease_extension_ns: u64,
+    /// Serve from a lease received by transfer before its floor has passed (breaks rule 7).
+    pub ignore_lease_floor: bool,
 }
 
 impl Config {
@@ -57,6 +72,8 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             lease_duration_ns: 0,
+            tick_interval_ns: 0,
+            max_clock_offset_ns: 0,
             seed: id.0,
             unsafe_switches: UnsafeSwitches::default(),
         }
@@ -67,7 +84,11 @@ impl Config {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] if the id is zero, a tick count is zero, heartbeats are not more
-    /// frequent than elections, or flow-control limits are zero.
+    /// frequent than elections, flow-control limits are zero, or leases are enabled without a
+    /// tick interval and clock bound, or with a shortest election timeout that does not exceed
+    /// the lease plus twice the clock bound. A follower's promise runs until `after(l + D)`
+    /// where `l` is the leader's `now().latest` (up to 2ε past true time): an election timeout
+    /// shorter than that would let promises, not timeouts, decide when followers may elect.
     pub fn validate(&self) -> Result<()> {
         if self.id.0 == 0 {
             return Err(Error::InvalidConfig("node id 0 is reserved".into()));
@@ -84,6 +105,25 @@ impl Config {
         if self.max_inflight_appends == 0 || self.max_append_bytes == 0 {
             return Err(Error::InvalidConfig("flow-control limits must be positive".into()));
         }
+        if self.lease_duration_ns > 0 {
+            if self.tick_interval_ns == 0 || self.max_clock_offset_ns == 0 {
+                return Err(Error::InvalidConfig(
+                    "leases need the tick interval and the clock bound".into(),
+                ));
+            }
+            let election_ns = self.election_timeout_ticks.saturating_mul(self.tick_interval_ns);
+            let needed =
+                self.lease_duration_ns.saturating_add(self.max_clock_offset_ns.saturating_mul(2));
+            if election_ns <= needed {
+                return Err(Error::InvalidConfig(format!(
+                    "the election timeout ({} ms) must exceed the lease ({} ms) plus twice the \
+                     clock bound ({} ms)",
+                    election_ns / 1_000_000,
+                    self.lease_duration_ns / 1_000_000,
+                    self.max_clock_offset_ns / 1_000_000
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -96,6 +136,13 @@ mod tests {
     fn validate_rejects_unusable_options() {
         let valid = Config::new(NodeId(1));
         assert!(valid.validate().is_ok());
+        let with_lease = Config {
+            lease_duration_ns: 89_000_000,
+            tick_interval_ns: 10_000_000,
+            max_clock_offset_ns: 5_000_000,
+            ..valid.clone()
+        };
+        assert!(with_lease.validate().is_ok());
         type Change = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(&str, Change)> = vec![
             ("zero id", Box::new(|config| config.id = NodeId(0))),
@@ -103,6 +150,29 @@ mod tests {
             ("heartbeat not shorter", Box::new(|config| config.heartbeat_interval_ticks = 10)),
             ("no in-flight appends", Box::new(|config| config.max_inflight_appends = 0)),
             ("no append bytes", Box::new(|config| config.max_append_bytes = 0)),
+            (
+                "lease without tick interval",
+                Box::new(|config| {
+                    config.lease_duration_ns = 50_000_000;
+                    config.max_clock_offset_ns = 2_000_000;
+                }),
+            ),
+            (
+                "lease without clock bound",
+                Box::new(|config| {
+                    config.lease_duration_ns = 50_000_000;
+                    config.tick_interval_ns = 10_000_000;
+                }),
+            ),
+            (
+                // 10 ticks of 10 ms = 100 ms, not above 90 ms + 2 × 5 ms.
+                "lease as long as the election timeout",
+                Box::new(|config| {
+                    config.lease_duration_ns = 90_000_000;
+                    config.tick_interval_ns = 10_000_000;
+                    config.max_clock_offset_ns = 5_000_000;
+                }),
+            ),
         ];
         for (name, change) in cases {
             let mut config = valid.clone();

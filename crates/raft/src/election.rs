@@ -4,10 +4,13 @@
 //! A node refuses to vote, and ignores vote requests of higher terms, while either
 //! - it heard from a leader within the minimum election timeout (so a partitioned node that
 //!   rejoins cannot depose a healthy leader), or
-//! - a lease promise it gave is still running: `after(promise_until)` is false on its clock.
+//! - a lease promise it gave may still be running: `after(promise_until)` is false on its
+//!   clock, or its clock is not trusted (then it cannot tell).
 //!
 //! Both are lifted for an election that a leader started by transferring leadership
-//! (`Vote { transfer: true }`): that leader stopped serving before it asked.
+//! (`Vote { transfer: true }`): that leader stopped serving before it asked. The same
+//! promise binds a node's vote for itself: it does not campaign while its own promise may run
+//! (`reads.rs`, rule 2).
 
 use std::collections::BTreeSet;
 
@@ -35,9 +38,11 @@ impl<S: Storage> RawNode<S> {
     }
 
     /// Starts an election: a pre-vote round first if enabled (and not a transfer), otherwise a
-    /// real one.
+    /// real one. A node whose own lease promise may still run does not campaign: voting for
+    /// itself would break that promise as much as voting for anyone else (a transfer lifts
+    /// promises, since the leader they were given to asked for the election).
     pub(crate) fn start_election(&mut self, transfer: bool) {
-        if !self.is_promotable() {
+        if !self.is_promotable() || (!transfer && self.promise_running()) {
             return;
         }
         if self.config.pre_vote && !transfer {
@@ -126,9 +131,10 @@ impl<S: Storage> RawNode<S> {
         recent_leader || self.promise_running()
     }
 
-    /// Returns whether a lease promise this node gave may still be running.
+    /// Returns whether a lease promise this node gave may still be running: it has not
+    /// certainly expired on this node's clock, or that clock is not trusted.
     pub(crate) fn promise_running(&self) -> bool {
-        self.promise_until > 0 && !self.now.after(self.promise_until)
+        !self.clock_trusted || (self.promise_until > 0 && !self.now.after(self.promise_until))
     }
 
     /// Answers a `PreVote` or `Vote` of the current term (or, for a pre-vote, a higher one).

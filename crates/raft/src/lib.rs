@@ -52,12 +52,15 @@ mod reads;
 mod replication;
 mod rng;
 mod storage;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use config::{Config, UnsafeSwitches};
 pub use error::{Error, Result};
 pub use node::{RawNode, Ready, Role, Status};
 pub use progress::ReplicationState;
+pub use reads::LeaseRead;
 pub use rng::SplitMix64;
 pub use storage::{MemStorage, Storage};
 pub use types::{

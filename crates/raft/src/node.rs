@@ -108,6 +108,13 @@ pub struct RawNode<S: Storage> {
     /// The TrueTime interval of the latest tick; older than the true "now", which keeps every
     /// use of it conservative (see `reads.rs`).
     pub(crate) now: Interval,
+    /// Whether the latest tick's reading had an uncertainty within the group's clock bound
+    /// (`Config::max_clock_offset_ns`); a leader asks for lease promises only then.
+    pub(crate) reading_within_bound: bool,
+    /// Whether the application trusts this node's clock (it agrees with its peers'); while it
+    /// does not, the node neither votes nor campaigns (except in a transfer) nor holds a lease,
+    /// since every lease rule rests on its clock (see `reads.rs`, rule 5).
+    pub(crate) clock_trusted: bool,
     /// This node must not vote for anyone else until `after(promise_until)`.
     pub(crate) promise_until: u64,
     /// Whether the group is quiet: ticks do nothing (see `quiesce.rs`).
@@ -150,8 +157,11 @@ impl<S: Storage> RawNode<S> {
     ///
     /// A restarted node may have promised a lease to a leader before it crashed, and promises
     /// are not persisted, so with leases enabled it refuses to vote until
-    /// `after(now.latest + (now.latest - now.earliest) + lease_duration)`, which covers any
-    /// promise made before the restart as long as every node has the same clock bound.
+    /// `after(now.latest + 2 · max(ε, B) + lease_duration)`, where ε is this reading's
+    /// uncertainty and `B` the group's clock bound (`max_clock_offset_ns`): a promise it gave
+    /// runs to a leader's `latest + lease_duration`, and a leader asks for promises only while
+    /// its own uncertainty is within `B`, so its `latest` was at most `2B` past true time then,
+    /// which was before now (see `reads.rs`, rule 4).
     ///
     /// # Errors
     ///
@@ -160,11 +170,13 @@ impl<S: Storage> RawNode<S> {
         config.validate()?;
         let hard_state = storage.hard_state();
         let configuration = storage.snapshot_metadata().config;
-        let promise_until = if config.lease_duration_ns > 0 {
-            now.latest + (now.latest - now.earliest) + config.lease_duration_ns
-        } else {
-            0
-        };
+        let promise_until =
+            if config.lease_duration_ns > 0 && !config.unsafe_switches.forget_promise_on_restart {
+                let width = (now.latest - now.earliest).max(2 * config.max_clock_offset_ns);
+                now.latest + width + config.lease_duration_ns
+            } else {
+                0
+            };
         let mut node = RawNode {
             id: config.id,
             rng: SplitMix64::new(config.seed),
@@ -182,6 +194,8 @@ impl<S: Storage> RawNode<S> {
             randomized_election_timeout: 0,
             heartbeat_elapsed: 0,
             now,
+            reading_within_bound: true,
+            clock_trusted: true,
             promise_until,
             quiesced: false,
             lease_end: 0,
@@ -290,6 +304,20 @@ impl<S: Storage> RawNode<S> {
         })
     }
 
+    /// Returns whether `now` has an uncertainty within the group's clock bound (always, without
+    /// a bound).
+    pub(crate) fn within_clock_bound(&self, now: Interval) -> bool {
+        self.config.max_clock_offset_ns == 0
+            || now.latest.saturating_sub(now.earliest) <= 2 * self.config.max_clock_offset_ns
+    }
+
+    /// Tells the node whether its clock can be trusted: the application's clock checks (its
+    /// offset from its peers) pass. While it cannot, the node keeps replicating but neither
+    /// votes, campaigns nor holds a lease (see `reads.rs`, rule 5).
+    pub fn set_clock_trusted(&mut self, trusted: bool) {
+        self.clock_trusted = trusted;
+    }
+
     /// Returns whether this node may campaign: it votes in the configuration in effect.
     pub(crate) fn is_promotable(&self) -> bool {
         self.configuration.is_voter(self.id)
@@ -312,6 +340,7 @@ impl<S: Storage> RawNode<S> {
     /// Advances logical time by one tick at the TrueTime interval `now`: followers and
     /// candidates may start an election, leaders send heartbeats and check their quorum.
     pub fn tick(&mut self, now: Interval) {
+        self.reading_within_bound = self.within_clock_bound(now);
         if now.earliest > self.now.earliest || now.latest > self.now.latest {
             self.now = Interval {
                 earliest: now.earliest.max(self.now.earliest),
@@ -325,7 +354,11 @@ impl<S: Storage> RawNode<S> {
             Role::Leader => self.tick_leader(),
             Role::Follower | Role::PreCandidate | Role::Candidate => {
                 self.election_elapsed += 1;
-                if self.election_elapsed >= self.randomized_election_timeout && self.is_promotable()
+                // A node whose own promise may still run waits for it to expire (it checks
+                // again every tick) rather than campaigning.
+                if self.election_elapsed >= self.randomized_election_timeout
+                    && self.is_promotable()
+                    && !self.promise_running()
                 {
                     self.election_elapsed = 0;
                     self.start_election(false);
@@ -341,11 +374,19 @@ impl<S: Storage> RawNode<S> {
             self.heartbeat_elapsed = 0;
             self.broadcast_heartbeat();
         }
-        // A transfer that has not completed within an election timeout is abandoned.
+        // A transfer that has not completed within an election timeout is abandoned. A leader
+        // that sent `TimeoutNow` gave its lease up for the rest of its term (the target may
+        // still campaign with voters ignoring their promises), so it cannot serve again in
+        // this term: it steps down, and the group elects a leader that can.
         if let Some((_, elapsed)) = self.transfer.as_mut() {
             *elapsed += 1;
             if *elapsed >= self.config.election_timeout_ticks {
                 self.transfer = None;
+                if self.lease_relinquished {
+                    let term = self.term;
+                    self.become_follower(term, None);
+                    return;
+                }
             }
         }
         if self.election_elapsed >= self.config.election_timeout_ticks {

@@ -9,34 +9,83 @@
 //! a quorum confirms that round, the read is released as a [`ReadState`]; the application
 //! serves it after applying up to its index.
 //!
-//! **Leases.** A round sent at TrueTime `[e, l]` asks each follower to promise not to vote for
-//! anyone else until `after(l + D)` holds on its own clock (`D` = `lease_duration_ns`); the
-//! leader promises the same to itself. When a quorum confirms the round, the leader may serve
-//! while `now().latest < e + D`. Any later leader needs a vote from someone in that quorum, and
-//! that voter grants it only when true time exceeds `l + D ≥ e + D`; the old leader serves only
-//! while true time is below `e + D`. So successive leases never overlap in true time, and since
-//! a leader assigns timestamps only within its lease, timestamps of successive leaders of a
-//! range increase (Spanner §4.1.1, disjointness). A restarted node re-creates the promise it
-//! may have lost (see [`RawNode::new`]). The time of the last tick stands in for "now" when
-//! sending rounds and checking promises; that time is never later than the true one, which
-//! makes every such check conservative. Lease reads are checked against the caller's `now`.
+//! **Leases** (Spanner §4.1.1). `D` is `lease_duration_ns`, `B` the group's clock bound
+//! `max_clock_offset_ns`; `now()` is a node's TrueTime interval `[earliest, latest]`, which
+//! contains true time while its clock works within its bound. The rules, each enforced where
+//! named:
 //!
-//! **Transfer** (thesis §3.10). The leader stops accepting proposals, brings the target up to
-//! date, gives up its lease for the rest of its term and sends `TimeoutNow` with the highest
-//! `now().latest` at which it served (`lease_floor`); the target campaigns at once with
-//! `transfer` set, which voters honour even while they hold a promise, and does not serve
-//! until `after(lease_floor)`.
+//! 1. *Promise* (`broadcast_heartbeat`, `on_heartbeat`). A leader's heartbeat round sent at
+//!    `[e, l]` (its latest tick's reading) asks every follower to promise not to vote for
+//!    anyone else until `after(l + D)` holds on the follower's clock; the leader promises the
+//!    same to itself. It asks only while its clock is trusted (rule 5) and its reading's
+//!    uncertainty is at most `B` (rule 4).
+//! 2. *No vote, no candidacy while promised* (`election.rs`: `on_vote_request`,
+//!    `start_election`, `refuses_disruption`). A node grants no vote or pre-vote, and does not
+//!    campaign, while a promise it gave may run. Its own vote is a vote like any other:
+//!    counting it while its promise runs would let it win with a quorum that includes a
+//!    promise-holder. Only an election asked for by a transfer (rule 7) lifts this.
+//! 3. *Lease* (`confirm_rounds`, `lease_read`, `lease_timestamp`). Once a quorum confirms a
+//!    round sent at `[e, l]`, the leader may serve while `now().latest < e + D`. A later
+//!    leader needs a vote from someone in that quorum, who grants it only once true time
+//!    passed `l + D ≥ e + D`; the old leader serves only while true time is below `e + D`.
+//!    So successive leases never overlap in true time.
+//! 4. *Restart* (`RawNode::new`). Promises are not persisted. A promise given to a leader
+//!    whose uncertainty was at most `B` runs to at most `true time at sending + 2B + D`, and
+//!    sending came before the restart; so a restarted node refuses votes until
+//!    `after(latest + 2·max(ε, B) + D)` on its new reading. (Without the bound, a node with a
+//!    small ε would under-estimate a promise given to a leader with a large one.)
+//! 5. *Clock trust* (`set_clock_trusted`). Every rule reads a node's own clock. While the
+//!    application does not trust it (its offset from its peers exceeds the bound), the node
+//!    holds no lease, asks for no promise, and treats every promise it gave as running: it
+//!    neither votes nor campaigns nor answers `TimeoutNow`. Promises it acknowledges
+//!    meanwhile bind it once it trusts its clock again. (An offset nobody has detected yet is
+//!    outside what TrueTime can promise.)
+//! 6. *Timestamps* (`lease_read`, `lease_timestamp`). A leader serves reads and assigns
+//!    timestamps only inside its lease: a read at `max(now().latest, highest timestamp served
+//!    or assigned)`, a write at a timestamp above that, above the application's floor (the
+//!    highest timestamp it applied or inherited), and below the lease's end, once it has
+//!    applied everything committed. With rule 3, each leader's timestamps are below the end
+//!    of its lease in true time, and every later leader's are at least its `now().latest`,
+//!    past that end: timestamps of successive leaders increase.
+//! 7. *Transfer* (thesis §3.10; `transfer_leadership`, `on_timeout_now`). The leader stops
+//!    accepting proposals, brings the target up to date, gives up its lease for the rest of
+//!    its term and sends `TimeoutNow` with the highest timestamp it served or assigned
+//!    (`lease_floor`); the target campaigns at once with `transfer` set, which voters honour
+//!    even while they hold a promise, and serves only once `after(lease_floor)`. A transfer
+//!    not completed within an election timeout is abandoned; if `TimeoutNow` went out, the
+//!    target may still win with those promise-free votes, so the old leader cannot renew its
+//!    lease in this term and steps down.
+//! 8. *Timing* (`Config::validate`). The shortest election timeout exceeds `D + 2B`, so that
+//!    followers' promises have run out by the time they would elect: promises decide safety,
+//!    timeouts liveness.
+//!
+//! The time of the last tick stands in for "now" when sending rounds and checking promises;
+//! it is never later than the true one, which makes every such check conservative. Lease
+//! reads and timestamps are checked against the caller's `now`.
 
 use crate::node::Role;
 use crate::{Error, Interval, LogIndex, MessageBody, NodeId, RawNode, ReadState, Result, Storage};
+
+/// A read a leader may serve from its lease (see [`RawNode::lease_read`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRead {
+    /// The index the state machine must have applied before serving.
+    pub index: LogIndex,
+    /// The timestamp the read is served at.
+    pub timestamp: u64,
+}
 
 impl<S: Storage> RawNode<S> {
     /// Starts a heartbeat round: renews the lease (unless given up) and confirms pending reads.
     pub(crate) fn broadcast_heartbeat(&mut self) {
         self.heartbeat_round += 1;
         let round = self.heartbeat_round;
-        self.round_sent_earliest.insert(round, self.now.earliest);
-        let promise_until = if self.config.lease_duration_ns > 0 && !self.lease_relinquished {
+        let asks_promise = self.config.lease_duration_ns > 0
+            && !self.lease_relinquished
+            && self.clock_trusted
+            && self.reading_within_bound;
+        let promise_until = if asks_promise {
+            self.round_sent_earliest.insert(round, self.now.earliest);
             let promise = self.now.latest + self.config.lease_duration_ns;
             self.promise_until = self.promise_until.max(promise);
             promise
@@ -110,11 +159,14 @@ impl<S: Storage> RawNode<S> {
             return;
         }
         self.confirmed_round = quorum_round;
-        if self.config.lease_duration_ns > 0
-            && !self.lease_relinquished
-            && let Some(sent_earliest) = self.round_sent_earliest.get(&quorum_round)
+        // The latest round that asked for promises among those confirmed now.
+        if !self.lease_relinquished
+            && let Some((_, sent_earliest)) =
+                self.round_sent_earliest.range(..=quorum_round).next_back()
         {
-            self.lease_end = self.lease_end.max(sent_earliest + self.config.lease_duration_ns);
+            let extension = self.config.unsafe_switches.lease_extension_ns;
+            self.lease_end =
+                self.lease_end.max(sent_earliest + self.config.lease_duration_ns + extension);
         }
         self.round_sent_earliest.retain(|round, _| *round > quorum_round);
         self.resolve_pending_reads();
@@ -164,23 +216,61 @@ impl<S: Storage> RawNode<S> {
         Ok(())
     }
 
-    /// Checks whether this leader may serve a read (or assign a timestamp) from its lease at
-    /// the TrueTime interval `now`. Returns the index the state machine must have applied
-    /// before serving, or `None` if the lease does not allow it (then use
-    /// [`RawNode::read_index`]).
-    pub fn lease_read(&mut self, now: Interval) -> Option<LogIndex> {
-        if self.role != Role::Leader || self.lease_relinquished || self.lease_end == 0 {
-            return None;
+    /// Returns whether this leader holds a lease it may serve from at the TrueTime interval
+    /// `now` (rules 3, 5 and 7): its clock is trusted and within the bound, the lease has not
+    /// ended, a transferred lease's floor has passed, and an entry of its term is committed.
+    fn holds_lease(&self, now: Interval) -> bool {
+        if self.role != Role::Leader
+            || self.lease_relinquished
+            || self.lease_end == 0
+            || !self.clock_trusted
+            || !self.within_clock_bound(now)
+        {
+            return false;
         }
         let within = now.latest < self.lease_end || self.config.unsafe_switches.serve_expired_lease;
-        if !within || !now.after(self.lease_floor) {
+        let floor_passed =
+            now.after(self.lease_floor) || self.config.unsafe_switches.ignore_lease_floor;
+        within
+            && floor_passed
+            && self.log.term(self.log.committed).is_ok_and(|term| term == self.term)
+    }
+
+    /// Checks whether this leader may serve a read from its lease at the TrueTime interval
+    /// `now` (rule 6). Returns the index the state machine must have applied before serving
+    /// and the read's timestamp, or `None` if the lease does not allow it (then use
+    /// [`RawNode::read_index`], or wait for the lease).
+    pub fn lease_read(&mut self, now: Interval) -> Option<LeaseRead> {
+        if !self.holds_lease(now) {
             return None;
         }
-        if !self.log.term(self.log.committed).is_ok_and(|term| term == self.term) {
+        let timestamp = now.latest.max(self.max_served_latest);
+        self.max_served_latest = timestamp;
+        Some(LeaseRead { index: self.log.committed, timestamp })
+    }
+
+    /// Returns a timestamp for a write this leader assigns at the TrueTime interval `now`
+    /// (rule 6): at least `now.latest`, above `floor` (the application's highest timestamp
+    /// applied or inherited) and above every timestamp this leader served or assigned, and
+    /// below the end of its lease. `None` if it holds no lease, has not applied everything
+    /// committed yet (the application's floor would be stale), or the timestamp would not fit
+    /// in the lease (wait for it to be renewed).
+    pub fn lease_timestamp(&mut self, now: Interval, floor: u64) -> Option<u64> {
+        if !self.holds_lease(now) || self.log.applied < self.log.committed {
             return None;
         }
-        self.max_served_latest = self.max_served_latest.max(now.latest);
-        Some(self.log.committed)
+        let timestamp =
+            now.latest.max(floor.saturating_add(1)).max(self.max_served_latest.saturating_add(1));
+        if timestamp >= self.lease_end && !self.config.unsafe_switches.serve_expired_lease {
+            return None;
+        }
+        self.max_served_latest = timestamp;
+        Some(timestamp)
+    }
+
+    /// Returns the highest timestamp this node served a read at or assigned as leader.
+    pub fn max_served_timestamp(&self) -> u64 {
+        self.max_served_latest
     }
 
     /// Returns the end of the current lease (TrueTime nanoseconds), zero if none.
@@ -234,7 +324,7 @@ impl<S: Storage> RawNode<S> {
 
     /// Starts an election at once, at the old leader's request.
     pub(crate) fn on_timeout_now(&mut self, lease_floor: u64) {
-        if !self.is_promotable() {
+        if !self.is_promotable() || !self.clock_trusted {
             return;
         }
         self.lease_floor = self.lease_floor.max(lease_floor);

@@ -214,6 +214,8 @@ impl goldenscript::Runner for Runner {
                     config.pre_vote = pre_vote;
                     config.check_quorum = check_quorum;
                     config.lease_duration_ns = lease_ms * 1_000_000;
+                    config.tick_interval_ns = TICK_NS;
+                    config.max_clock_offset_ns = EPSILON_NS;
                     config.max_append_bytes = max_append_bytes;
                     let storage = MemStorage::new(if id.0 <= voters {
                         initial.clone()
@@ -280,9 +282,11 @@ impl goldenscript::Runner for Runner {
                 let id = NodeId(args.next_pos().ok_or("lease needs a node")?.parse()?);
                 let now = self.now();
                 match self.node(id)?.lease_read(now) {
-                    Some(index) => {
-                        writeln!(output, "n{id} may serve from its lease after applying {index}")?
-                    }
+                    Some(read) => writeln!(
+                        output,
+                        "n{id} may serve from its lease after applying {}",
+                        read.index
+                    )?,
                     None => writeln!(output, "n{id} may not serve from a lease")?,
                 }
             }

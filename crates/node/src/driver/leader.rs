@@ -168,8 +168,8 @@ impl<E: Engine> Driver<E> {
             Err(error) => return request.fail(error),
         };
         replica.idle_ticks = 0;
-        if let Some(index) = replica.raft.lease_read(interval) {
-            replica.confirmed.push((index, request));
+        if let Some(lease) = replica.raft.lease_read(interval) {
+            replica.confirmed.push((lease.index, request));
             return;
         }
         let context = replica.next_read_context;

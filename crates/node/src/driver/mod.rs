@@ -162,6 +162,8 @@ pub struct Driver<E: Engine> {
     crash_after_split: bool,
     /// Seeds the election jitter of this node's replicas.
     seed: u64,
+    /// The bound on every node's clock uncertainty the leases rely on.
+    max_clock_offset: Duration,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -194,6 +196,9 @@ pub struct DriverOptions {
     pub seed: Option<u64>,
     /// How often to ask the meta range about every replica (see `check_membership`).
     pub replica_check_interval: Duration,
+    /// The bound on every node's clock uncertainty (`--max-clock-offset-ms`), which leases
+    /// rely on.
+    pub max_clock_offset: Duration,
 }
 
 impl<E: Engine> Driver<E> {
@@ -244,6 +249,7 @@ impl<E: Engine> Driver<E> {
             load: options.load,
             crash_after_split: options.crash_after_split,
             seed: node_seed(options.node_id, options.seed),
+            max_clock_offset: options.max_clock_offset,
         };
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
             driver.open_replica(range)?;

@@ -123,6 +123,8 @@ impl<E: Engine> Driver<E> {
         config.election_timeout_ticks = self.timing.election_timeout_ticks;
         config.heartbeat_interval_ticks = self.timing.heartbeat_interval_ticks;
         config.lease_duration_ns = self.timing.lease_duration.as_nanos() as u64;
+        config.tick_interval_ns = self.timing.tick_interval.as_nanos() as u64;
+        config.max_clock_offset_ns = self.max_clock_offset.as_nanos() as u64;
         config.seed = self.seed ^ range.0.rotate_left(17);
         let mut raft =
             RawNode::new(config, store, raft_interval(&self.truetime)).map_err(internal)?;

@@ -317,6 +317,7 @@ where
         crash_after_split: options.inject_crash_after_split,
         seed,
         replica_check_interval: options.replica_check_interval,
+        max_clock_offset: options.clock.max_clock_offset,
     };
     let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
     info!(node = options.node_id.0, address = %options.advertise, cluster = %cluster_id, "node started");

@@ -224,6 +224,8 @@ impl Cluster {
         config.election_timeout_ticks = self.options.election_timeout_ticks;
         config.heartbeat_interval_ticks = self.options.heartbeat_interval_ticks;
         config.lease_duration_ns = self.options.lease_duration_ns;
+        config.tick_interval_ns = self.options.tick_interval_steps * STEP_NS;
+        config.max_clock_offset_ns = self.options.epsilon_ns;
         config.unsafe_switches = self.options.unsafe_switches;
         config.max_append_bytes = self.options.max_append_bytes;
         config.seed = self.options.seed.wrapping_mul(31).wrapping_add(id.0);
@@ -541,8 +543,8 @@ impl Cluster {
         // Reads first try the lease: served at once if the state machine is up to date.
         if !write
             && self.options.lease_duration_ns > 0
-            && let Some(index) = raft.lease_read(now)
-            && index <= node.kv.applied_index
+            && let Some(read) = raft.lease_read(now)
+            && read.index <= node.kv.applied_index
         {
             let value = node.kv.data.get(&key).cloned();
             let term = raft.term();
