@@ -13,7 +13,18 @@
 //! | unavailable        | retries after a pause (exponential backoff)                  |
 //! | `ambiguous`        | returns the error: the write may or may not have happened    |
 //!
-//! Every operation gives up after the configured deadline with the last error it saw. Scans
+//! **Writes are never sent twice blindly.** A write is sent again only after a failure that
+//! proves it had no effect: a refusal the node marks `not-applied`
+//! ([`meridian_rpc::metadata::NOT_APPLIED`]; nodes mark every refusal made before proposing)
+//! or a failed connection attempt ([`meridian_rpc::dial::is_connect_failure`]). Any other
+//! failure — a timeout, a connection broken mid-request, a node that stopped, an `ambiguous`
+//! answer — may have struck after the write was proposed, so the write fails with
+//! [`ClientError::Ambiguous`]. Reads, lookups and idempotent meta updates retry on every
+//! retryable failure.
+//!
+//! Every operation gives up after the configured deadline with the last error it saw; for a
+//! write, giving up means that no attempt took effect. Each attempt carries its timeout to the
+//! node (`grpc-timeout`), which never starts a request whose caller stopped waiting. Scans
 //! continue range by range at the resume key each range returns.
 
 mod routes;
@@ -22,7 +33,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use meridian_rpc::dial::Dialer;
+use meridian_rpc::dial::{self, Dialer};
 use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::kv::{
     AllocateRangeIdsRequest, DeleteRequest, GetRequest, ListRangesRequest, PutRequest,
@@ -31,6 +42,7 @@ use meridian_rpc::kv::{
 use meridian_rpc::metadata;
 use parking_lot::Mutex;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 use tracing::debug;
@@ -40,10 +52,14 @@ use crate::routes::Routes;
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The cluster refused the request, or its outcome is unknown ([`ClientError::is_ambiguous`]).
+    /// The cluster refused the request; a write had no effect.
     #[error("{}: {}", .0.code(), .0.message())]
     Status(Status),
-    /// No attempt succeeded before the deadline.
+    /// A write may or may not have taken effect: an attempt failed in a way that does not
+    /// tell (see the crate docs). Never retried.
+    #[error("outcome unknown: {}: {}", .0.code(), .0.message())]
+    Ambiguous(Status),
+    /// No attempt succeeded before the deadline; for a write, none took effect.
     #[error("gave up after {attempts} attempts in {elapsed:.1?}; last error: {last}")]
     GaveUp {
         /// Attempts made.
@@ -66,12 +82,30 @@ pub enum ClientError {
 impl ClientError {
     /// Whether a write failed with an unknown outcome: it may or may not have taken effect.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, ClientError::Status(status) if error_kind(status) == Some(metadata::AMBIGUOUS))
+        matches!(self, ClientError::Ambiguous(_))
     }
 }
 
 /// A row a scan returned: key, value, commit timestamp.
 pub type Row = (Vec<u8>, Vec<u8>, u64);
+
+/// The latest version of a key as a read found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    /// The value; `None` if the key was deleted or never written.
+    pub value: Option<Vec<u8>>,
+    /// The commit timestamp of the version (a deletion's too); 0 if the key was never written.
+    pub timestamp: u64,
+}
+
+/// Whether an operation changes data: a write that may have taken effect is never re-sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Reads, lookups and idempotent updates: retried on every retryable failure.
+    Idempotent,
+    /// Puts and deletes: retried only after a failure proving they had no effect.
+    Write,
+}
 
 /// How the client behaves.
 #[derive(Clone, Debug)]
@@ -115,7 +149,11 @@ fn error_kind(status: &Status) -> Option<&str> {
     status.metadata().get(metadata::ERROR_KIND).and_then(|value| value.to_str().ok())
 }
 
-fn judge(status: &Status) -> Verdict {
+fn judge(status: &Status, kind: Kind) -> Verdict {
+    let unapplied = metadata::is_not_applied(status) || dial::is_connect_failure(status);
+    if kind == Kind::Write && !unapplied {
+        return Verdict::Ambiguous;
+    }
     match error_kind(status) {
         Some(metadata::NOT_LEADER) => {
             match status.metadata().get(metadata::LEADER_ADDRESS).and_then(|v| v.to_str().ok()) {
@@ -186,6 +224,39 @@ impl Attempts {
         self.count += 1;
         Ok(self.count)
     }
+
+    /// How long the next attempt may take: the attempt timeout, within the deadline.
+    fn budget(&self, attempt_timeout: Duration) -> Duration {
+        let left = self.deadline.saturating_sub(self.started.elapsed());
+        attempt_timeout.min(left).max(Duration::from_millis(1))
+    }
+}
+
+/// Sets an attempt's timeout on its requests (`grpc-timeout`), so that nodes never start a
+/// request whose caller stopped waiting.
+#[derive(Clone, Copy, Debug)]
+struct AttemptTimeout(Duration);
+
+impl tonic::service::Interceptor for AttemptTimeout {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        request.set_timeout(self.0);
+        Ok(request)
+    }
+}
+
+/// A connection to one node for one attempt.
+type Node = KvClient<InterceptedService<Channel, AttemptTimeout>>;
+
+/// Runs one attempt within `budget`; a call that does not finish in time fails with
+/// `DEADLINE_EXCEEDED` (which leaves a write's outcome unknown).
+async fn within_budget<T, Fut>(budget: Duration, call: Fut) -> Result<Response<T>, Status>
+where
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    match tokio::time::timeout(budget, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {budget:?}"))),
+    }
 }
 
 /// A client of a Meridian cluster. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -255,10 +326,18 @@ impl Client {
         candidates
     }
 
-    /// Runs `call` against the meta range's leader.
-    async fn on_meta<T, F, Fut>(&self, retry_ambiguous: bool, mut call: F) -> Result<T, ClientError>
+    /// Returns a connection to `address` whose requests carry `budget` as their timeout.
+    fn node(&self, address: &str, budget: Duration) -> Result<Node, ClientError> {
+        let channel = self.channel(address)?;
+        Ok(KvClient::with_interceptor(channel, AttemptTimeout(budget)))
+    }
+
+    /// Runs `call` against the meta range's leader. Meta calls are reads or idempotent
+    /// updates, retried after any retryable failure (reserving range ids twice only wastes
+    /// ids).
+    async fn on_meta<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
     where
-        F: FnMut(KvClient<Channel>) -> Fut,
+        F: FnMut(Node) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let mut attempts = Attempts::new(self.options.deadline);
@@ -274,8 +353,9 @@ impl Client {
                     candidates[(attempt as usize - 1) % candidates.len()].clone()
                 }
             };
-            let channel = self.channel(&address)?;
-            let status = match call(KvClient::new(channel)).await {
+            let budget = attempts.budget(self.options.attempt_timeout);
+            let node = self.node(&address, budget)?;
+            let status = match within_budget(budget, call(node)).await {
                 Ok(response) => {
                     self.routes.lock().meta_leader = Some(address);
                     return Ok(response.into_inner());
@@ -285,7 +365,7 @@ impl Client {
             debug!(%address, %status, "meta request failed");
             attempts.last = format!("{address}: {}", status.message());
             self.routes.lock().meta_leader = None;
-            let verdict = judge(&status);
+            let verdict = judge(&status, Kind::Idempotent);
             if verdict == Verdict::NotInitialized {
                 // When every node the client knows says so, the cluster is not initialized.
                 uninitialized += 1;
@@ -302,11 +382,11 @@ impl Client {
                 Verdict::Redirect(_)
                 | Verdict::Pause
                 | Verdict::Reroute { .. }
-                | Verdict::NotInitialized => {
+                | Verdict::NotInitialized
+                | Verdict::Ambiguous => {
                     attempts.backoff.wait().await;
                 }
-                Verdict::Ambiguous if retry_ambiguous => attempts.backoff.wait().await,
-                Verdict::Ambiguous | Verdict::Fail => return Err(ClientError::Status(status)),
+                Verdict::Fail => return Err(ClientError::Status(status)),
             }
         }
     }
@@ -332,7 +412,7 @@ impl Client {
     /// Looks `key` up in the meta range and caches the answer.
     async fn lookup(&self, key: &[u8]) -> Result<RangeDescriptor, ClientError> {
         let response = self
-            .on_meta(true, |mut client| {
+            .on_meta(|mut client| {
                 let request = RangeLookupRequest { key: key.to_vec() };
                 async move { client.range_lookup(request).await }
             })
@@ -373,11 +453,11 @@ impl Client {
     async fn on_range<T, F, Fut>(
         &self,
         key: &[u8],
-        retry_ambiguous: bool,
+        kind: Kind,
         mut call: F,
     ) -> Result<T, ClientError>
     where
-        F: FnMut(KvClient<Channel>, u64) -> Fut,
+        F: FnMut(Node, u64) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let mut attempts = Attempts::new(self.options.deadline);
@@ -386,8 +466,9 @@ impl Client {
             let descriptor = self.route(key).await?;
             let range = descriptor.range_id;
             let address = self.pick(&descriptor, attempt);
-            let channel = self.channel(&address)?;
-            let status = match call(KvClient::new(channel), range).await {
+            let budget = attempts.budget(self.options.attempt_timeout);
+            let node = self.node(&address, budget)?;
+            let status = match within_budget(budget, call(node, range)).await {
                 Ok(response) => {
                     self.routes.lock().leaders.insert(range, address);
                     return Ok(response.into_inner());
@@ -396,7 +477,7 @@ impl Client {
             };
             debug!(%address, range, %status, "range request failed");
             attempts.last = format!("{address}: {}", status.message());
-            match judge(&status) {
+            match judge(&status, kind) {
                 Verdict::Redirect(leader) => {
                     let repeated = leader == address;
                     self.routes.lock().leaders.insert(range, leader);
@@ -415,11 +496,12 @@ impl Client {
                     self.routes.lock().leaders.remove(&range);
                     attempts.backoff.wait().await;
                 }
-                Verdict::Ambiguous if retry_ambiguous => {
+                Verdict::Ambiguous if kind == Kind::Idempotent => {
                     self.routes.lock().leaders.remove(&range);
                     attempts.backoff.wait().await;
                 }
-                Verdict::Ambiguous | Verdict::Fail => return Err(ClientError::Status(status)),
+                Verdict::Ambiguous => return Err(ClientError::Ambiguous(status)),
+                Verdict::Fail => return Err(ClientError::Status(status)),
             }
         }
     }
@@ -430,24 +512,36 @@ impl Client {
     ///
     /// [`ClientError`] when the cluster refuses or no attempt succeeds in time.
     pub async fn get(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
+        let version = self.get_version(key).await?;
+        Ok(version.value.map(|value| (value, version.timestamp)))
+    }
+
+    /// Reads the latest version of `key` (linearizable): its value, or none if deleted or never
+    /// written, and its commit timestamp, a deletion's too.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when the cluster refuses or no attempt succeeds in time.
+    pub async fn get_version(&self, key: &[u8]) -> Result<Version, ClientError> {
         let response = self
-            .on_range(key, true, |mut client, range_id| {
+            .on_range(key, Kind::Idempotent, |mut client, range_id| {
                 let request = GetRequest { range_id, key: key.to_vec() };
                 async move { client.get(request).await }
             })
             .await?;
-        Ok(response.value.map(|value| (value, response.timestamp)))
+        Ok(Version { value: response.value, timestamp: response.timestamp })
     }
 
-    /// Writes `value` under `key`; returns the commit timestamp. An ambiguous failure
-    /// ([`ClientError::is_ambiguous`]) is returned, not retried.
+    /// Writes `value` under `key`; returns the commit timestamp. The write is re-sent only
+    /// after failures that prove it had no effect; any other failure is returned as
+    /// [`ClientError::Ambiguous`] (see the crate docs).
     ///
     /// # Errors
     ///
     /// [`ClientError`] when the cluster refuses or no attempt succeeds in time.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, ClientError> {
         let response = self
-            .on_range(key, false, |mut client, range_id| {
+            .on_range(key, Kind::Write, |mut client, range_id| {
                 let request = PutRequest { range_id, key: key.to_vec(), value: value.to_vec() };
                 async move { client.put(request).await }
             })
@@ -462,7 +556,7 @@ impl Client {
     /// As [`Client::put`].
     pub async fn delete(&self, key: &[u8]) -> Result<u64, ClientError> {
         let response = self
-            .on_range(key, false, |mut client, range_id| {
+            .on_range(key, Kind::Write, |mut client, range_id| {
                 let request = DeleteRequest { range_id, key: key.to_vec() };
                 async move { client.delete(request).await }
             })
@@ -488,7 +582,7 @@ impl Client {
         while rows.len() < limit && end.is_none_or(|end| from.as_slice() < end) {
             let remaining = (limit - rows.len()).min(u32::MAX as usize) as u32;
             let response = self
-                .on_range(&from, true, |mut client, range_id| {
+                .on_range(&from, Kind::Idempotent, |mut client, range_id| {
                     let request = ScanRequest {
                         range_id,
                         start: from.clone(),
@@ -541,7 +635,7 @@ impl Client {
                 continue;
             }
             let response = self
-                .on_range(&group[0], true, |mut client, range_id| {
+                .on_range(&group[0], Kind::Idempotent, |mut client, range_id| {
                     let request = SplitRequest { range_id, keys: group.clone() };
                     async move { client.split(request).await }
                 })
@@ -579,10 +673,8 @@ impl Client {
     pub async fn ranges(
         &self,
     ) -> Result<(Vec<RangeDescriptor>, HashMap<u64, String>), ClientError> {
-        let response =
-            self.on_meta(true, |mut client| async move {
-                client.list_ranges(ListRangesRequest {}).await
-            })
+        let response = self
+            .on_meta(|mut client| async move { client.list_ranges(ListRangesRequest {}).await })
             .await?;
         let addresses: HashMap<u64, String> =
             response.addresses.into_iter().map(|node| (node.node_id, node.address)).collect();
@@ -600,7 +692,7 @@ impl Client {
         &self,
         descriptors: Vec<RangeDescriptor>,
     ) -> Result<(), ClientError> {
-        self.on_meta(true, |mut client| {
+        self.on_meta(|mut client| {
             let request = UpdateDescriptorsRequest { descriptors: descriptors.clone() };
             async move { client.update_descriptors(request).await }
         })
@@ -615,7 +707,7 @@ impl Client {
     /// [`ClientError`] when no attempt succeeds in time.
     pub async fn allocate_range_ids(&self, count: u64) -> Result<u64, ClientError> {
         let response = self
-            .on_meta(true, |mut client| async move {
+            .on_meta(|mut client| async move {
                 client.allocate_range_ids(AllocateRangeIdsRequest { count }).await
             })
             .await?;
@@ -673,11 +765,27 @@ mod tests {
             (Code::Internal, None, None, Verdict::Fail),
         ];
         for (code, kind, leader, expected) in cases {
-            assert_eq!(judge(&status_with(code, kind, leader)), expected, "{code:?} {kind:?}");
+            let status = status_with(code, kind, leader);
+            assert_eq!(judge(&status, Kind::Idempotent), expected, "{code:?} {kind:?}");
+            // Writes: a refusal marked not-applied is judged alike; the same error unmarked
+            // may have struck after the write was proposed.
+            let refusal = metadata::not_applied(status_with(code, kind, leader));
+            let expected_for_write =
+                if kind == Some(metadata::AMBIGUOUS) { Verdict::Ambiguous } else { expected };
+            assert_eq!(judge(&refusal, Kind::Write), expected_for_write, "{code:?} {kind:?}");
+            assert_eq!(judge(&status, Kind::Write), Verdict::Ambiguous, "{code:?} {kind:?}");
         }
-        let ambiguous =
-            ClientError::Status(status_with(Code::Unavailable, Some(metadata::AMBIGUOUS), None));
-        assert!(ambiguous.is_ambiguous());
+        // A write whose connection attempt failed never left: it is retried.
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            dial::ConnectFailed(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        );
+        let never_sent = Status::from_error(Box::new(refused));
+        assert_eq!(judge(&never_sent, Kind::Write), Verdict::Pause);
+        let timed_out = Status::deadline_exceeded("no answer within 1s");
+        assert_eq!(judge(&timed_out, Kind::Write), Verdict::Ambiguous);
+        assert_eq!(judge(&timed_out, Kind::Idempotent), Verdict::Pause);
+        assert!(ClientError::Ambiguous(timed_out).is_ambiguous());
     }
 
     #[test]

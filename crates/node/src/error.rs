@@ -7,6 +7,11 @@ use meridian_rpc::metadata;
 use crate::RangeId;
 
 /// Why a request failed, grouped by what the client must do.
+///
+/// Every variant but [`NodeError::Ambiguous`] and [`NodeError::Internal`] is a refusal: the
+/// request had no effect and never will, and its gRPC form says so
+/// ([`metadata::NOT_APPLIED`]), so that a client may send a write again. A request that may
+/// have been proposed fails only with `Ambiguous` (or `Internal`, when the node stops).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
     /// Another node leads the range; retry there (the address is known if `address` is set).
@@ -27,10 +32,13 @@ pub enum NodeError {
         /// The range's current descriptor.
         descriptor: Box<RangeDescriptor>,
     },
-    /// The command may or may not take effect: leadership moved before it applied.
+    /// The command may or may not take effect: it was proposed, and what became of it is
+    /// unknown (leadership moved before it applied, a snapshot replaced the log it was in, or
+    /// its commit-wait could not finish).
     #[error("outcome unknown: {0}")]
     Ambiguous(String),
-    /// The range cannot serve right now (no leader, no lease yet, leadership lost); retry.
+    /// The range cannot serve right now (no leader, no lease yet, leadership lost, the
+    /// caller's deadline passed first); nothing was proposed, so a retry is safe.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The request is invalid.
@@ -66,39 +74,44 @@ pub fn leader_hint(status: &tonic::Status) -> Option<&str> {
 
 impl From<NodeError> for tonic::Status {
     fn from(error: NodeError) -> Self {
-        let message = error.to_string();
-        let kind = |mut status: tonic::Status, kind: &'static str| {
-            status.metadata_mut().insert(metadata::ERROR_KIND, kind.parse().expect("ascii"));
-            status
-        };
-        match error {
-            NodeError::RangeNotFound(_) => {
-                kind(tonic::Status::not_found(message), metadata::RANGE_NOT_FOUND)
-            }
-            NodeError::KeyNotInRange { .. } => {
-                kind(tonic::Status::out_of_range(message), metadata::KEY_NOT_IN_RANGE)
-            }
-            NodeError::Ambiguous(_) => {
-                kind(tonic::Status::unavailable(message), metadata::AMBIGUOUS)
-            }
-            NodeError::NotLeader { address, .. } => {
-                let mut status =
-                    kind(tonic::Status::failed_precondition(message), metadata::NOT_LEADER);
-                if let Some(address) = address
-                    && let Ok(value) = address.parse()
-                {
-                    status.metadata_mut().insert(metadata::LEADER_ADDRESS, value);
-                }
-                status
-            }
-            NodeError::Unavailable(_) => tonic::Status::unavailable(message),
-            NodeError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
-            NodeError::NotInitialized => {
-                kind(tonic::Status::failed_precondition(message), metadata::NOT_INITIALIZED)
-            }
-            NodeError::AlreadyInitialized(_) => tonic::Status::already_exists(message),
-            NodeError::ClusterMismatch { .. } => tonic::Status::permission_denied(message),
-            NodeError::Internal(_) => tonic::Status::internal(message),
+        let refusal = !matches!(error, NodeError::Ambiguous(_) | NodeError::Internal(_));
+        let status = status_of(error);
+        if refusal { metadata::not_applied(status) } else { status }
+    }
+}
+
+/// The gRPC status of an error, with its kind in the metadata.
+fn status_of(error: NodeError) -> tonic::Status {
+    let message = error.to_string();
+    let kind = |mut status: tonic::Status, kind: &'static str| {
+        status.metadata_mut().insert(metadata::ERROR_KIND, kind.parse().expect("ascii"));
+        status
+    };
+    match error {
+        NodeError::RangeNotFound(_) => {
+            kind(tonic::Status::not_found(message), metadata::RANGE_NOT_FOUND)
         }
+        NodeError::KeyNotInRange { .. } => {
+            kind(tonic::Status::out_of_range(message), metadata::KEY_NOT_IN_RANGE)
+        }
+        NodeError::Ambiguous(_) => kind(tonic::Status::unavailable(message), metadata::AMBIGUOUS),
+        NodeError::NotLeader { address, .. } => {
+            let mut status =
+                kind(tonic::Status::failed_precondition(message), metadata::NOT_LEADER);
+            if let Some(address) = address
+                && let Ok(value) = address.parse()
+            {
+                status.metadata_mut().insert(metadata::LEADER_ADDRESS, value);
+            }
+            status
+        }
+        NodeError::Unavailable(_) => tonic::Status::unavailable(message),
+        NodeError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+        NodeError::NotInitialized => {
+            kind(tonic::Status::failed_precondition(message), metadata::NOT_INITIALIZED)
+        }
+        NodeError::AlreadyInitialized(_) => tonic::Status::already_exists(message),
+        NodeError::ClusterMismatch { .. } => tonic::Status::permission_denied(message),
+        NodeError::Internal(_) => tonic::Status::internal(message),
     }
 }

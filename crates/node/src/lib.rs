@@ -31,7 +31,7 @@ mod state_machine;
 mod transport;
 
 pub use descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
-pub use driver::{DriverOptions, RaftTiming};
+pub use driver::{DriverOptions, NodeSwitches, RaftTiming};
 pub use error::{NodeError, leader_hint};
 pub use raft_store::{RaftLogStore, RangeId, SnapshotSource, StagedReady};
 pub use server::{NodeEnvironment, NodeOptions, run_node, serve};

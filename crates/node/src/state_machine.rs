@@ -41,7 +41,9 @@ pub struct AppliedState {
     pub config: Configuration,
     /// The index of the last membership change applied.
     pub config_index: LogIndex,
-    /// The highest timestamp of any applied command.
+    /// The range's timestamp floor: the highest timestamp of any applied command, or inherited
+    /// from the parent at a split (the parent leader's highest timestamp served or assigned).
+    /// Leaders assign larger timestamps.
     pub max_timestamp: u64,
     /// The range's span and generation.
     pub descriptor: RangeDescriptor,
@@ -132,9 +134,10 @@ pub fn encode_delete(key: &[u8], timestamp: u64) -> Vec<u8> {
     encode_command(timestamp, wire::range_command::Operation::Delete(key.to_vec()))
 }
 
-/// Encodes a split at `keys` creating ranges `ids`.
-pub fn encode_split(keys: Vec<Vec<u8>>, ids: Vec<u64>) -> Vec<u8> {
-    let split = wire::Split { keys, range_ids: ids };
+/// Encodes a split at `keys` creating ranges `ids`, which inherit `timestamp_floor` (the
+/// proposing leader's highest timestamp served or assigned).
+pub fn encode_split(keys: Vec<Vec<u8>>, ids: Vec<u64>, timestamp_floor: u64) -> Vec<u8> {
+    let split = wire::Split { keys, range_ids: ids, timestamp_floor };
     encode_command(0, wire::range_command::Operation::Split(split))
 }
 
@@ -302,6 +305,9 @@ impl<E: Engine> RangeStateMachine<E> {
                     Ok(children) => {
                         self.applied.descriptor.end = Some(split.keys[0].clone());
                         self.applied.descriptor.generation += 1;
+                        // The new ranges start from this floor (`child_state`).
+                        self.applied.max_timestamp =
+                            self.applied.max_timestamp.max(split.timestamp_floor);
                         Ok(Applied::Split(children))
                     }
                     Err(reason) => Ok(Applied::Rejected(reason)),
@@ -360,7 +366,7 @@ impl<E: Engine> RangeStateMachine<E> {
     }
 
     /// Returns the applied state of a range split off this one at the current index: it starts
-    /// at index 1 of its own log, with this range's replicas and timestamps.
+    /// at index 1 of its own log, with this range's replicas and timestamp floor.
     pub fn child_state(&self, descriptor: RangeDescriptor) -> AppliedState {
         AppliedState {
             index: LogIndex(1),
@@ -614,6 +620,7 @@ mod tests {
         let split = |keys: &[&str], ids: &[u64]| wire::Split {
             keys: keys.iter().map(|key| key.as_bytes().to_vec()).collect(),
             range_ids: ids.to_vec(),
+            timestamp_floor: 0,
         };
         let children = split_descriptors(&parent, &config, &split(&["m"], &[6])).unwrap();
         assert_eq!(

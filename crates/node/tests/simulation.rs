@@ -175,6 +175,7 @@ fn node_options(node: usize) -> NodeOptions {
         // Often, so that a replica removed while it was cut off and quiesced is collected
         // within the settle limit.
         replica_check_interval: Duration::from_secs(20),
+        switches: meridian_node::NodeSwitches::default(),
     }
 }
 

@@ -29,6 +29,84 @@ pub mod metadata {
     pub const AMBIGUOUS: &str = "ambiguous";
     /// The node does not belong to an initialized cluster (yet).
     pub const NOT_INITIALIZED: &str = "not-initialized";
+    /// Says what became of a failed request; the one value, [`NOT_APPLIED`], promises that
+    /// the request had no effect and never will (the node refused it before proposing it). A
+    /// failure without it may have taken effect: a client re-sends a write only with it, or
+    /// after a connection attempt failed ([`crate::dial::is_connect_failure`]).
+    pub const OUTCOME: &str = "x-meridian-outcome";
+    /// See [`OUTCOME`].
+    pub const NOT_APPLIED: &str = "not-applied";
+
+    /// Marks `status` as the refusal of a request that had no effect.
+    pub fn not_applied(mut status: tonic::Status) -> tonic::Status {
+        status
+            .metadata_mut()
+            .insert(OUTCOME, tonic::metadata::MetadataValue::from_static(NOT_APPLIED));
+        status
+    }
+
+    /// Returns whether `status` promises that its request had no effect.
+    pub fn is_not_applied(status: &tonic::Status) -> bool {
+        status.metadata().get(OUTCOME).is_some_and(|value| value == NOT_APPLIED)
+    }
+
+    /// Returns the caller's timeout that a request carries (the `grpc-timeout` header), if
+    /// any: how long the caller waits for the answer. Malformed values count as absent.
+    pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+        let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+        let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+        if digits.is_empty() || digits.len() > 8 {
+            return None;
+        }
+        let amount: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => std::time::Duration::from_secs(amount.checked_mul(3600)?),
+            "M" => std::time::Duration::from_secs(amount.checked_mul(60)?),
+            "S" => std::time::Duration::from_secs(amount),
+            "m" => std::time::Duration::from_millis(amount),
+            "u" => std::time::Duration::from_micros(amount),
+            "n" => std::time::Duration::from_nanos(amount),
+            _ => return None,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        use super::*;
+
+        #[test]
+        fn grpc_timeouts_parse_every_unit_and_refuse_garbage() {
+            let cases = [
+                ("2S", Some(Duration::from_secs(2))),
+                ("1500m", Some(Duration::from_millis(1500))),
+                ("3M", Some(Duration::from_secs(180))),
+                ("1H", Some(Duration::from_secs(3600))),
+                ("7u", Some(Duration::from_micros(7))),
+                ("9n", Some(Duration::from_nanos(9))),
+                ("", None),
+                ("S", None),
+                ("12x", None),
+                ("123456789S", None),
+                ("-1S", None),
+            ];
+            for (value, expected) in cases {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                if !value.is_empty() {
+                    metadata.insert("grpc-timeout", value.parse().expect("ascii"));
+                }
+                assert_eq!(grpc_timeout(&metadata), expected, "{value:?}");
+            }
+        }
+
+        #[test]
+        fn refusals_are_marked_not_applied() {
+            let status = tonic::Status::unavailable("no lease");
+            assert!(!is_not_applied(&status));
+            assert!(is_not_applied(&not_applied(status)));
+        }
+    }
 }
 
 /// Types generated from `proto/raft.proto`.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meridian_client::{Client, ClientOptions};
 use meridian_clock::ClockOptions;
-use meridian_node::{META_RANGE, NodeOptions, RaftTiming, run_node};
+use meridian_node::{META_RANGE, NodeOptions, NodeSwitches, RaftTiming, run_node};
 use meridian_raft::NodeId;
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{DecommissionRequest, InitRequest, StatusRequest};
@@ -173,6 +173,9 @@ async fn start(args: StartArgs) -> Result<()> {
         use_kernel_bound: true,
     };
     clock.validate().context("invalid --max-clock-offset-ms")?;
+    let timing = RaftTiming::default()
+        .with_clock_bound(clock.max_clock_offset)
+        .map_err(|reason| anyhow::anyhow!("invalid --max-clock-offset-ms: {reason}"))?;
     let options = NodeOptions {
         node_id: NodeId(args.node_id),
         store: args.store,
@@ -180,7 +183,7 @@ async fn start(args: StartArgs) -> Result<()> {
         advertise: args.advertise.unwrap_or_else(|| args.rpc_listen.to_string()),
         join: args.join.into_iter().filter(|address| !address.is_empty()).collect(),
         clock,
-        timing: RaftTiming::default(),
+        timing,
         inject_clock_skew_ns: args.inject_clock_skew_ms.saturating_mul(1_000_000),
         http_listen: args.http_listen,
         dead_node_timeout: Duration::from_secs(args.dead_node_timeout_s),
@@ -190,6 +193,7 @@ async fn start(args: StartArgs) -> Result<()> {
         range_max_bytes: args.range_max_kib.saturating_mul(1024),
         inject_crash_after_split: args.inject_crash_after_split,
         replica_check_interval: Duration::from_secs(args.replica_check_interval_s),
+        switches: NodeSwitches::default(),
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())

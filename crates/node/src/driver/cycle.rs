@@ -27,16 +27,16 @@ impl<E: Engine> Driver<E> {
             let replica = self.replicas.get_mut(range).expect("replica exists");
             replica.state.stage_install(snapshot, &protected, &mut durable).map_err(internal)?;
             replica.size_bytes = None;
-            // Requests waiting on entries the snapshot replaced cannot be answered.
-            for (_, proposal) in std::mem::take(&mut replica.proposals) {
-                proposal
-                    .pending
-                    .fail(NodeError::Unavailable("replica was replaced by a snapshot".into()));
-            }
+            // What became of proposals in the log the snapshot replaced is unknown here.
+            replica.leadership.abandon(
+                || NodeError::Unavailable("the replica was replaced by a snapshot".into()),
+                "a snapshot replaced the replica's log",
+            );
         }
         if readies.is_empty() && durable.is_empty() {
             // Lease reads of this cycle may be servable at once.
             self.serve_confirmed_reads();
+            self.admit_all();
             self.forget_quiet_replicas();
             return Ok(());
         }
@@ -105,7 +105,10 @@ impl<E: Engine> Driver<E> {
                         replica.size_bytes = None;
                         split_descriptors.push(replica.state.applied().wire_descriptor());
                         for descriptor in new_ranges {
-                            let state = replica.state.child_state(descriptor.clone());
+                            let mut state = replica.state.child_state(descriptor.clone());
+                            if self.switches.child_without_floor {
+                                state.max_timestamp = 0;
+                            }
                             split_descriptors.push(state.wire_descriptor());
                             children.push(state);
                         }
@@ -123,8 +126,11 @@ impl<E: Engine> Driver<E> {
                     }
                     _ => {}
                 }
-                let Some(proposal) = replica.proposals.remove(&entry.index) else { continue };
+                let Some(proposal) = replica.leadership.proposals.remove(&entry.index) else {
+                    continue;
+                };
                 if proposal.term != entry.term {
+                    // Another leader's entry took the index: this proposal can never commit.
                     proposal.pending.fail(NodeError::Unavailable(
                         "leadership changed; the command was not committed".into(),
                     ));
@@ -151,15 +157,11 @@ impl<E: Engine> Driver<E> {
                     (pending, Applied::Rejected(reason)) => {
                         pending.fail(NodeError::InvalidArgument(reason));
                     }
-                    (pending, _) => {
-                        pending
-                            .fail(NodeError::Unavailable("the command was not committed".into()));
-                    }
-                }
-            }
-            for read in &ready.read_states {
-                if let Some(request) = replica.reads.remove(&read.context) {
-                    replica.confirmed.push((read.index, request));
+                    // The entry is this proposal's (same index and term), yet it applied
+                    // as something unexpected: report no verdict on it.
+                    (pending, _) => pending.fail(NodeError::Ambiguous(
+                        "the command applied with an unexpected outcome".into(),
+                    )),
                 }
             }
             let had_committed = !ready.committed_entries.is_empty();
@@ -211,7 +213,14 @@ impl<E: Engine> Driver<E> {
             ));
         }
         for (reply, timestamp) in acknowledgements {
-            // Commit-wait (Spanner §4.1.2): acknowledge only once the timestamp has passed.
+            if self.switches.skip_commit_wait {
+                let _ = reply.send(Ok(timestamp));
+                continue;
+            }
+            // Commit-wait (Spanner §4.1.2): acknowledge only once the timestamp has passed. The
+            // write has committed; if the wait cannot finish (a stalled clock), its effect is
+            // not known to be externally consistent, and the caller is told the outcome is
+            // unknown rather than that it failed.
             let truetime = self.truetime.clone();
             tokio::spawn(async move {
                 let waited = truetime
@@ -221,15 +230,14 @@ impl<E: Engine> Driver<E> {
                     metrics::histogram!("meridian_commit_wait_seconds")
                         .record(waited.as_secs_f64());
                 }
-                let _ = reply.send(
-                    waited
-                        .map(|_| timestamp)
-                        .map_err(|error| NodeError::Unavailable(error.to_string())),
-                );
+                let _ = reply.send(waited.map(|_| timestamp).map_err(|error| {
+                    NodeError::Ambiguous(format!("committed, but commit-wait failed: {error}"))
+                }));
             });
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
+        self.admit_all();
         self.forget_quiet_replicas();
         Ok(())
     }

@@ -17,8 +17,9 @@ pub struct ScanResult {
 
 /// A read a client asked for.
 pub enum ReadRequest {
-    /// The latest value of a key, with its commit timestamp.
-    Get { range: RangeId, key: Vec<u8>, reply: Reply<Option<(Vec<u8>, u64)>> },
+    /// The latest value of a key (`None` if absent), with the commit timestamp of its latest
+    /// version (its tombstone's if deleted; 0 if it never existed).
+    Get { range: RangeId, key: Vec<u8>, reply: Reply<(Option<Vec<u8>>, u64)> },
     /// Keys in `[start, end)` of one range with their latest values, at most `limit`.
     Scan {
         range: RangeId,
@@ -144,10 +145,17 @@ pub struct RangeReport {
 pub enum Event {
     /// Raft messages from a peer.
     Raft(Vec<(RangeId, Message)>),
-    /// Write (`value: Some`) or delete (`None`) a key of a range.
-    Write { range: RangeId, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<u64> },
-    /// A linearizable read.
-    Read(ReadRequest),
+    /// Write (`value: Some`) or delete (`None`) a key of a range; the caller waits until
+    /// `deadline`, and the write is not proposed after it.
+    Write {
+        range: RangeId,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        deadline: Instant,
+        reply: Reply<u64>,
+    },
+    /// A linearizable read; the caller waits until `deadline`.
+    Read { request: ReadRequest, deadline: Instant },
     /// Split a range at `keys`, creating the ranges `ids`. Answers the range's descriptor after
     /// the split, then the new ranges'.
     Split {

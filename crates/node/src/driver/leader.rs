@@ -1,8 +1,110 @@
-//! What a range's leader does with client requests: routing checks, proposals, writes at
-//! timestamps inside its lease, lease and ReadIndex reads, and failing what a former leader can
-//! no longer answer.
+//! What a range's leader does with client requests.
+//!
+//! A leader serves reads and assigns write timestamps only inside its lease (`meridian_raft`'s
+//! `reads.rs`, rules 3 and 6), so every client read and write first waits in the replica's
+//! [`Leadership`] queue, in arrival order, until the lease allows it:
+//!
+//! - a **write** gets its timestamp from [`RawNode::lease_timestamp`] — inside the lease, above
+//!   everything the leader served or assigned, above the highest timestamp the range applied or
+//!   inherited from its parent (the *floor*, kept in the applied state), and only once the
+//!   leader has applied everything committed, so that the floor is current — and is proposed;
+//! - a **read** is served at [`RawNode::lease_read`]'s index and timestamp once that index is
+//!   applied.
+//!
+//! Requests wait while the leader has no lease (a new leader, or one waking from quiescence:
+//! a heartbeat round is started at once) and while a split it proposed has not applied (the
+//! split carries the leader's highest timestamp to the new ranges as their floor, so nothing
+//! may be served above it meanwhile). Every waiting request is bounded by its caller's
+//! deadline; one that expires, or that reaches a node that lost leadership, is refused, never
+//! proposed. A proposal's outcome is reported once it applies: a write after commit-wait. If
+//! leadership moves, a snapshot replaces the log, or the replica is destroyed first, the
+//! outcome is *ambiguous* and is reported as such. The lock table of the transaction layer will
+//! live beside these queues.
+
+use std::collections::VecDeque;
 
 use super::*;
+
+/// A client request waiting for the leader to be able to serve it.
+pub(super) enum Waiting {
+    /// A put (`value: Some`) or delete.
+    Write { key: Vec<u8>, value: Option<Vec<u8>>, deadline: Instant, reply: Reply<u64> },
+    /// A read.
+    Read { request: ReadRequest, deadline: Instant },
+}
+
+impl Waiting {
+    fn deadline(&self) -> Instant {
+        match self {
+            Waiting::Write { deadline, .. } | Waiting::Read { deadline, .. } => *deadline,
+        }
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            Waiting::Write { key, .. } => Some(key),
+            Waiting::Read { request, .. } => request.key(),
+        }
+    }
+
+    /// Refuses the request; it had no effect.
+    fn fail(self, error: NodeError) {
+        match self {
+            Waiting::Write { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Waiting::Read { request, .. } => request.fail(error),
+        }
+    }
+}
+
+/// What a replica keeps for the requests it serves as leader: those waiting for the lease,
+/// the proposals their proposers wait for, and reads waiting for their index to apply.
+///
+/// Invariants:
+/// - `waiting` holds requests in arrival order; none of them has been proposed.
+/// - Every proposal in `proposals` was made in the term it records.
+#[derive(Default)]
+pub(super) struct Leadership {
+    /// Requests waiting for the lease (or for a split to apply), in arrival order.
+    pub(super) waiting: VecDeque<Waiting>,
+    /// Proposals whose proposers wait for them to apply, by log index.
+    pub(super) proposals: BTreeMap<LogIndex, Proposal>,
+    /// Reads allowed by the lease, waiting for their index to be applied.
+    pub(super) confirmed: Vec<(LogIndex, ReadRequest)>,
+    /// The context of the next heartbeat round started to obtain a lease.
+    next_round_context: u64,
+    /// When the last such round was started (one per heartbeat interval is enough).
+    round_started: Option<Instant>,
+}
+
+impl Leadership {
+    /// Whether anything waits here.
+    pub(super) fn is_busy(&self) -> bool {
+        !self.waiting.is_empty() || !self.proposals.is_empty() || !self.confirmed.is_empty()
+    }
+
+    /// Whether a split proposed here has not applied yet.
+    fn split_pending(&self) -> bool {
+        self.proposals.values().any(|proposal| matches!(proposal.pending, Pending::Split { .. }))
+    }
+
+    /// Fails everything this leadership holds after losing it: waiting requests and reads are
+    /// refused (with `refusal`), proposals are ambiguous (they may still commit).
+    pub(super) fn abandon(&mut self, refusal: impl Fn() -> NodeError, why: &str) {
+        for waiting in std::mem::take(&mut self.waiting) {
+            waiting.fail(refusal());
+        }
+        for (_, request) in std::mem::take(&mut self.confirmed) {
+            request.fail(refusal());
+        }
+        for (_, proposal) in std::mem::take(&mut self.proposals) {
+            proposal.pending.fail(NodeError::Ambiguous(format!(
+                "{why} before the command applied; it may or may not take effect"
+            )));
+        }
+    }
+}
 
 impl<E: Engine> Driver<E> {
     /// Returns the error for a request that reached a non-leader.
@@ -52,7 +154,7 @@ impl<E: Engine> Driver<E> {
         &mut self,
         range: RangeId,
         key: Option<&[u8]>,
-        command: Vec<u8>,
+        command: impl FnOnce(&mut Replica<E>) -> Vec<u8>,
         pending: Pending,
     ) {
         let replica = match self.leader_replica(range, key) {
@@ -60,131 +162,142 @@ impl<E: Engine> Driver<E> {
             Err(error) => return pending.fail(error),
         };
         replica.idle_ticks = 0;
+        let command = command(replica);
         match replica.raft.propose(command) {
             Ok(index) => {
                 metrics::counter!("meridian_raft_proposals_total").increment(1);
                 let term = replica.raft.term();
-                replica.proposals.insert(index, Proposal { term, pending });
+                replica.leadership.proposals.insert(index, Proposal { term, pending });
             }
             Err(error) => pending.fail(NodeError::Unavailable(error.to_string())),
         }
     }
 
-    pub(super) fn write(
-        &mut self,
-        range: RangeId,
-        key: Vec<u8>,
-        value: Option<Vec<u8>>,
-        reply: Reply<u64>,
-    ) {
-        if range == META_RANGE {
-            let _ = reply
-                .send(Err(NodeError::InvalidArgument("the meta range holds no user keys".into())));
-            return;
-        }
-        let now = self.truetime.now();
-        let interval =
-            Interval { earliest: now.earliest.as_nanos(), latest: now.latest.as_nanos() };
-        let replica = match self.leader_replica(range, Some(&key)) {
-            Ok(replica) => replica,
-            Err(error) => {
-                let _ = reply.send(Err(error));
-                return;
-            }
+    /// Takes a client's write or read: queues it at the range's leader, to be served as soon
+    /// as the lease allows (see the module docs).
+    pub(super) fn enqueue(&mut self, range: RangeId, request: Waiting) {
+        let refusal = if range == META_RANGE && request.key().is_some() {
+            Some(NodeError::InvalidArgument("the meta range holds no user keys".into()))
+        } else {
+            self.leader_replica(range, request.key()).err()
         };
+        if let Some(error) = refusal {
+            return request.fail(error);
+        }
+        let replica = self.replicas.get_mut(&range).expect("checked above");
         replica.idle_ticks = 0;
-        // A leader assigns timestamps only inside its lease (Spanner's disjointness). Without
-        // one (a new leader), the write waits for the next heartbeat round to grant it.
-        if replica.raft.lease_read(interval).is_none() {
-            if replica.lease_waiters.is_empty() {
-                let context = replica.next_read_context;
-                replica.next_read_context += 1;
-                // A read round renews the lease at once; its result is not needed.
-                let _ = replica.raft.read_index(context);
-            }
-            let deadline = tokio::time::Instant::now() + LEASE_WAIT;
-            replica.lease_waiters.push(LeaseWaiter { deadline, key, value, reply });
-            return;
-        }
-        let timestamp = now
-            .latest
-            .as_nanos()
-            .max(replica.max_assigned + 1)
-            .max(replica.state.applied().max_timestamp + 1);
-        let command = match &value {
-            Some(value) => encode_put(&key, value, timestamp),
-            None => encode_delete(&key, timestamp),
-        };
-        match replica.raft.propose(command) {
-            Ok(index) => {
-                metrics::counter!("meridian_raft_proposals_total").increment(1);
-                replica.max_assigned = timestamp;
-                let term = replica.raft.term();
-                replica
-                    .proposals
-                    .insert(index, Proposal { term, pending: Pending::Write { timestamp, reply } });
-            }
-            Err(error) => {
-                let _ = reply.send(Err(NodeError::Unavailable(error.to_string())));
-            }
-        }
+        replica.leadership.waiting.push_back(request);
+        self.admit(range);
     }
 
-    /// Proposes the writes whose leader now has a lease; fails those that waited too long.
-    pub(super) fn retry_lease_waiters(&mut self) {
-        let now = tokio::time::Instant::now();
-        let mut retry = Vec::new();
-        for range in &self.awake {
-            let Some(replica) = self.replicas.get_mut(range) else { continue };
-            if replica.lease_waiters.is_empty() {
+    /// Serves or proposes the requests waiting at `range`'s leader, in order, as far as the
+    /// lease allows; refuses those whose deadline passed or whose key left the range; starts a
+    /// heartbeat round when the lease is missing.
+    pub(super) fn admit(&mut self, range: RangeId) {
+        let interval = raft_interval(&self.truetime);
+        let now = Instant::now();
+        let (transport, node_id, mvcc) = (&self.transport, self.node_id, &self.mvcc);
+        let switches = self.switches;
+        let Some(replica) = self.replicas.get_mut(&range) else { return };
+        while let Some(request) = replica.leadership.waiting.front() {
+            if replica.raft.role() != Role::Leader {
+                let leader = replica.raft.leader();
+                replica
+                    .leadership
+                    .abandon(|| Self::not_leader(transport, node_id, leader), "leadership changed");
+                return;
+            }
+            if request.deadline() <= now {
+                let request = replica.leadership.waiting.pop_front().expect("a front");
+                request.fail(NodeError::Unavailable(
+                    "the request's deadline passed before the leader could serve it".into(),
+                ));
                 continue;
             }
-            let has_lease = replica.raft.lease_read(raft_interval(&self.truetime)).is_some();
-            for waiter in std::mem::take(&mut replica.lease_waiters) {
-                if has_lease || replica.raft.role() != Role::Leader {
-                    retry.push((replica.range, waiter));
-                } else if waiter.deadline <= now {
-                    let _ = waiter.reply.send(Err(NodeError::Unavailable(
-                        "the leader could not obtain a lease".into(),
-                    )));
-                } else {
-                    replica.lease_waiters.push(waiter);
+            if replica.leadership.split_pending() {
+                return;
+            }
+            if let Some(key) = request.key()
+                && let Err(error) = check_key(replica, key)
+            {
+                let request = replica.leadership.waiting.pop_front().expect("a front");
+                request.fail(error);
+                continue;
+            }
+            let floor = if switches.ignore_timestamp_floors {
+                0
+            } else {
+                replica.state.applied().max_timestamp
+            };
+            let is_write = matches!(request, Waiting::Write { .. });
+            match is_write {
+                true => {
+                    let Some(timestamp) = replica.raft.lease_timestamp(interval, floor) else {
+                        request_lease_round(replica, now, self.timing.tick_interval);
+                        return;
+                    };
+                    let Some(Waiting::Write { key, value, reply, .. }) =
+                        replica.leadership.waiting.pop_front()
+                    else {
+                        unreachable!("the front is a write");
+                    };
+                    let command = match &value {
+                        Some(value) => encode_put(&key, value, timestamp),
+                        None => encode_delete(&key, timestamp),
+                    };
+                    match replica.raft.propose(command) {
+                        Ok(index) => {
+                            metrics::counter!("meridian_raft_proposals_total").increment(1);
+                            let term = replica.raft.term();
+                            let pending = Pending::Write { timestamp, reply };
+                            replica.leadership.proposals.insert(index, Proposal { term, pending });
+                        }
+                        Err(error) => {
+                            let _ = reply.send(Err(NodeError::Unavailable(error.to_string())));
+                        }
+                    }
+                }
+                false => {
+                    let Some(lease) = replica.raft.lease_read(interval) else {
+                        request_lease_round(replica, now, self.timing.tick_interval);
+                        return;
+                    };
+                    let Some(Waiting::Read { request, .. }) =
+                        replica.leadership.waiting.pop_front()
+                    else {
+                        unreachable!("the front is a read");
+                    };
+                    if lease.index <= replica.state.applied().index {
+                        serve_read(mvcc, replica, request, switches);
+                    } else {
+                        replica.leadership.confirmed.push((lease.index, request));
+                    }
                 }
             }
         }
-        for (range, waiter) in retry {
-            self.write(range, waiter.key, waiter.value, waiter.reply);
+    }
+
+    /// Admits what waits at every awake replica (after a cycle applied entries or renewed
+    /// leases, and on ticks, when deadlines pass).
+    pub(super) fn admit_all(&mut self) {
+        let ranges: Vec<RangeId> = self
+            .awake
+            .iter()
+            .filter(|range| {
+                self.replicas
+                    .get(range)
+                    .is_some_and(|replica| !replica.leadership.waiting.is_empty())
+            })
+            .copied()
+            .collect();
+        for range in ranges {
+            self.admit(range);
         }
     }
 
-    pub(super) fn read(&mut self, request: ReadRequest) {
-        if request.range() == META_RANGE && request.key().is_some() {
-            return request
-                .fail(NodeError::InvalidArgument("the meta range holds no user keys".into()));
-        }
-        let interval = raft_interval(&self.truetime);
-        let replica = match self.leader_replica(request.range(), request.key()) {
-            Ok(replica) => replica,
-            Err(error) => return request.fail(error),
-        };
-        replica.idle_ticks = 0;
-        if let Some(lease) = replica.raft.lease_read(interval) {
-            replica.confirmed.push((lease.index, request));
-            return;
-        }
-        let context = replica.next_read_context;
-        replica.next_read_context += 1;
-        match replica.raft.read_index(context) {
-            Ok(()) => {
-                replica.reads.insert(context, request);
-            }
-            Err(error) => request.fail(NodeError::Unavailable(error.to_string())),
-        }
-    }
-
-    /// Fails the requests a replica can no longer answer because it lost leadership: reads
-    /// still waiting for their ReadIndex round, and proposals not yet applied (their outcome
-    /// is unknown: the entry may still commit under the new leader).
+    /// Fails the requests a replica can no longer answer because it lost leadership: waiting
+    /// requests are refused, proposals not yet applied are ambiguous (the entry may still
+    /// commit under the new leader).
     pub(super) fn fail_requests_of_former_leaders(&mut self) {
         for range in &self.awake {
             let Some(replica) = self.replicas.get_mut(range) else { continue };
@@ -194,34 +307,45 @@ impl<E: Engine> Driver<E> {
             // A new leader must record its descriptor again (the meta range may have missed
             // an update of the old leader's).
             replica.published = None;
-            for (_, request) in std::mem::take(&mut replica.reads) {
-                request.fail(NodeError::Unavailable(
-                    "leadership changed before the read was confirmed".into(),
-                ));
-            }
-            for (_, proposal) in std::mem::take(&mut replica.proposals) {
-                proposal.pending.fail(NodeError::Ambiguous(
-                    "leadership changed before the command was applied; it may or may not take effect".into(),
-                ));
+            if replica.leadership.is_busy() {
+                let leader = replica.raft.leader();
+                let (transport, node_id) = (&self.transport, self.node_id);
+                replica
+                    .leadership
+                    .abandon(|| Self::not_leader(transport, node_id, leader), "leadership changed");
             }
         }
     }
 
+    /// Serves the reads whose index has been applied.
     pub(super) fn serve_confirmed_reads(&mut self) {
         for range in &self.awake {
             let Some(replica) = self.replicas.get_mut(range) else { continue };
-            if replica.confirmed.is_empty() {
+            if replica.leadership.confirmed.is_empty() {
                 continue;
             }
             let applied = replica.state.applied().index;
             let (ready, waiting): (Vec<_>, Vec<_>) =
-                replica.confirmed.drain(..).partition(|(index, _)| *index <= applied);
-            replica.confirmed = waiting;
+                replica.leadership.confirmed.drain(..).partition(|(index, _)| *index <= applied);
+            replica.leadership.confirmed = waiting;
             for (_, request) in ready {
-                serve_read(&self.mvcc, replica, request);
+                serve_read(&self.mvcc, replica, request, self.switches);
             }
         }
     }
+}
+
+/// Starts a heartbeat round, which grants a lease once a quorum answers (at most one per tick
+/// interval).
+fn request_lease_round<E: Engine>(replica: &mut Replica<E>, now: Instant, interval: Duration) {
+    let leadership = &mut replica.leadership;
+    if leadership.round_started.is_some_and(|started| now.duration_since(started) < interval) {
+        return;
+    }
+    leadership.round_started = Some(now);
+    leadership.next_round_context += 1;
+    // The round's ReadIndex result is not needed, only the lease its confirmation grants.
+    let _ = replica.raft.read_index(leadership.next_round_context);
 }
 
 /// Fails unless `replica`'s span holds `key`.
@@ -233,25 +357,39 @@ pub(super) fn key_not_in_range<E: Engine>(replica: &Replica<E>) -> NodeError {
     NodeError::KeyNotInRange { descriptor: Box::new(replica.state.applied().wire_descriptor()) }
 }
 
-/// Serves a confirmed read from the replica's state; the key is checked again, since a split
-/// may have applied since the read arrived.
-pub(super) fn serve_read<E: Engine>(mvcc: &Mvcc<E>, replica: &Replica<E>, request: ReadRequest) {
+/// Serves a read the lease allowed, from the replica's state; the key is checked again, since a
+/// split may have applied since the read arrived.
+pub(super) fn serve_read<E: Engine>(
+    mvcc: &Mvcc<E>,
+    replica: &Replica<E>,
+    request: ReadRequest,
+    switches: NodeSwitches,
+) {
     if let Some(key) = request.key()
+        && !switches.serve_outside_span
         && let Err(error) = check_key(replica, key)
     {
         return request.fail(error);
     }
     match request {
         ReadRequest::Get { key, reply, .. } => {
+            // An absent key reports its tombstone's timestamp, if it has one.
             let result = mvcc
                 .get(&key, Timestamp::MAX)
-                .map(|version| version.map(|version| (version.value, version.commit_ts.as_nanos())))
+                .and_then(|version| match version {
+                    Some(version) => Ok((Some(version.value), version.commit_ts.as_nanos())),
+                    None => Ok((None, mvcc.latest_commit_ts(&key)?.map_or(0, Timestamp::as_nanos))),
+                })
                 .map_err(internal);
             let _ = reply.send(result);
         }
         ReadRequest::Scan { start, end, limit, reply, .. } => {
             // Clamp to the range's end; past it the caller continues in the next range.
-            let range_end = replica.state.descriptor().end.clone();
+            let range_end = if switches.serve_outside_span {
+                None
+            } else {
+                replica.state.descriptor().end.clone()
+            };
             let (end, resume_key) = match (end, range_end) {
                 (Some(end), Some(range_end)) if range_end < end => {
                     (Some(range_end.clone()), Some(range_end))

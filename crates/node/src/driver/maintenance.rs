@@ -319,13 +319,11 @@ impl<E: Engine> Driver<E> {
         }
         self.engine.write(batch, true).map_err(internal)?;
         self.awake.remove(&range);
-        if let Some(replica) = self.replicas.remove(&range) {
-            for (_, proposal) in replica.proposals {
-                proposal.pending.fail(NodeError::RangeNotFound(range));
-            }
-            for (_, request) in replica.reads {
-                request.fail(NodeError::RangeNotFound(range));
-            }
+        if let Some(mut replica) = self.replicas.remove(&range) {
+            replica.leadership.abandon(
+                || NodeError::RangeNotFound(range),
+                "the replica was destroyed (this node left the range)",
+            );
         }
         info!(range = range.0, "destroyed a replica this node no longer belongs to");
         metrics::counter!("meridian_replicas_destroyed_total").increment(1);

@@ -37,13 +37,13 @@ use meridian_raft::{
 use meridian_rpc::kv as wire;
 use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 use crate::placement::{PlacementInput, plan};
 use crate::raft_store::{
-    has_replica, stage_destroy_replica, stage_new_replica, stored_hard_state, stored_ranges,
-    was_destroyed,
+    has_replica, stage_destroy_replica, stage_new_replica, stored_ranges, was_destroyed,
 };
 use crate::state_machine::{
     Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
@@ -61,7 +61,8 @@ mod replica;
 
 pub use events::*;
 use leader::key_not_in_range;
-use replica::{LeaseWaiter, Pending, Proposal, Replica, maybe_quiesce, withholds_vote};
+use leader::{Leadership, Waiting};
+use replica::{Pending, Proposal, Replica, maybe_quiesce, withholds_vote};
 
 /// Compact a range's log when this many applied entries sit above its truncation point.
 const COMPACTION_THRESHOLD: u64 = 1_000;
@@ -71,8 +72,6 @@ const QUIESCED_PLACEMENT_EVERY: u64 = 10;
 const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
 const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
-/// How long a write waits for its leader to obtain a lease before it fails.
-const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Ticks a leader stays idle (no request, no proposal) before its range quiesces.
 const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
 /// Ticks without a known leader before a replica asks the meta range whether this node still
@@ -105,6 +104,31 @@ pub struct RaftTiming {
     pub heartbeat_interval_ticks: u64,
     /// Leader lease duration; shorter than the election timeout.
     pub lease_duration: Duration,
+}
+
+impl RaftTiming {
+    /// Returns this timing with the lease shortened, if needed, so that the shortest election
+    /// timeout exceeds the lease plus twice the clock bound and a tick (Raft's timing rule:
+    /// followers' lease promises must have run out when their election timeouts fire).
+    ///
+    /// # Errors
+    ///
+    /// Why the bound leaves no room for a lease of at least two ticks.
+    pub fn with_clock_bound(mut self, max_clock_offset: Duration) -> Result<Self, String> {
+        let election = self.tick_interval * self.election_timeout_ticks as u32;
+        let room = election
+            .checked_sub(max_clock_offset * 2 + self.tick_interval)
+            .filter(|room| *room >= self.tick_interval * 2)
+            .ok_or_else(|| {
+                format!(
+                    "a clock bound of {max_clock_offset:?} leaves no room for leader leases \
+                     within the {election:?} election timeout (at most {:?})",
+                    (election.saturating_sub(self.tick_interval * 3)) / 2
+                )
+            })?;
+        self.lease_duration = self.lease_duration.min(room);
+        Ok(self)
+    }
 }
 
 impl Default for RaftTiming {
@@ -164,6 +188,31 @@ pub struct Driver<E: Engine> {
     seed: u64,
     /// The bound on every node's clock uncertainty the leases rely on.
     max_clock_offset: Duration,
+    /// Test-only rule breakers.
+    switches: NodeSwitches,
+}
+
+/// Switches that deliberately break one of the node's rules each, so that tests can show the
+/// whole-cluster simulation catches the violation. All off by default; never set them
+/// elsewhere.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeSwitches {
+    /// Acknowledge writes without commit-wait (Spanner §4.1.2).
+    pub skip_commit_wait: bool,
+    /// Assign write timestamps from the clock and the lease alone, ignoring the range's floor
+    /// (the highest timestamp it applied or inherited).
+    pub ignore_timestamp_floors: bool,
+    /// Give the ranges a split creates no timestamp floor from their parent.
+    pub child_without_floor: bool,
+    /// Serve reads and scans for keys outside the range's current span.
+    pub serve_outside_span: bool,
+    /// Let a snapshot install overwrite the spans of newer ranges split off on this node.
+    pub snapshot_overwrites_newer_ranges: bool,
+    /// Install snapshots without clearing the old data of their span first.
+    pub snapshot_keeps_old_data: bool,
+    /// Raft's own rule breakers, for every replica.
+    pub raft: meridian_raft::UnsafeSwitches,
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -199,6 +248,8 @@ pub struct DriverOptions {
     /// The bound on every node's clock uncertainty (`--max-clock-offset-ms`), which leases
     /// rely on.
     pub max_clock_offset: Duration,
+    /// Test-only rule breakers (see [`NodeSwitches`]).
+    pub switches: NodeSwitches,
 }
 
 impl<E: Engine> Driver<E> {
@@ -250,6 +301,7 @@ impl<E: Engine> Driver<E> {
             crash_after_split: options.crash_after_split,
             seed: node_seed(options.node_id, options.seed),
             max_clock_offset: options.max_clock_offset,
+            switches: options.switches,
         };
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
             driver.open_replica(range)?;
@@ -298,7 +350,7 @@ impl<E: Engine> Driver<E> {
                             Some(_) => 0,
                         };
                     }
-                    self.retry_lease_waiters();
+                    self.admit_all();
                 }
             }
             self.cycle()?;
@@ -337,12 +389,26 @@ impl<E: Engine> Driver<E> {
                     self.awake.insert(range);
                 }
             }
-            Event::Write { range, key, value, reply } => self.write(range, key, value, reply),
-            Event::Read(request) => self.read(request),
+            Event::Write { range, key, value, deadline, reply } => {
+                self.enqueue(range, Waiting::Write { key, value, deadline, reply });
+            }
+            Event::Read { request, deadline } => {
+                self.enqueue(request.range(), Waiting::Read { request, deadline });
+            }
             Event::Split { range, keys, ids, reply } => {
-                let command = encode_split(keys.clone(), ids);
-                let check = keys.first().map(Vec::as_slice);
-                self.propose(range, check, command, Pending::Split { reply });
+                let check = keys.first().cloned();
+                // The new ranges inherit the highest timestamp this leader served or assigned
+                // as their floor; requests wait until the split applies (see `leader.rs`).
+                let switches = self.switches;
+                let command = move |replica: &mut Replica<E>| {
+                    let floor = if switches.child_without_floor {
+                        0
+                    } else {
+                        replica.raft.max_served_timestamp()
+                    };
+                    encode_split(keys, ids, floor)
+                };
+                self.propose(range, check.as_deref(), command, Pending::Split { reply });
             }
             Event::CheckSplit { range, reply, .. } if range == META_RANGE => {
                 let _ = reply
@@ -359,11 +425,11 @@ impl<E: Engine> Driver<E> {
                 let _ = reply.send(result);
             }
             Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply }) => {
-                let command = encode_update_descriptors(descriptors);
+                let command = |_: &mut Replica<E>| encode_update_descriptors(descriptors);
                 self.propose(META_RANGE, None, command, Pending::UpdateDescriptors { reply });
             }
             Event::Meta(MetaWrite::AllocateRangeIds { count, reply }) => {
-                let command = encode_allocate_range_ids(count);
+                let command = |_: &mut Replica<E>| encode_allocate_range_ids(count);
                 self.propose(META_RANGE, None, command, Pending::AllocateRangeIds { reply });
             }
             Event::Bootstrap { voters, reply } => {
@@ -388,7 +454,13 @@ impl<E: Engine> Driver<E> {
                 self.liveness = (live, dead);
                 self.unreachable = unreachable;
             }
-            Event::ClockHealth { healthy } => self.clock_healthy = healthy,
+            Event::ClockHealth { healthy } => {
+                self.clock_healthy = healthy;
+                // Every lease rule rests on this node's clock (`reads.rs`, rule 5).
+                for replica in self.replicas.values_mut() {
+                    replica.raft.set_clock_trusted(healthy);
+                }
+            }
             Event::Published { ranges, recorded } => {
                 for (range, version) in ranges {
                     if let Some(replica) = self.replicas.get_mut(&range) {

@@ -44,14 +44,6 @@ pub(super) struct NewReplica {
     pub(super) hard_state: HardState,
 }
 
-/// A write waiting for its leader's lease.
-pub(super) struct LeaseWaiter {
-    pub(super) deadline: tokio::time::Instant,
-    pub(super) key: Vec<u8>,
-    pub(super) value: Option<Vec<u8>>,
-    pub(super) reply: Reply<u64>,
-}
-
 pub(super) struct Replica<E: Engine> {
     pub(super) range: RangeId,
     /// Whether a replica of this range on this node was destroyed before: until a snapshot
@@ -59,17 +51,8 @@ pub(super) struct Replica<E: Engine> {
     pub(super) destroyed_before: bool,
     pub(super) raft: RawNode<RaftLogStore<E>>,
     pub(super) state: RangeStateMachine<E>,
-    /// The highest timestamp this replica assigned as leader.
-    pub(super) max_assigned: u64,
-    /// Proposals whose proposers wait for them to apply, by log index.
-    pub(super) proposals: BTreeMap<LogIndex, Proposal>,
-    /// Writes waiting for a lease.
-    pub(super) lease_waiters: Vec<LeaseWaiter>,
-    /// ReadIndex reads waiting for confirmation, by context.
-    pub(super) reads: BTreeMap<u64, ReadRequest>,
-    /// Confirmed reads waiting for their index to be applied.
-    pub(super) confirmed: Vec<(LogIndex, ReadRequest)>,
-    pub(super) next_read_context: u64,
+    /// The requests it serves as leader (see `leader.rs`).
+    pub(super) leadership: Leadership,
     /// A compaction to stage into the next synced batch.
     pub(super) compaction: Option<SnapshotMetadata>,
     /// The last term in which this replica was seen leading (to count elections won).
@@ -123,6 +106,7 @@ impl<E: Engine> Driver<E> {
         config.election_timeout_ticks = self.timing.election_timeout_ticks;
         config.heartbeat_interval_ticks = self.timing.heartbeat_interval_ticks;
         config.lease_duration_ns = self.timing.lease_duration.as_nanos() as u64;
+        config.unsafe_switches = self.switches.raft;
         config.tick_interval_ns = self.timing.tick_interval.as_nanos() as u64;
         config.max_clock_offset_ns = self.max_clock_offset.as_nanos() as u64;
         config.seed = self.seed ^ range.0.rotate_left(17);
@@ -131,8 +115,8 @@ impl<E: Engine> Driver<E> {
         if fresh {
             raft.forget_restart_promise();
         }
+        raft.set_clock_trusted(self.clock_healthy);
         let state = RangeStateMachine::open(range, self.mvcc.clone()).map_err(internal)?;
-        let max_assigned = state.applied().max_timestamp;
         self.awake.insert(range);
         self.replicas.insert(
             range,
@@ -140,12 +124,7 @@ impl<E: Engine> Driver<E> {
                 range,
                 raft,
                 state,
-                max_assigned,
-                proposals: BTreeMap::new(),
-                lease_waiters: Vec::new(),
-                reads: BTreeMap::new(),
-                confirmed: Vec::new(),
-                next_read_context: 1,
+                leadership: Leadership::default(),
                 compaction: None,
                 led_term: None,
                 published: None,
@@ -219,39 +198,33 @@ impl<E: Engine> Driver<E> {
         self.open_replica(FIRST_DATA_RANGE)
     }
 
-    /// Returns the replicas to create for ranges split off here. A replica that heard of its
-    /// range first (through a message) and still waits for a snapshot is initialized from the
-    /// split instead, keeping its term and vote; one that already holds data is left alone.
-    ///
-    /// A replica of the new range that was created here and destroyed before the split applied
-    /// (it waited too long for a snapshot) left its term and vote in a tombstone: they are kept
-    /// too, or the new replica could vote twice in a term.
+    /// Returns the replicas to create for ranges split off here (see [`child_start`]).
     pub(super) fn new_replicas_of_splits(
         &self,
         children: Vec<AppliedState>,
     ) -> Result<Vec<NewReplica>, NodeError> {
-        let keep = |current: HardState| HardState {
-            term: current.term.max(Term(1)),
-            vote: current.vote,
-            commit: LogIndex(1),
-        };
         let mut replicas = Vec::new();
         for applied in children {
             let id = applied.descriptor.id;
-            let hard_state = match self.replicas.get(&id) {
-                None => match stored_hard_state(self.engine.as_ref(), id).map_err(internal)? {
-                    Some(tombstone) => keep(tombstone),
-                    None => HardState { term: Term(1), vote: None, commit: LogIndex(1) },
-                },
+            let local = match self.replicas.get(&id) {
+                None if was_destroyed(self.engine.as_ref(), id).map_err(internal)? => {
+                    LocalReplica::Destroyed
+                }
+                None => LocalReplica::None,
                 Some(existing)
                     if !existing.state.is_initialized()
                         && existing.raft.storage().last_index() == LogIndex(0) =>
                 {
-                    keep(existing.raft.storage().hard_state())
+                    LocalReplica::Waiting {
+                        hard_state: existing.raft.storage().hard_state(),
+                        destroyed_before: existing.destroyed_before,
+                    }
                 }
-                Some(_) => continue,
+                Some(_) => LocalReplica::Holding,
             };
-            replicas.push(NewReplica { applied, meta: None, hard_state });
+            if let Some(hard_state) = child_start(local) {
+                replicas.push(NewReplica { applied, meta: None, hard_state });
+            }
         }
         Ok(replicas)
     }
@@ -264,12 +237,50 @@ impl<E: Engine> Driver<E> {
                 !replica.raft.is_quiesced()
                     || replica.raft.has_ready()
                     || replica.compaction.is_some()
-                    || !replica.proposals.is_empty()
-                    || !replica.reads.is_empty()
-                    || !replica.confirmed.is_empty()
-                    || !replica.lease_waiters.is_empty()
+                    || replica.leadership.is_busy()
             })
         });
+    }
+}
+
+/// What this node holds of a range that a split applying here creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LocalReplica {
+    /// Nothing: no replica of the range was ever here.
+    None,
+    /// A tombstone: a replica of the range was here and was destroyed.
+    Destroyed,
+    /// A replica created by a message, still waiting for its first snapshot.
+    Waiting {
+        /// Its term and vote.
+        hard_state: HardState,
+        /// Whether it was created over a tombstone.
+        destroyed_before: bool,
+    },
+    /// A replica that holds the range's state already.
+    Holding,
+}
+
+/// Returns the hard state a replica of a range split off here starts with at index 1, or
+/// `None` if the split must leave the range alone.
+///
+/// A replica created by a message that still waits for a snapshot is initialized from the
+/// split instead, keeping its term and vote. A replica that holds data is left alone. A
+/// replica destroyed here before (a tombstone, or one created again over it) may have been in
+/// a quorum in its earlier life — the quorum that removed it, perhaps — and voting with a log
+/// that starts over at index 1 could elect a voter that missed its removal: it is left
+/// uninitialized, withholding its vote until a snapshot arrives (see [`withholds_vote`]).
+pub(super) fn child_start(local: LocalReplica) -> Option<HardState> {
+    match local {
+        LocalReplica::None => Some(HardState { term: Term(1), vote: None, commit: LogIndex(1) }),
+        LocalReplica::Waiting { hard_state, destroyed_before: false } => Some(HardState {
+            term: hard_state.term.max(Term(1)),
+            vote: hard_state.vote,
+            commit: LogIndex(1),
+        }),
+        LocalReplica::Destroyed
+        | LocalReplica::Waiting { destroyed_before: true, .. }
+        | LocalReplica::Holding => None,
     }
 }
 
@@ -281,10 +292,7 @@ pub(super) fn maybe_quiesce<E: Engine>(replica: &mut Replica<E>) {
     }
     replica.idle_ticks += 1;
     let idle = replica.idle_ticks >= QUIESCE_AFTER_IDLE_TICKS
-        && replica.proposals.is_empty()
-        && replica.reads.is_empty()
-        && replica.confirmed.is_empty()
-        && replica.lease_waiters.is_empty()
+        && !replica.leadership.is_busy()
         && !replica.publishing
         && !replica.splitting;
     if idle && replica.raft.quiesce() {
@@ -318,12 +326,31 @@ pub(super) fn withholds_vote_when(
 
 #[cfg(test)]
 mod tests {
-    use meridian_raft::{CommitPoint, LogIndex, Message, MessageBody, NodeId, Term};
+    use meridian_raft::{CommitPoint, HardState, LogIndex, Message, MessageBody, NodeId, Term};
 
-    use super::withholds_vote_when;
+    use super::{LocalReplica, child_start, withholds_vote_when};
+
+    /// A split applying on a node whose replica of the new range was destroyed earlier must not
+    /// re-create that replica initialized (and voting) at index 1.
+    #[test]
+    fn splits_leave_destroyed_replicas_uninitialized() {
+        let voted = HardState { term: Term(4), vote: Some(NodeId(2)), commit: LogIndex(0) };
+        let fresh = HardState { term: Term(1), vote: None, commit: LogIndex(1) };
+        let kept = HardState { term: Term(4), vote: Some(NodeId(2)), commit: LogIndex(1) };
+        let cases = [
+            (LocalReplica::None, Some(fresh)),
+            (LocalReplica::Waiting { hard_state: voted, destroyed_before: false }, Some(kept)),
+            (LocalReplica::Destroyed, None),
+            (LocalReplica::Waiting { hard_state: voted, destroyed_before: true }, None),
+            (LocalReplica::Holding, None),
+        ];
+        for (local, expected) in cases {
+            assert_eq!(child_start(local), expected, "{local:?}");
+        }
+    }
 
     #[test]
-    pub(super) fn only_recreated_uninitialized_replicas_withhold_votes() {
+    fn only_recreated_uninitialized_replicas_withhold_votes() {
         let message = |body| Message { from: NodeId(2), to: NodeId(1), term: Term(3), body };
         let vote = message(MessageBody::Vote {
             last_index: LogIndex(7),

@@ -9,32 +9,51 @@ pub(super) struct KvApi(pub(super) Arc<Shared>);
 /// Returns the range a request names, refusing none.
 pub(super) fn range_of(range_id: u64) -> Result<RangeId, Status> {
     if range_id == 0 {
-        return Err(Status::invalid_argument("the request names no range (range_id 0)"));
+        return Err(metadata::not_applied(Status::invalid_argument(
+            "the request names no range (range_id 0)",
+        )));
     }
     Ok(RangeId(range_id))
+}
+
+/// Returns until when the caller of `request` waits for its answer: its `grpc-timeout`, at
+/// most [`MAX_REQUEST_WAIT`] (which also applies to callers that send none). Nothing the
+/// request asks for is started after that: a write is never proposed once its caller gave up.
+pub(super) fn deadline_of<T>(request: &Request<T>) -> Instant {
+    let wait = metadata::grpc_timeout(request.metadata())
+        .map_or(MAX_REQUEST_WAIT, |timeout| timeout.min(MAX_REQUEST_WAIT));
+    Instant::now() + wait
 }
 
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let deadline = deadline_of(&request);
         let request = request.into_inner();
         let (range, key) = (range_of(request.range_id)?, request.key);
-        let found = self
+        let (value, timestamp) = self
             .0
-            .request("get", |reply| Event::Read(ReadRequest::Get { range, key, reply }))
+            .request("get", deadline, |reply| {
+                let request = ReadRequest::Get { range, key, reply };
+                Event::Read { request, deadline }
+            })
             .await?;
-        Ok(Response::new(match found {
-            Some((value, timestamp)) => GetResponse { value: Some(value), timestamp },
-            None => GetResponse { value: None, timestamp: 0 },
-        }))
+        Ok(Response::new(GetResponse { value, timestamp }))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
+        let deadline = deadline_of(&request);
         let request = request.into_inner();
         let (range, key, value) = (range_of(request.range_id)?, request.key, request.value);
         let timestamp = self
             .0
-            .request("put", |reply| Event::Write { range, key, value: Some(value), reply })
+            .request("put", deadline, |reply| Event::Write {
+                range,
+                key,
+                value: Some(value),
+                deadline,
+                reply,
+            })
             .await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
@@ -43,16 +62,24 @@ impl Kv for KvApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let deadline = deadline_of(&request);
         let request = request.into_inner();
         let (range, key) = (range_of(request.range_id)?, request.key);
         let timestamp = self
             .0
-            .request("delete", |reply| Event::Write { range, key, value: None, reply })
+            .request("delete", deadline, |reply| Event::Write {
+                range,
+                key,
+                value: None,
+                deadline,
+                reply,
+            })
             .await?;
         Ok(Response::new(WriteResponse { timestamp }))
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let deadline = deadline_of(&request);
         let request = request.into_inner();
         let range = range_of(request.range_id)?;
         let end = (!request.end.is_empty()).then_some(request.end);
@@ -60,8 +87,9 @@ impl Kv for KvApi {
         let start = request.start;
         let result = self
             .0
-            .request("scan", |reply| {
-                Event::Read(ReadRequest::Scan { range, start, end, limit, reply })
+            .request("scan", deadline, |reply| {
+                let request = ReadRequest::Scan { range, start, end, limit, reply };
+                Event::Read { request, deadline }
             })
             .await?;
         Ok(Response::new(ScanResponse {
@@ -78,10 +106,14 @@ impl Kv for KvApi {
         &self,
         request: Request<RangeLookupRequest>,
     ) -> Result<Response<RangeLookupResponse>, Status> {
+        let deadline = deadline_of(&request);
         let key = request.into_inner().key;
         let descriptor = self
             .0
-            .request("range_lookup", |reply| Event::Read(ReadRequest::Lookup { key, reply }))
+            .request("range_lookup", deadline, |reply| Event::Read {
+                request: ReadRequest::Lookup { key, reply },
+                deadline,
+            })
             .await?;
         let nodes = descriptor.voters.iter().chain(&descriptor.learners).copied();
         let addresses = self.0.addresses(nodes.collect::<Vec<_>>());
@@ -90,10 +122,16 @@ impl Kv for KvApi {
 
     async fn list_ranges(
         &self,
-        _: Request<ListRangesRequest>,
+        request: Request<ListRangesRequest>,
     ) -> Result<Response<ListRangesResponse>, Status> {
-        let descriptors =
-            self.0.request("list_ranges", |reply| Event::Read(ReadRequest::List { reply })).await?;
+        let deadline = deadline_of(&request);
+        let descriptors = self
+            .0
+            .request("list_ranges", deadline, |reply| Event::Read {
+                request: ReadRequest::List { reply },
+                deadline,
+            })
+            .await?;
         let mut nodes: Vec<u64> =
             descriptors.iter().flat_map(|d| d.voters.iter().chain(&d.learners)).copied().collect();
         nodes.sort_unstable();
@@ -116,6 +154,7 @@ impl Kv for KvApi {
         &self,
         request: Request<UpdateDescriptorsRequest>,
     ) -> Result<Response<UpdateDescriptorsResponse>, Status> {
+        let deadline = deadline_of(&request);
         let descriptors = request.into_inner().descriptors;
         if let Some(bad) = descriptors.iter().find(|d| d.range_id <= META_RANGE.0) {
             return Err(Status::invalid_argument(format!(
@@ -130,7 +169,7 @@ impl Kv for KvApi {
             )));
         }
         self.0
-            .request("update_descriptors", |reply| {
+            .request("update_descriptors", deadline, |reply| {
                 Event::Meta(MetaWrite::UpdateDescriptors { descriptors, reply })
             })
             .await?;
@@ -141,6 +180,7 @@ impl Kv for KvApi {
         &self,
         request: Request<AllocateRangeIdsRequest>,
     ) -> Result<Response<AllocateRangeIdsResponse>, Status> {
+        let deadline = deadline_of(&request);
         let count = request.into_inner().count;
         if count == 0 || count > MAX_SPLIT_KEYS as u64 {
             return Err(Status::invalid_argument(format!(
@@ -149,7 +189,7 @@ impl Kv for KvApi {
         }
         let first = self
             .0
-            .request("allocate_range_ids", |reply| {
+            .request("allocate_range_ids", deadline, |reply| {
                 Event::Meta(MetaWrite::AllocateRangeIds { count, reply })
             })
             .await?;

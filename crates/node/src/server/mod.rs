@@ -22,6 +22,7 @@ use meridian_rpc::kv::{
     RangeLookupResponse, ScanRequest, ScanResponse, SplitRequest, SplitResponse,
     UpdateDescriptorsRequest, UpdateDescriptorsResponse, WriteResponse,
 };
+use meridian_rpc::metadata;
 use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
 use meridian_rpc::node::{
@@ -39,8 +40,8 @@ use tracing::{debug, info, warn};
 
 use crate::clock_monitor::ClockMonitor;
 use crate::driver::{
-    Background, Driver, DriverOptions, Event, MembershipCheck, MetaWrite, NodeLoad, PeerLoad,
-    RaftTiming, RangeReport, ReadRequest, log_fatal,
+    Background, Driver, DriverOptions, Event, MembershipCheck, MetaWrite, NodeLoad, NodeSwitches,
+    PeerLoad, RaftTiming, RangeReport, ReadRequest, log_fatal,
 };
 use crate::transport::Transport;
 use crate::{META_RANGE, NodeError, RangeId};
@@ -90,6 +91,9 @@ pub struct NodeOptions {
     /// How often the node asks the meta range about every replica it holds (replicas with no
     /// leader or no snapshot are asked about sooner).
     pub replica_check_interval: Duration,
+    /// Test-only rule breakers; the default breaks nothing.
+    #[doc(hidden)]
+    pub switches: NodeSwitches,
 }
 
 const NODE_ID_KEY: &[u8] = b"\x01node/id";
@@ -107,6 +111,11 @@ const EVENT_QUEUE: usize = 16_384;
 const MAX_MESSAGE_BYTES: usize = 1 << 30;
 /// The most keys one split request may name.
 const MAX_SPLIT_KEYS: usize = 100_000;
+/// The longest a client request is held for (when its caller set no shorter timeout).
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// How long a request to a node that does not know yet that its cluster was initialized waits
+/// for the news (a hello round; see `hello.rs`) before it is refused.
+const JOIN_WAIT: Duration = Duration::from_secs(3);
 
 /// Writes node metadata; the object-safe slice of [`Engine`] the services need.
 trait MetaStore: Send + Sync {
@@ -318,6 +327,7 @@ where
         seed,
         replica_check_interval: options.replica_check_interval,
         max_clock_offset: options.clock.max_clock_offset,
+        switches: options.switches,
     };
     let driver = Driver::open(driver_options, engine, truetime, transport, receiver, background)?;
     info!(node = options.node_id.0, address = %options.advertise, cluster = %cluster_id, "node started");

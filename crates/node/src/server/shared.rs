@@ -62,8 +62,18 @@ impl Shared {
     /// Fails if this node's clock disagrees with a majority of its peers.
     pub(super) fn check_clock(&self) -> Result<(), Status> {
         match self.clock_problem.lock().as_ref() {
-            Some(problem) => Err(Status::unavailable(problem.clone())),
+            Some(problem) => Err(metadata::not_applied(Status::unavailable(problem.clone()))),
             None => Ok(()),
+        }
+    }
+
+    /// Waits, until `deadline` and for at most [`JOIN_WAIT`], while this node does not know
+    /// that its cluster was initialized: right after `meridian init`, a node that was not
+    /// among the first voters learns it only from its next hello.
+    async fn wait_until_joined(&self, deadline: Instant) {
+        let until = deadline.min(Instant::now() + JOIN_WAIT);
+        while self.cluster_id().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -147,9 +157,11 @@ impl Shared {
     pub(super) async fn request<T>(
         &self,
         operation: &'static str,
+        deadline: Instant,
         event: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Event,
     ) -> Result<T, Status> {
         let started = Instant::now();
+        self.wait_until_joined(deadline).await;
         let result = match self.check_clock() {
             Ok(()) => self.call(event).await,
             Err(status) => Err(status),
@@ -169,12 +181,14 @@ impl Shared {
         event: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Event,
     ) -> Result<T, Status> {
         let (reply, receiver) = oneshot::channel();
-        self.events
-            .try_send(event(reply))
-            .map_err(|_| Status::resource_exhausted("the node is overloaded; retry later"))?;
+        self.events.try_send(event(reply)).map_err(|_| {
+            metadata::not_applied(Status::resource_exhausted("the node is overloaded; retry later"))
+        })?;
+        // A dropped answer means the driver stopped with the request in its hands: what became
+        // of it is unknown.
         receiver
             .await
-            .map_err(|_| Status::unavailable("the node is shutting down"))?
+            .map_err(|_| Status::unavailable("the node stopped before answering"))?
             .map_err(Status::from)
     }
 
@@ -214,7 +228,9 @@ impl Shared {
             )));
         }
         let check = keys.clone();
-        self.request("split", |reply| Event::CheckSplit { range, keys: check, reply }).await?;
+        let deadline = Instant::now() + MAX_REQUEST_WAIT;
+        self.request("split", deadline, |reply| Event::CheckSplit { range, keys: check, reply })
+            .await?;
         self.refresh_client();
         let count = keys.len() as u64;
         let first =
@@ -223,8 +239,9 @@ impl Shared {
             })?;
         debug!(range = range.0, first, count, "reserved range ids for a split");
         let ids = (first..first + count).collect();
-        let descriptors =
-            self.request("split", |reply| Event::Split { range, keys, ids, reply }).await?;
+        let descriptors = self
+            .request("split", deadline, |reply| Event::Split { range, keys, ids, reply })
+            .await?;
         if let Err(error) = self.client.update_descriptors(descriptors.clone()).await {
             warn!(range = range.0, %error, "split applied but not yet recorded in the meta range");
         }
