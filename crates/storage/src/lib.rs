@@ -19,8 +19,8 @@ pub mod keyspace;
 pub mod mvcc;
 
 pub use engine::{
-    Engine, FaultyEngine, MemoryEngine, ReadView, RocksEngine, RocksOptions, ScanDirection,
-    WriteBatch,
+    Engine, FaultyEngine, MemoryEngine, OwnedSnapshot, ReadView, RocksEngine, RocksOptions,
+    ScanDirection, WriteBatch,
 };
 pub use error::{Error, Result};
-pub use mvcc::{GcStats, Mvcc, SpanSize, Version, VersionWrite};
+pub use mvcc::{GcStats, Mvcc, SpanReader, SpanSize, Version, VersionWrite};

@@ -54,6 +54,10 @@ impl<E: Engine> Engine for FaultyEngine<E> {
     fn snapshot(&self) -> Self::Snapshot<'_> {
         self.inner.snapshot()
     }
+
+    fn owned_snapshot(&self) -> super::OwnedSnapshot {
+        self.inner.owned_snapshot()
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use imbl::OrdMap;
 use parking_lot::RwLock;
 
-use super::{Engine, KeyValue, ReadView, ScanDirection, ScanIterator, WriteBatch, WriteOp};
+use super::{
+    Engine, KeyValue, OwnedSnapshot, ReadView, ScanDirection, ScanIterator, WriteBatch, WriteOp,
+};
 use crate::Result;
 
 /// An in-memory engine. Cheap to clone; clones share the data.
@@ -64,6 +66,10 @@ impl ReadView for MemoryEngine {
 
 impl Engine for MemoryEngine {
     type Snapshot<'a> = MemorySnapshot;
+
+    fn owned_snapshot(&self) -> OwnedSnapshot {
+        Box::new(self.snapshot())
+    }
 
     fn write(&self, batch: WriteBatch, _sync: bool) -> Result<()> {
         let mut data = self.data.write();

@@ -28,6 +28,11 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// An iterator over the entries of a scan, in scan order.
 pub type ScanIterator<'a> = Box<dyn Iterator<Item = Result<KeyValue>> + 'a>;
 
+/// A snapshot that keeps its engine alive and may move to another task or thread: for
+/// reading one consistent state, bit by bit, while the engine goes on (a range's snapshot
+/// streamed to a peer).
+pub type OwnedSnapshot = Box<dyn ReadView + Send + Sync>;
+
 /// The order in which a scan returns keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ScanDirection {
@@ -140,6 +145,10 @@ pub trait Engine: ReadView + Send + Sync + 'static {
 
     /// Returns a snapshot of the current state.
     fn snapshot(&self) -> Self::Snapshot<'_>;
+
+    /// Returns a snapshot of the current state that owns what it reads (see
+    /// [`OwnedSnapshot`]).
+    fn owned_snapshot(&self) -> OwnedSnapshot;
 
     /// Sets `key` to `value` (unsynced).
     ///

@@ -4,15 +4,18 @@
 //! `WriteOptions::sync`, which fsyncs the log before the write returns. Scans set RocksDB's
 //! iterate bounds so that iteration stops inside the range, and every scan iterator reads the
 //! implicit snapshot RocksDB pins when the iterator is created. All of RocksDB stays in this
-//! module.
+//! module, and so does the one `unsafe` block of the storage crate ([`OwnedRocksSnapshot`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rocksdb::{
     DB, DBIteratorWithThreadMode, IteratorMode, Options, ReadOptions, Snapshot, WriteOptions,
 };
 
-use super::{Engine, KeyValue, ReadView, ScanDirection, ScanIterator, WriteBatch, WriteOp};
+use super::{
+    Engine, KeyValue, OwnedSnapshot, ReadView, ScanDirection, ScanIterator, WriteBatch, WriteOp,
+};
 use crate::{Error, Result};
 
 /// Options for opening a [`RocksEngine`].
@@ -38,7 +41,8 @@ impl Default for RocksOptions {
 
 /// A RocksDB-backed engine.
 pub struct RocksEngine {
-    db: DB,
+    /// Shared with the owned snapshots, which keep it alive.
+    db: Arc<DB>,
     path: PathBuf,
 }
 
@@ -75,7 +79,7 @@ impl RocksEngine {
         table_options.set_bloom_filter(10.0, false);
         db_options.set_block_based_table_factory(&table_options);
         let db = DB::open(&db_options, &path).map_err(convert_error)?;
-        Ok(RocksEngine { db, path })
+        Ok(RocksEngine { db: Arc::new(db), path })
     }
 
     /// Returns the directory of the store.
@@ -157,6 +161,38 @@ impl Engine for RocksEngine {
 
     fn snapshot(&self) -> RocksSnapshot<'_> {
         RocksSnapshot { snapshot: self.db.snapshot() }
+    }
+
+    fn owned_snapshot(&self) -> OwnedSnapshot {
+        let db = self.db.clone();
+        let snapshot = db.snapshot();
+        // SAFETY: `snapshot` borrows the `DB` inside the `Arc`, which never moves and which
+        // `OwnedRocksSnapshot` keeps alive in its `db` field, declared after `snapshot` so that
+        // the snapshot is released first. The lifetime only stands for "as long as `db`".
+        #[allow(unsafe_code)]
+        let snapshot = unsafe { std::mem::transmute::<Snapshot<'_>, Snapshot<'static>>(snapshot) };
+        Box::new(OwnedRocksSnapshot { snapshot, _db: db })
+    }
+}
+
+/// A RocksDB snapshot that owns a reference to its database (see [`OwnedSnapshot`]).
+///
+/// Invariant: `snapshot` borrows the `DB` that `_db` keeps alive; fields drop in declaration
+/// order, so the snapshot is released before the last reference to the database can go.
+struct OwnedRocksSnapshot {
+    snapshot: Snapshot<'static>,
+    _db: Arc<DB>,
+}
+
+impl ReadView for OwnedRocksSnapshot {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.snapshot.get(key).map_err(convert_error)
+    }
+
+    fn scan(&self, start: &[u8], end: Option<&[u8]>, direction: ScanDirection) -> ScanIterator<'_> {
+        let iterator =
+            self.snapshot.iterator_opt(iterator_mode(direction), bounded_read_options(start, end));
+        scan_iterator(start, end, iterator)
     }
 }
 

@@ -14,7 +14,7 @@ fn collect(iterator: ScanIterator<'_>) -> Vec<KeyValue> {
 
 /// Returns the keys of a scan as strings.
 fn keys(
-    view: &impl ReadView,
+    view: &(impl ReadView + ?Sized),
     start: &[u8],
     end: Option<&[u8]>,
     direction: ScanDirection,
@@ -99,6 +99,24 @@ pub fn snapshots_are_isolated(engine: impl Engine) {
     assert_eq!(snapshot.get(b"d").unwrap(), None);
     assert_eq!(keys(&snapshot, b"", None, ScanDirection::Forward), ["a", "b", "c"]);
     assert_eq!(keys(&snapshot, b"", None, ScanDirection::Reverse), ["c", "b", "a"]);
+    assert_eq!(keys(&engine, b"", None, ScanDirection::Forward), ["a", "c", "d"]);
+}
+
+/// An owned snapshot sees the state it was taken in, outlives the borrow it was taken
+/// through, and reads from another thread while the engine goes on.
+pub fn owned_snapshots_are_isolated_and_movable(engine: impl Engine) {
+    fill(&engine, &["a", "b", "c"]);
+    let snapshot = engine.owned_snapshot();
+    engine.put(b"a", b"changed").unwrap();
+    engine.delete(b"b").unwrap();
+    let reader = std::thread::spawn(move || {
+        let keys = keys(snapshot.as_ref(), b"", None, ScanDirection::Forward);
+        (snapshot.get(b"a").unwrap(), keys)
+    });
+    engine.put(b"d", b"new").unwrap();
+    let (a, keys_seen) = reader.join().unwrap();
+    assert_eq!(a, Some(b"value of a".to_vec()));
+    assert_eq!(keys_seen, ["a", "b", "c"]);
     assert_eq!(keys(&engine, b"", None, ScanDirection::Forward), ["a", "c", "d"]);
 }
 
@@ -215,6 +233,11 @@ macro_rules! engine_suite {
             }
 
             #[test]
+            fn owned_snapshots_are_isolated_and_movable() {
+                super::owned_snapshots_are_isolated_and_movable($new);
+            }
+
+            #[test]
             fn scans_read_one_state() {
                 super::scans_read_one_state($new);
             }
@@ -263,6 +286,10 @@ impl Engine for TempRocks {
 
     fn snapshot(&self) -> RocksSnapshot<'_> {
         self.engine.snapshot()
+    }
+
+    fn owned_snapshot(&self) -> super::OwnedSnapshot {
+        self.engine.owned_snapshot()
     }
 }
 

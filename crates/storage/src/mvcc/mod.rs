@@ -128,6 +128,17 @@ fn encode_value(value: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
+/// Returns the engine key range holding the versions of the user keys in `[start, end)`
+/// (no upper bound if `end` is `None`). The escaped encoding preserves order, so a span of
+/// user keys is a span of engine keys.
+fn engine_span(start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
+    let engine_end = match end {
+        Some(end) => Some(key_prefix(end)),
+        None => prefix_end(&[keyspace::MVCC]),
+    };
+    (key_prefix(start), engine_end)
+}
+
 /// MVCC over an engine. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct Mvcc<E: Engine> {
@@ -381,17 +392,6 @@ impl<E: Engine> Mvcc<E> {
         Ok(stats)
     }
 
-    /// Returns the engine key range holding the versions of the user keys in `[start, end)`
-    /// (no upper bound if `end` is `None`). The escaped encoding preserves order, so a span of
-    /// user keys is a span of engine keys.
-    fn engine_span(start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
-        let engine_end = match end {
-            Some(end) => Some(key_prefix(end)),
-            None => prefix_end(&[keyspace::MVCC]),
-        };
-        (key_prefix(start), engine_end)
-    }
-
     /// Adds the deletion of every version of the keys in `[start, end)` to `batch` (before
     /// installing a snapshot that replaces a range's data). Returns how many versions it
     /// deletes.
@@ -405,7 +405,7 @@ impl<E: Engine> Mvcc<E> {
         start: &[u8],
         end: Option<&[u8]>,
     ) -> Result<usize> {
-        let (engine_start, engine_end) = Self::engine_span(start, end);
+        let (engine_start, engine_end) = engine_span(start, end);
         let mut count = 0;
         for entry in self.engine.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward)
         {
@@ -416,20 +416,16 @@ impl<E: Engine> Mvcc<E> {
     }
 
     /// Returns every version of the keys in `[start, end)`, smallest key first and newest
-    /// version first (a range's snapshot).
+    /// version first.
     ///
     /// # Errors
     ///
     /// Engine errors and corruption.
     pub fn dump_span(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<VersionWrite>> {
-        let (engine_start, engine_end) = Self::engine_span(start, end);
+        let mut reader = SpanReader::new(start, end);
         let mut versions = Vec::new();
-        for entry in self.engine.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward)
-        {
-            let (encoded_key, stored) = entry?;
-            let (key, commit_ts) = decode_version_key(&encoded_key)?;
-            let value = decode_value(&stored)?.map(<[u8]>::to_vec);
-            versions.push(VersionWrite { key, commit_ts, value });
+        while let Some(chunk) = reader.next_chunk(self.engine.as_ref(), usize::MAX)? {
+            versions.extend(chunk);
         }
         Ok(versions)
     }
@@ -452,7 +448,7 @@ impl<E: Engine> Mvcc<E> {
     ///
     /// Engine errors and corruption.
     pub fn span_size(&self, start: &[u8], end: Option<&[u8]>) -> Result<SpanSize> {
-        let (engine_start, engine_end) = Self::engine_span(start, end);
+        let (engine_start, engine_end) = engine_span(start, end);
         let snapshot = self.engine.snapshot();
         let mut total = 0u64;
         for entry in snapshot.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward) {
@@ -477,6 +473,55 @@ impl<E: Engine> Mvcc<E> {
             seen += (encoded_key.len() + value.len()) as u64;
         }
         Ok(SpanSize { bytes: total, middle_key: middle })
+    }
+}
+
+/// Reads the versions of the keys in a span in chunks, from any view of an engine (a range's
+/// snapshot streamed to a peer reads an engine snapshot this way, a bounded number of bytes
+/// at a time). Versions come smallest key first, newest version first.
+#[derive(Clone, Debug)]
+pub struct SpanReader {
+    /// The engine key to read from next, or `None` once the span is exhausted.
+    next: Option<Vec<u8>>,
+    /// The engine key the span ends before.
+    end: Option<Vec<u8>>,
+}
+
+impl SpanReader {
+    /// Returns a reader of the versions of the user keys in `[start, end)` (no upper bound if
+    /// `end` is `None`).
+    pub fn new(start: &[u8], end: Option<&[u8]>) -> Self {
+        let (start, end) = engine_span(start, end);
+        SpanReader { next: Some(start), end }
+    }
+
+    /// Returns the next versions, at least one and about `max_bytes` of keys and values, or
+    /// `None` once the span is exhausted.
+    ///
+    /// # Errors
+    ///
+    /// Engine errors and corruption.
+    pub fn next_chunk(
+        &mut self,
+        view: &(impl ReadView + ?Sized),
+        max_bytes: usize,
+    ) -> Result<Option<Vec<VersionWrite>>> {
+        let Some(from) = self.next.take() else { return Ok(None) };
+        let mut versions = Vec::new();
+        let mut bytes = 0usize;
+        for entry in view.scan(&from, self.end.as_deref(), ScanDirection::Forward) {
+            let (encoded_key, stored) = entry?;
+            if bytes >= max_bytes {
+                // Resume at this key next time.
+                self.next = Some(encoded_key);
+                break;
+            }
+            bytes = bytes.saturating_add(encoded_key.len() + stored.len());
+            let (key, commit_ts) = decode_version_key(&encoded_key)?;
+            let value = decode_value(&stored)?.map(<[u8]>::to_vec);
+            versions.push(VersionWrite { key, commit_ts, value });
+        }
+        Ok(if versions.is_empty() { None } else { Some(versions) })
     }
 }
 
