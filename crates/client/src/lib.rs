@@ -116,6 +116,9 @@ pub struct ClientOptions {
     pub attempt_timeout: Duration,
     /// How connections are opened (TCP unless a simulation says otherwise).
     pub dialer: Dialer,
+    /// Whether this client works on behalf of other callers (a node's own client): its
+    /// requests say so ([`metadata::FORWARDED`]), and nodes do not forward them again.
+    pub forwarding: bool,
 }
 
 impl Default for ClientOptions {
@@ -124,6 +127,7 @@ impl Default for ClientOptions {
             deadline: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
             dialer: Dialer::tcp(),
+            forwarding: false,
         }
     }
 }
@@ -232,20 +236,28 @@ impl Attempts {
     }
 }
 
-/// Sets an attempt's timeout on its requests (`grpc-timeout`), so that nodes never start a
-/// request whose caller stopped waiting.
+/// Stamps an attempt's requests: its timeout (`grpc-timeout`), so that nodes never start a
+/// request whose caller stopped waiting, and whether it is forwarded.
 #[derive(Clone, Copy, Debug)]
-struct AttemptTimeout(Duration);
+struct Stamp {
+    timeout: Duration,
+    forwarded: bool,
+}
 
-impl tonic::service::Interceptor for AttemptTimeout {
+impl tonic::service::Interceptor for Stamp {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        request.set_timeout(self.0);
+        request.set_timeout(self.timeout);
+        if self.forwarded {
+            request
+                .metadata_mut()
+                .insert(metadata::FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        }
         Ok(request)
     }
 }
 
 /// A connection to one node for one attempt.
-type Node = KvClient<InterceptedService<Channel, AttemptTimeout>>;
+type Node = KvClient<InterceptedService<Channel, Stamp>>;
 
 /// Runs one attempt within `budget`; a call that does not finish in time fails with
 /// `DEADLINE_EXCEEDED` (which leaves a write's outcome unknown).
@@ -329,7 +341,8 @@ impl Client {
     /// Returns a connection to `address` whose requests carry `budget` as their timeout.
     fn node(&self, address: &str, budget: Duration) -> Result<Node, ClientError> {
         let channel = self.channel(address)?;
-        Ok(KvClient::with_interceptor(channel, AttemptTimeout(budget)))
+        let stamp = Stamp { timeout: budget, forwarded: self.options.forwarding };
+        Ok(KvClient::with_interceptor(channel, stamp))
     }
 
     /// Runs `call` against the meta range's leader. Meta calls are reads or idempotent

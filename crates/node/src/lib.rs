@@ -10,7 +10,8 @@
 //!   with requests, `driver::cycle` the persist–send–apply cycle with group commit and
 //!   commit-wait, and `driver::maintenance` the once-a-second round (placement, meta updates,
 //!   size-triggered splits, replica removal).
-//! - `transport`: batched, per-peer gRPC streams for Raft messages.
+//! - `transport`: batched, per-peer gRPC streams for Raft messages, and range snapshots
+//!   streamed apart (`snapshot`: engine snapshots registered for streaming, read in chunks).
 //! - `server`: wiring (`serve`, `run_node`) and store identity; `server::kv_service` and
 //!   `server::node_service` are the gRPC services, `server::shared` their shared state,
 //!   `server::hello` peer discovery, liveness and clock health, `server::background` the task
@@ -27,6 +28,7 @@ mod error;
 mod placement;
 mod raft_store;
 mod server;
+mod snapshot;
 mod state_machine;
 mod transport;
 

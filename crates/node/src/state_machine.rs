@@ -23,11 +23,12 @@ use meridian_raft::{
 };
 use meridian_rpc::kv as wire;
 use meridian_storage::mvcc::VersionWrite;
-use meridian_storage::{Engine, Mvcc, ScanDirection, WriteBatch, keyspace};
+use meridian_storage::{Engine, Mvcc, ReadView, ScanDirection, WriteBatch, keyspace};
 use prost::Message as _;
 
 use crate::descriptor::{META_RANGE, MetaIndex, RangeDescriptor};
 use crate::raft_store::{APPLIED_STATE, state_key};
+use crate::snapshot::{SnapshotRegistry, VersionStream};
 use crate::{RangeId, SnapshotSource};
 
 /// What a range's state machine has applied.
@@ -380,7 +381,8 @@ impl<E: Engine> RangeStateMachine<E> {
     }
 
     /// Replaces the state with a snapshot's into `batch`: clears the snapshot's span (or the
-    /// meta index) and writes the snapshot's data — except inside `protected` spans, which
+    /// meta index; `clear` is false only to break this rule in tests) and writes the snapshot's
+    /// data — except inside `protected` spans, which
     /// newer replicas on this node own (ranges split off this one whose split this replica has
     /// not applied yet: their data is theirs, and this replica reaches the split in its log).
     ///
@@ -391,6 +393,7 @@ impl<E: Engine> RangeStateMachine<E> {
         &mut self,
         snapshot: &Snapshot,
         protected: &[RangeDescriptor],
+        clear: bool,
         batch: &mut WriteBatch,
     ) -> RaftResult<()> {
         let data = wire::RangeSnapshot::decode(snapshot.data.as_slice()).map_err(storage_error)?;
@@ -408,7 +411,7 @@ impl<E: Engine> RangeStateMachine<E> {
                 meta.update(entry, batch);
             }
         } else {
-            for (start, end) in uncovered(&descriptor, protected) {
+            for (start, end) in uncovered(&descriptor, protected).into_iter().filter(|_| clear) {
                 self.mvcc.stage_clear(batch, &start, end.as_deref()).map_err(storage_error)?;
             }
             for version in data.versions {
@@ -476,14 +479,17 @@ pub fn stage_initial_state(range: RangeId, applied: &AppliedState, batch: &mut W
     batch.put(state_key(range, APPLIED_STATE), applied.encode());
 }
 
-fn load_applied_state<E: Engine>(engine: &E, range: RangeId) -> RaftResult<AppliedState> {
+fn load_applied_state(
+    engine: &(impl ReadView + ?Sized),
+    range: RangeId,
+) -> RaftResult<AppliedState> {
     match engine.get(&state_key(range, APPLIED_STATE)).map_err(storage_error)? {
         Some(bytes) => AppliedState::decode(&bytes),
         None => Ok(AppliedState::default()),
     }
 }
 
-fn load_meta_index<E: Engine>(engine: &E) -> RaftResult<MetaIndex> {
+fn load_meta_index(engine: &(impl ReadView + ?Sized)) -> RaftResult<MetaIndex> {
     let end = [keyspace::RANGES + 1];
     let stored: Vec<(Vec<u8>, Vec<u8>)> = engine
         .scan(&[keyspace::RANGES], Some(&end), ScanDirection::Forward)
@@ -496,20 +502,24 @@ fn storage_error(error: impl std::fmt::Display) -> RaftError {
     RaftError::Storage(error.to_string())
 }
 
-/// Produces snapshots of a range from its persisted applied state and data.
+/// Produces snapshots of a range from its persisted applied state and data. A data range's
+/// versions are not read here: they are registered for streaming (see `snapshot.rs`).
 pub struct RangeSnapshotSource<E: Engine> {
     /// The range.
     pub range: RangeId,
     /// The node's MVCC store.
     pub mvcc: Arc<Mvcc<E>>,
+    /// Where the engine snapshots of data ranges wait for the transport.
+    pub registry: Arc<SnapshotRegistry>,
 }
 
 impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
     fn snapshot(&self) -> RaftResult<Snapshot> {
-        // The driver is the only writer and calls this between its batches, so the applied
-        // state and the data read here describe the same moment.
-        let engine = self.mvcc.engine().as_ref();
-        let applied = load_applied_state(engine, self.range)?;
+        // One engine snapshot for the applied state and the data: the driver, the only writer,
+        // is the caller, so nothing changes between them anyway, and the data can be streamed
+        // later from the very same state.
+        let view = self.mvcc.engine().owned_snapshot();
+        let applied = load_applied_state(view.as_ref(), self.range)?;
         let descriptor = &applied.descriptor;
         let mut data = wire::RangeSnapshot {
             versions: Vec::new(),
@@ -518,21 +528,13 @@ impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
             config_index: applied.config_index.0,
             next_range_id: applied.next_range_id,
             descriptors: Vec::new(),
+            stream_id: 0,
         };
         if self.range == META_RANGE {
-            data.descriptors = load_meta_index(engine)?.descriptors().cloned().collect();
+            data.descriptors = load_meta_index(view.as_ref())?.descriptors().cloned().collect();
         } else {
-            data.versions = self
-                .mvcc
-                .dump_span(&descriptor.start, descriptor.end.as_deref())
-                .map_err(storage_error)?
-                .into_iter()
-                .map(|write| wire::Version {
-                    key: write.key,
-                    timestamp: write.commit_ts.as_nanos(),
-                    value: write.value,
-                })
-                .collect();
+            let stream = VersionStream::new(view, &descriptor.start, descriptor.end.as_deref());
+            data.stream_id = self.registry.register(stream);
         }
         Ok(Snapshot {
             metadata: SnapshotMetadata {

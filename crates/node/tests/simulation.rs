@@ -208,8 +208,12 @@ impl Record {
 
 fn client(dialer: &Dialer, deadline: Duration) -> Client {
     let seeds = (1..=NODES).map(|node| format!("{}:{PORT}", host(node))).collect();
-    let options =
-        ClientOptions { deadline, attempt_timeout: Duration::from_secs(1), dialer: dialer.clone() };
+    let options = ClientOptions {
+        deadline,
+        attempt_timeout: Duration::from_secs(1),
+        dialer: dialer.clone(),
+        forwarding: false,
+    };
     Client::new(seeds, options).expect("valid seeds")
 }
 

@@ -69,4 +69,19 @@ impl<S: Storage> RawNode<S> {
     pub fn is_quiesced(&self) -> bool {
         self.quiesced
     }
+
+    /// Tells a follower that its leader is probably gone (the application lost its connection
+    /// to the leader's node). It wakes if quiesced, forgets the leader and no longer counts as
+    /// having heard from it recently: it campaigns after a random part of an election timeout
+    /// unless the leader speaks up first, and grants other followers' pre-votes meanwhile. Its
+    /// lease promise still binds it (`reads.rs`, rule 2), so this only speeds elections up. A
+    /// leader is left as it is.
+    pub fn suspect_leader(&mut self) {
+        if self.role == Role::Leader {
+            return;
+        }
+        self.quiesced = false;
+        self.leader = None;
+        self.election_elapsed = self.election_elapsed.max(self.config.election_timeout_ticks);
+    }
 }

@@ -275,3 +275,33 @@ fn timestamps_stay_inside_the_lease_and_above_every_floor() {
     group.process();
     assert!(group.node(1).lease_timestamp(now, 0).is_some());
 }
+
+/// A quiesced group whose leader vanished elects another within one election timeout once
+/// the followers suspect it (without the suspicion they would not tick at all, and once woken
+/// would refuse each other's pre-votes for a whole timeout, believing the leader alive).
+#[test]
+fn followers_that_suspect_their_leader_replace_it_within_an_election_timeout() {
+    let mut group = Group::new(50, true);
+    group.elect(1);
+    for _ in 0..3 {
+        group.tick(&[1, 2, 3]);
+        group.deliver(|_| true);
+    }
+    assert!(group.node(1).quiesce(), "an idle leader quiesces");
+    group.deliver(|_| true);
+    assert!(group.node(2).is_quiesced() && group.node(3).is_quiesced());
+    // Long after the lease ended, node 1 dies.
+    for _ in 0..20 {
+        group.tick(&[1, 2, 3]);
+    }
+    group.nodes.remove(&NodeId(1));
+    group.node(2).suspect_leader();
+    group.node(3).suspect_leader();
+    let mut ticks = 0;
+    while ![2, 3].iter().any(|id| group.node(*id).role() == Role::Leader) {
+        ticks += 1;
+        assert!(ticks <= 10, "no new leader within an election timeout (10 ticks)");
+        group.tick(&[2, 3]);
+        group.deliver(|_| true);
+    }
+}

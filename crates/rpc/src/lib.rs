@@ -36,6 +36,10 @@ pub mod metadata {
     pub const OUTCOME: &str = "x-meridian-outcome";
     /// See [`OUTCOME`].
     pub const NOT_APPLIED: &str = "not-applied";
+    /// Present on requests a node makes on behalf of another caller (a route lookup asked of
+    /// a node without a replica of the meta range): the receiver answers from its own
+    /// replicas and never forwards it again.
+    pub const FORWARDED: &str = "x-meridian-forwarded";
 
     /// Marks `status` as the refusal of a request that had no effect.
     pub fn not_applied(mut status: tonic::Status) -> tonic::Status {

@@ -319,6 +319,61 @@ async fn writes_survive_killing_the_leader_and_the_node_catches_up() {
     assert!(exit.success(), "node exited with {exit:?}\n{}", cluster.logs());
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to node `index`'s process.
+fn signal(cluster: &Cluster, index: usize, signal: &str) {
+    let pid = cluster.processes[index].as_ref().expect("running").id();
+    let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+    assert!(status.is_ok_and(|status| status.success()), "kill -{signal} {pid} failed");
+}
+
+/// `meridian init` returns once the cluster serves; a node that learns of the cluster only
+/// afterwards (through a hello) makes requests wait for that news instead of failing them, and
+/// answers route lookups although it holds no replica of the meta range.
+#[tokio::test]
+async fn init_returns_serving_and_late_nodes_wait_to_learn_of_it() {
+    let mut cluster = Cluster::start_some(3, 2, &[]);
+    for address in &cluster.addresses[..2] {
+        let ready = eventually(Duration::from_secs(20), || async {
+            status(address).await.filter(|status| !status.peers.is_empty())
+        })
+        .await;
+        assert!(ready.is_some(), "node {address} did not come up\n{}", cluster.logs());
+    }
+    let output = meridian(&["init", "--host", &cluster.addresses[0]]);
+    assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+    // At once, not eventually: both ranges have a leader when init returns.
+    let after_init = status(&cluster.addresses[0]).await.expect("node 1 answers");
+    let leaderless: Vec<u64> = after_init
+        .ranges
+        .iter()
+        .filter(|range| range.leader == 0)
+        .map(|range| range.range_id)
+        .collect();
+    assert!(after_init.ranges.len() >= 2 && leaderless.is_empty(), "{after_init:?}");
+    // Node 3 starts while nodes 1 and 2 cannot answer its hellos; a write through it waits
+    // for its first answered hello rather than failing with "not initialized".
+    signal(&cluster, 0, "STOP");
+    signal(&cluster, 1, "STOP");
+    cluster.start_node(2);
+    let node3 = cluster.addresses[2].clone();
+    let up = eventually(Duration::from_secs(20), || async { status(&node3).await }).await;
+    let up = up.expect("node 3 comes up");
+    assert!(up.cluster_id.is_empty(), "node 3 already knows the cluster: {up:?}");
+    let writer = tokio::task::spawn_blocking(move || meridian(&["kv", "--host", &node3, "put", "late", "yes"]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&cluster, 0, "CONT");
+    signal(&cluster, 1, "CONT");
+    let output = writer.await.unwrap();
+    assert!(
+        output.status.success(),
+        "a write through the late node failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.logs()
+    );
+    let read = meridian(&["kv", "--host", &cluster.addresses[2], "get", "late"]);
+    assert!(String::from_utf8_lossy(&read.stdout).starts_with("yes"), "{read:?}");
+}
+
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
     let cluster = Cluster::start(3);

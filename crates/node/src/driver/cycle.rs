@@ -23,9 +23,17 @@ impl<E: Engine> Driver<E> {
         }
         for (range, ready) in &readies {
             let Some(snapshot) = &ready.snapshot else { continue };
-            let protected = self.newer_overlapping_replicas(*range, snapshot);
+            let protected = if self.switches.snapshot_overwrites_newer_ranges {
+                Vec::new()
+            } else {
+                self.newer_overlapping_replicas(*range, snapshot)
+            };
+            let clear = !self.switches.snapshot_keeps_old_data;
             let replica = self.replicas.get_mut(range).expect("replica exists");
-            replica.state.stage_install(snapshot, &protected, &mut durable).map_err(internal)?;
+            replica
+                .state
+                .stage_install(snapshot, &protected, clear, &mut durable)
+                .map_err(internal)?;
             replica.size_bytes = None;
             // What became of proposals in the log the snapshot replaced is unknown here.
             replica.leadership.abandon(

@@ -169,8 +169,9 @@ pub enum Event {
     CheckSplit { range: RangeId, keys: Vec<Vec<u8>>, reply: Reply<()> },
     /// A change to the meta range.
     Meta(MetaWrite),
-    /// Create the meta range and the first data range with these voters (initialization).
-    Bootstrap { voters: Vec<NodeId>, reply: Reply<()> },
+    /// Create the meta range and the first data range with these voters (initialization),
+    /// campaigning for them at once with `campaign` (the node that runs `init`).
+    Bootstrap { voters: Vec<NodeId>, campaign: bool, reply: Reply<()> },
     /// Report the replicas' status.
     Status { ranges: BTreeSet<RangeId>, reply: oneshot::Sender<Vec<RangeReport>> },
     /// Whether this node's clock agrees with its peers; a node whose clock does not gives up
@@ -189,6 +190,9 @@ pub enum Event {
     },
     /// This node is being decommissioned: hand leaderships away, let replicas move.
     Drain,
+    /// The connection to this peer broke, or it could not be reached after it had been:
+    /// followers of ranges it leads suspect their leader.
+    PeerLost(NodeId),
     /// These descriptor versions are recorded in the meta range (`recorded`), or the attempt
     /// failed and may be repeated.
     Published { ranges: Vec<(RangeId, DescriptorVersion)>, recorded: bool },

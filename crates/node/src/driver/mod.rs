@@ -432,27 +432,45 @@ impl<E: Engine> Driver<E> {
                 let command = |_: &mut Replica<E>| encode_allocate_range_ids(count);
                 self.propose(META_RANGE, None, command, Pending::AllocateRangeIds { reply });
             }
-            Event::Bootstrap { voters, reply } => {
+            Event::Bootstrap { voters, campaign, reply } => {
                 self.joined = true;
-                let _ = reply.send(self.bootstrap(voters));
+                let _ = reply.send(self.bootstrap(voters, campaign));
             }
             Event::Joined => self.joined = true,
             Event::Drain => self.draining = true,
             Event::Liveness { live, dead, unreachable, loads } => {
                 self.loads = loads;
-                // A quiesced follower cannot tell that its leader is gone: wake it when the
-                // leader's node stops answering, so that it can elect another.
+                // A quiesced follower cannot tell that its leader is gone: the node tells it
+                // when the leader's node stops answering hellos (or at once, when the
+                // connection breaks: `PeerLost`), so that it can elect another.
                 for replica in self.replicas.values_mut() {
                     if replica.raft.is_quiesced()
                         && replica.raft.role() != Role::Leader
                         && replica.raft.leader().is_none_or(|leader| unreachable.contains(&leader))
                     {
-                        replica.raft.wake();
+                        replica.raft.suspect_leader();
                         self.awake.insert(replica.range);
                     }
                 }
                 self.liveness = (live, dead);
                 self.unreachable = unreachable;
+            }
+            Event::PeerLost(peer) => {
+                let mut suspected = 0;
+                for replica in self.replicas.values_mut() {
+                    if replica.raft.role() != Role::Leader && replica.raft.leader() == Some(peer) {
+                        replica.raft.suspect_leader();
+                        self.awake.insert(replica.range);
+                        suspected += 1;
+                    }
+                }
+                if suspected > 0 {
+                    info!(
+                        peer = peer.0,
+                        ranges = suspected,
+                        "lost the connection to the leader of some ranges"
+                    );
+                }
             }
             Event::ClockHealth { healthy } => {
                 self.clock_healthy = healthy;

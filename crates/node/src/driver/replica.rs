@@ -90,7 +90,11 @@ impl<E: Engine> Driver<E> {
     /// Opens the replica of `range`, creating an uninitialized one (empty log, no members,
     /// waiting for a snapshot) if the store holds none.
     pub(super) fn open_replica(&mut self, range: RangeId) -> Result<(), NodeError> {
-        let source = Arc::new(RangeSnapshotSource { range, mvcc: self.mvcc.clone() });
+        let source = Arc::new(RangeSnapshotSource {
+            range,
+            mvcc: self.mvcc.clone(),
+            registry: self.transport.snapshots().clone(),
+        });
         let destroyed_before = was_destroyed(self.engine.as_ref(), range).map_err(internal)?;
         // A replica this store never held has given no promise it could have forgotten.
         let fresh =
@@ -168,7 +172,11 @@ impl<E: Engine> Driver<E> {
 
     /// Creates the meta range and the first data range, covering every key, with `voters`.
     /// Identical on every voter, so that their replicas start equal.
-    pub(super) fn bootstrap(&mut self, voters: Vec<NodeId>) -> Result<(), NodeError> {
+    pub(super) fn bootstrap(
+        &mut self,
+        voters: Vec<NodeId>,
+        campaign: bool,
+    ) -> Result<(), NodeError> {
         if self.replicas.contains_key(&META_RANGE) {
             return Ok(());
         }
@@ -194,8 +202,17 @@ impl<E: Engine> Driver<E> {
         ];
         Self::stage_replicas(&replicas, &mut batch);
         self.engine.write(batch, true).map_err(internal)?;
-        self.open_replica(META_RANGE)?;
-        self.open_replica(FIRST_DATA_RANGE)
+        for range in [META_RANGE, FIRST_DATA_RANGE] {
+            self.open_replica(range)?;
+            // New replicas promised nothing to anyone: they may vote, and the initializing
+            // node campaign, at once.
+            let replica = self.replicas.get_mut(&range).expect("just opened");
+            replica.raft.forget_restart_promise();
+            if campaign {
+                replica.raft.campaign();
+            }
+        }
+        Ok(())
     }
 
     /// Returns the replicas to create for ranges split off here (see [`child_start`]).

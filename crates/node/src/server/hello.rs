@@ -72,7 +72,12 @@ pub(super) async fn hello_loop(shared: Arc<Shared>, join: Vec<String>) {
         }
         update_clock_health(&shared);
         report_liveness(&shared);
-        tokio::time::sleep(HELLO_INTERVAL).await;
+        let interval = if shared.cluster_id().is_empty() {
+            HELLO_INTERVAL_UNINITIALIZED
+        } else {
+            HELLO_INTERVAL
+        };
+        tokio::time::sleep(interval).await;
     }
 }
 

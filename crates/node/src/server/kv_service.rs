@@ -16,6 +16,15 @@ pub(super) fn range_of(range_id: u64) -> Result<RangeId, Status> {
     Ok(RangeId(range_id))
 }
 
+/// Whether a meta request failed because this node holds no replica of the meta range (it
+/// then asks the meta range itself, so that any node can answer route lookups).
+fn holds_no_meta_replica(status: &Status) -> bool {
+    status
+        .metadata()
+        .get(metadata::ERROR_KIND)
+        .is_some_and(|kind| kind == metadata::RANGE_NOT_FOUND)
+}
+
 /// Returns until when the caller of `request` waits for its answer: its `grpc-timeout`, at
 /// most [`MAX_REQUEST_WAIT`] (which also applies to callers that send none). Nothing the
 /// request asks for is started after that: a write is never proposed once its caller gave up.
@@ -107,14 +116,21 @@ impl Kv for KvApi {
         request: Request<RangeLookupRequest>,
     ) -> Result<Response<RangeLookupResponse>, Status> {
         let deadline = deadline_of(&request);
+        let forwarded = request.metadata().contains_key(metadata::FORWARDED);
         let key = request.into_inner().key;
-        let descriptor = self
+        let local = self
             .0
             .request("range_lookup", deadline, |reply| Event::Read {
-                request: ReadRequest::Lookup { key, reply },
+                request: ReadRequest::Lookup { key: key.clone(), reply },
                 deadline,
             })
-            .await?;
+            .await;
+        let descriptor = match local {
+            Err(status) if !forwarded && holds_no_meta_replica(&status) => {
+                self.0.on_meta_elsewhere(deadline, self.0.client.lookup_fresh(&key)).await?
+            }
+            result => result?,
+        };
         let nodes = descriptor.voters.iter().chain(&descriptor.learners).copied();
         let addresses = self.0.addresses(nodes.collect::<Vec<_>>());
         Ok(Response::new(RangeLookupResponse { descriptor: Some(descriptor), addresses }))
@@ -125,13 +141,22 @@ impl Kv for KvApi {
         request: Request<ListRangesRequest>,
     ) -> Result<Response<ListRangesResponse>, Status> {
         let deadline = deadline_of(&request);
-        let descriptors = self
+        let forwarded = request.metadata().contains_key(metadata::FORWARDED);
+        let local = self
             .0
             .request("list_ranges", deadline, |reply| Event::Read {
                 request: ReadRequest::List { reply },
                 deadline,
             })
-            .await?;
+            .await;
+        let descriptors = match local {
+            Err(status) if !forwarded && holds_no_meta_replica(&status) => {
+                let listing = self.0.client.ranges();
+                let (descriptors, _) = self.0.on_meta_elsewhere(deadline, listing).await?;
+                descriptors
+            }
+            result => result?,
+        };
         let mut nodes: Vec<u64> =
             descriptors.iter().flat_map(|d| d.voters.iter().chain(&d.learners)).copied().collect();
         nodes.sort_unstable();

@@ -28,7 +28,7 @@ use meridian_rpc::node::node_server::{Node as NodeService, NodeServer};
 use meridian_rpc::node::{
     Ack, BootstrapRequest, BootstrapResponse, DecommissionRequest, DecommissionResponse,
     HelloRequest, HelloResponse, InitRequest, InitResponse, MessageBatch, Peer, PeerClock,
-    PeerLiveness, RangeStatus, ReplicaProgress, StatusRequest, StatusResponse,
+    PeerLiveness, RangeStatus, ReplicaProgress, SnapshotChunk, StatusRequest, StatusResponse,
 };
 use meridian_storage::{Engine, FaultyEngine, RocksEngine, RocksOptions, WriteBatch, keyspace};
 use parking_lot::Mutex;
@@ -102,6 +102,11 @@ const DRAINING_KEY: &[u8] = b"\x01node/draining";
 const PEER_PREFIX: &[u8] = b"\x01node/peer/";
 /// How often a node says hello to the nodes it knows.
 const HELLO_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a node that belongs to no initialized cluster yet says hello (it learns that
+/// `init` ran from a hello; requests to it wait for that, see `JOIN_WAIT`).
+const HELLO_INTERVAL_UNINITIALIZED: Duration = Duration::from_millis(250);
+/// How long `init` waits for the new cluster to serve before it returns.
+const INIT_SERVE_WAIT: Duration = Duration::from_secs(10);
 /// A peer unheard for this long counts as unreachable: quiesced followers of the ranges it
 /// leads wake up to elect another leader.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
@@ -275,14 +280,17 @@ where
     let NodeEnvironment { engine, clock, dialer, seed } = environment;
     let cluster_id = check_store_identity(&*engine, &options)?;
     let truetime = TrueTime::new(clock);
-    let transport = Transport::new(options.node_id, dialer.clone());
+    let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+    let lost = events.clone();
+    let transport = Transport::new(options.node_id, dialer.clone(), move |peer| {
+        let _ = lost.try_send(Event::PeerLost(peer));
+    });
     transport.set_cluster_id(&cluster_id);
     let draining =
         engine.get(DRAINING_KEY).map_err(|error| NodeError::Internal(error.to_string()))?.is_some();
     if draining {
         warn!("this node is being decommissioned");
     }
-    let (events, receiver) = mpsc::channel(EVENT_QUEUE);
     let shared = Arc::new(Shared {
         node_id: options.node_id,
         advertise: options.advertise.clone(),
@@ -298,7 +306,7 @@ where
         dead_node_timeout: options.dead_node_timeout,
         client: Client::new(
             vec![options.advertise.clone()],
-            ClientOptions { dialer: dialer.clone(), ..ClientOptions::default() },
+            ClientOptions { dialer: dialer.clone(), forwarding: true, ..ClientOptions::default() },
         )
         .map_err(|error| NodeError::InvalidArgument(error.to_string()))?,
         load: Arc::new(NodeLoad::default()),

@@ -1,7 +1,50 @@
-//! The `Node` gRPC service: peers' Raft streams, hellos, initialization, status and
-//! decommissioning.
+//! The `Node` gRPC service: peers' Raft streams and range snapshots, hellos, initialization,
+//! status and decommissioning.
+//!
+//! Everything a peer sends is checked here, before the driver sees it: a message must name this
+//! node, and a snapshot must decode and describe the range it is sent to (a bad one would
+//! otherwise stop the driver, which treats install failures as storage failures).
+
+use prost::Message as _;
 
 use super::*;
+
+/// Decodes and checks the message of `range_message` (`streamed`: whether its snapshot's
+/// versions arrived apart and were put back).
+fn peer_message(
+    node: NodeId,
+    range: RangeId,
+    message: Option<&meridian_rpc::raft::Message>,
+    streamed: bool,
+) -> Result<meridian_raft::Message, Status> {
+    let message =
+        message.ok_or_else(|| Status::invalid_argument("range message without a message"))?;
+    let message = meridian_raft::Message::try_from(message)
+        .map_err(|error| Status::invalid_argument(error.to_string()))?;
+    if message.to != node {
+        return Err(Status::invalid_argument(format!(
+            "message for node {} sent to node {node}",
+            message.to
+        )));
+    }
+    if let meridian_raft::MessageBody::InstallSnapshot { snapshot } = &message.body {
+        let header = meridian_rpc::kv::RangeSnapshot::decode(snapshot.data.as_slice())
+            .map_err(|error| Status::invalid_argument(format!("undecodable snapshot: {error}")))?;
+        let described = header.descriptor.as_ref().map_or(0, |descriptor| descriptor.range_id);
+        if described != range.0 {
+            return Err(Status::invalid_argument(format!(
+                "a snapshot of range {described} sent to range {}",
+                range.0
+            )));
+        }
+        if (header.stream_id != 0) != streamed {
+            return Err(Status::invalid_argument(
+                "a data range's snapshot travels through the Snapshot call, and only it does",
+            ));
+        }
+    }
+    Ok(message)
+}
 
 /// The `Node` gRPC service.
 pub(super) struct NodeApi(pub(super) Arc<Shared>);
@@ -17,25 +60,56 @@ impl NodeService for NodeApi {
             self.0.check_cluster(&batch.cluster_id)?;
             let mut messages = Vec::with_capacity(batch.messages.len());
             for range_message in &batch.messages {
-                let message = range_message
-                    .message
-                    .as_ref()
-                    .ok_or_else(|| Status::invalid_argument("range message without a message"))?;
-                let message = meridian_raft::Message::try_from(message)
-                    .map_err(|error| Status::invalid_argument(error.to_string()))?;
-                if message.to != self.0.node_id {
-                    return Err(Status::invalid_argument(format!(
-                        "message for node {} sent to node {}",
-                        message.to, self.0.node_id
-                    )));
-                }
-                messages.push((RangeId(range_message.range_id), message));
+                let range = RangeId(range_message.range_id);
+                let message =
+                    peer_message(self.0.node_id, range, range_message.message.as_ref(), false)?;
+                messages.push((range, message));
             }
             // Raft tolerates loss: drop rather than block when the driver is busy.
             if self.0.events.try_send(Event::Raft(messages)).is_err() {
                 warn!("driver queue full; dropping a raft batch");
             }
         }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Ack>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("an empty snapshot stream"))?;
+        self.0.check_cluster(&first.cluster_id)?;
+        let range = RangeId(first.range_id);
+        let mut message = peer_message(self.0.node_id, range, first.message.as_ref(), true)?;
+        let meridian_raft::MessageBody::InstallSnapshot { snapshot } = &mut message.body else {
+            return Err(Status::invalid_argument("a snapshot stream without a snapshot"));
+        };
+        let mut header = meridian_rpc::kv::RangeSnapshot::decode(snapshot.data.as_slice())
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let mut bytes = 0usize;
+        while let Some(chunk) = stream.message().await? {
+            for version in chunk.versions {
+                bytes += version.key.len() + version.value.as_ref().map_or(0, Vec::len);
+                if bytes > MAX_MESSAGE_BYTES {
+                    return Err(Status::resource_exhausted(format!(
+                        "a range snapshot larger than {MAX_MESSAGE_BYTES} bytes"
+                    )));
+                }
+                header.versions.push(version);
+            }
+        }
+        header.stream_id = 0;
+        snapshot.data = header.encode_to_vec();
+        // A snapshot is dear to send again: wait for room in the driver's queue.
+        self.0
+            .events
+            .send(Event::Raft(vec![(range, message)]))
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
         Ok(Response::new(Ack {}))
     }
 
@@ -112,8 +186,12 @@ impl NodeService for NodeApi {
                 })
                 .await?;
         }
-        self.0.bootstrap(&cluster_id, &voters).await?;
+        self.0.bootstrap(&cluster_id, &voters, true).await?;
         info!(%cluster_id, voters = ?voters.iter().map(|peer| peer.node_id).collect::<Vec<_>>(), "cluster initialized");
+        // `init` returns once the cluster serves, so that the next command finds leaders.
+        if let Err(reason) = self.0.wait_until_serving(INIT_SERVE_WAIT).await {
+            warn!(%reason, "the cluster was initialized but does not serve yet");
+        }
         Ok(Response::new(InitResponse { cluster_id, voters }))
     }
 
@@ -125,7 +203,7 @@ impl NodeService for NodeApi {
         if request.cluster_id.is_empty() {
             return Err(Status::invalid_argument("empty cluster id"));
         }
-        self.0.bootstrap(&request.cluster_id, &request.voters).await?;
+        self.0.bootstrap(&request.cluster_id, &request.voters, false).await?;
         Ok(Response::new(BootstrapResponse {}))
     }
 

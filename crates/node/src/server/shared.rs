@@ -248,8 +248,14 @@ impl Shared {
         Ok(descriptors)
     }
 
-    /// Persists the cluster id and creates the first range with `voters`.
-    pub(super) async fn bootstrap(&self, cluster_id: &str, voters: &[Peer]) -> Result<(), Status> {
+    /// Persists the cluster id and creates the first ranges with `voters`; the node that runs
+    /// `init` (`campaign`), bootstrapped after the others, campaigns for them at once.
+    pub(super) async fn bootstrap(
+        &self,
+        cluster_id: &str,
+        voters: &[Peer],
+        campaign: bool,
+    ) -> Result<(), Status> {
         let current = self.cluster_id();
         if !current.is_empty() && current != cluster_id {
             return Err(NodeError::AlreadyInitialized(current).into());
@@ -266,6 +272,40 @@ impl Shared {
         *self.cluster_id.lock() = cluster_id.to_string();
         self.transport.set_cluster_id(cluster_id);
         let ids = voters.iter().map(|peer| NodeId(peer.node_id)).collect();
-        self.call(|reply| Event::Bootstrap { voters: ids, reply }).await
+        self.call(|reply| Event::Bootstrap { voters: ids, campaign, reply }).await
+    }
+
+    /// Runs a meta request through this node's own client, for a caller that asked this node,
+    /// which holds no replica of the meta range; gives up at `deadline`.
+    pub(super) async fn on_meta_elsewhere<T>(
+        &self,
+        deadline: Instant,
+        call: impl std::future::Future<Output = Result<T, meridian_client::ClientError>>,
+    ) -> Result<T, Status> {
+        self.refresh_client();
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(metadata::not_applied(Status::unavailable(format!(
+                "this node holds no replica of the meta range, and asking one failed: {error}"
+            )))),
+            Err(_) => Err(metadata::not_applied(Status::unavailable(
+                "this node holds no replica of the meta range, and no replica answered in time",
+            ))),
+        }
+    }
+
+    /// Waits until the cluster serves — the meta range answers and the first data range reads —
+    /// for at most `limit`; returns why not if it does not.
+    pub(super) async fn wait_until_serving(&self, limit: Duration) -> Result<(), String> {
+        self.refresh_client();
+        let serving = async {
+            self.client.ranges().await.map_err(|error| error.to_string())?;
+            self.client.get(b"").await.map_err(|error| error.to_string())?;
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(limit, serving).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        }
     }
 }

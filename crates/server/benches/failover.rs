@@ -1,0 +1,124 @@
+//! Failover time after `kill -9` of a range's leader: 3 real `meridian` processes; the node
+//! leading the data range is killed, and the time is measured from the kill to the first write
+//! acknowledged through another node. Two cases, several runs each: while writes flow (the
+//! range is active), and after the range quiesced (no ticks, no heartbeats: its followers must
+//! learn of the death from the broken connection).
+//!
+//! Run with `cargo bench -p meridian-server --bench failover`; results are in
+//! `bench/README.md`. Not a criterion benchmark: the measured system runs in other processes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use meridian_client::{Client, ClientOptions};
+use meridian_rpc::node::StatusRequest;
+use meridian_rpc::node::node_client::NodeClient;
+
+mod common;
+
+use common::LocalCluster;
+
+/// Runs per case.
+const RUNS: usize = 5;
+/// The data range a new cluster starts with.
+const DATA_RANGE: u64 = 2;
+
+/// The index (in `cluster.addresses`) of the node leading the data range, and whether the
+/// range is quiesced there.
+async fn data_leader(cluster: &LocalCluster) -> Option<(usize, bool)> {
+    for (index, address) in cluster.addresses.iter().enumerate() {
+        let Ok(mut client) = NodeClient::connect(format!("http://{address}")).await else {
+            continue;
+        };
+        let request = StatusRequest { range_ids: vec![DATA_RANGE] };
+        let Ok(status) = client.status(request).await else { continue };
+        if let Some(range) = status.into_inner().ranges.iter().find(|range| range.role == "leader")
+        {
+            return Some((index, range.quiesced));
+        }
+    }
+    None
+}
+
+fn client(addresses: Vec<String>) -> Client {
+    let options = ClientOptions {
+        deadline: Duration::from_secs(30),
+        attempt_timeout: Duration::from_millis(500),
+        ..ClientOptions::default()
+    };
+    Client::new(addresses, options).unwrap()
+}
+
+/// One run: returns the failover time.
+async fn run(quiesced: bool) -> Duration {
+    let mut cluster = LocalCluster::start(3).await;
+    let writer = client(cluster.addresses.clone());
+    writer.put(b"warmup", b"x").await.unwrap();
+    // Wait for the case to hold: the leader known and, for the quiesced case, quiet.
+    let leader = loop {
+        match data_leader(&cluster).await {
+            Some((leader, is_quiesced)) if is_quiesced || !quiesced => break leader,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    // The active case keeps writes flowing through the other nodes until the kill.
+    let survivors: Vec<String> = cluster
+        .addresses
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != leader)
+        .map(|(_, address)| address.clone())
+        .collect();
+    let flowing = Arc::new(AtomicBool::new(!quiesced));
+    let background = {
+        let flowing = flowing.clone();
+        let writer = Arc::new(client(cluster.addresses.clone()));
+        tokio::spawn(async move {
+            let mut index = 0u64;
+            while flowing.load(Ordering::SeqCst) {
+                let _ = writer.put(format!("flow{index}").as_bytes(), b"v").await;
+                index += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed = Instant::now();
+    cluster.processes[leader].kill().unwrap();
+    let _ = cluster.processes[leader].wait();
+    let probe = client(survivors);
+    probe.put(b"after-failover", b"v").await.unwrap();
+    let elapsed = killed.elapsed();
+    flowing.store(false, Ordering::SeqCst);
+    let _ = background.await;
+    elapsed
+}
+
+fn summary(label: &str, mut times: Vec<Duration>) {
+    times.sort();
+    let seconds: Vec<String> =
+        times.iter().map(|time| format!("{:.2}", time.as_secs_f64())).collect();
+    println!(
+        "{label}: median {:.2} s, max {:.2} s (runs: {} s)",
+        times[times.len() / 2].as_secs_f64(),
+        times[times.len() - 1].as_secs_f64(),
+        seconds.join(", ")
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let mut active = Vec::new();
+    let mut quiet = Vec::new();
+    for run_index in 0..RUNS {
+        let time = run(false).await;
+        println!("run {run_index}: active range, first write after {:.2} s", time.as_secs_f64());
+        active.push(time);
+        let time = run(true).await;
+        println!("run {run_index}: quiesced range, first write after {:.2} s", time.as_secs_f64());
+        quiet.push(time);
+    }
+    summary("failover, writes flowing", active);
+    summary("failover, range quiesced", quiet);
+}
