@@ -57,6 +57,31 @@ pub struct UnsafeSwitches {
     pub lease_extension_ns: u64,
     /// Serve from a lease received by transfer before its floor has passed (breaks rule 7).
     pub ignore_lease_floor: bool,
+    /// Send a granted `VoteResponse` in a `Ready` whose hard state leaves the new term and vote
+    /// out (they are persisted one cycle later): breaks "persist before responding" (Raft
+    /// Figure 2, "Rules for all servers"; the `Ready` contract), so a voter that crashes
+    /// right after answering can vote again in the same term.
+    pub unpersisted_vote_grant: bool,
+    /// Send a candidate's `Vote` requests in a `Ready` whose hard state leaves its new term and
+    /// its vote for itself out: the same rule for the candidate's own vote (Raft §5.2), so a
+    /// candidate that crashes after asking can vote for another in the same term.
+    pub unpersisted_candidacy: bool,
+    /// Let a leader drop responses (`AppendResponse`, `HeartbeatResponse`, vote responses)
+    /// that carry a higher term instead of stepping down (breaks Raft §5.1: "if RPC request or
+    /// response contains term T > currentTerm: set currentTerm = T, convert to follower").
+    pub ignore_higher_term_responses: bool,
+    /// During joint consensus, decide elections, commitment and quorum checks by a majority
+    /// of the incoming voters alone (breaks Raft §6: `C_old,new` needs majorities of both).
+    pub incoming_quorum_only: bool,
+    /// Let a follower advance its commit index to the leader's, capped only at its own last
+    /// entry, on every append (accepted or rejected), instead of at the last entry the append
+    /// verified to match the leader's log (breaks Raft Figure 2, `AppendEntries` step 5:
+    /// "min(leaderCommit, index of last new entry)"). Rejected appends are included because
+    /// accepted ones alone cannot show the bug here: a leader's next index for a follower
+    /// never falls below the first entry where their logs differ (conflict hints land on it,
+    /// and a new leader starts past its own log), so the first append a follower accepts
+    /// truncates any stale tail, and its own last index equals the append's last entry.
+    pub follower_commit_unverified: bool,
 }
 
 impl Config {

@@ -199,7 +199,11 @@ impl<S: Storage> RawNode<S> {
             self.votes.iter().filter(|(_, granted)| **granted).map(|(id, _)| *id).collect();
         let rejected: BTreeSet<NodeId> =
             self.votes.iter().filter(|(_, granted)| !**granted).map(|(id, _)| *id).collect();
-        if self.configuration.has_quorum(&granted) {
+        let quorum_configuration = self.quorum_configuration();
+        let won = quorum_configuration.has_quorum(&granted);
+        let lost = quorum_configuration.has_quorum(&rejected);
+        drop(quorum_configuration);
+        if won {
             match self.role {
                 Role::PreCandidate => self.become_candidate(false),
                 Role::Candidate => self.become_leader(),
@@ -207,7 +211,7 @@ impl<S: Storage> RawNode<S> {
             }
             return true;
         }
-        if self.configuration.has_quorum(&rejected) {
+        if lost {
             let term = self.term;
             self.become_follower(term, None);
             return true;

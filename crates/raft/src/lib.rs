@@ -35,10 +35,13 @@
 //! log writes, and snapshot streaming in chunks.
 //!
 //! Tests: golden scripts in `testscripts/node/` (one behaviour per file) and a deterministic
-//! simulator (`tests/simulation.rs`) that checks election safety, log matching, leader
+//! simulator ([`sim`], driven by `tests/simulation.rs`) that checks, over many seeds, that
+//! messages leave only after what they promise is persisted, that nodes adopt higher terms and
+//! do not inflate their own, election safety, the commit rule, log matching, leader
 //! completeness, state-machine safety, durability of acknowledged writes, linearizability of
-//! client histories and disjointness of leases over many seeds, and that catches each
-//! deliberately broken rule ([`UnsafeSwitches`]).
+//! client histories, leases against true time and timestamp order across terms, and a bound
+//! on term growth, and that lease promises are kept across restarts. Each deliberately broken
+//! rule ([`UnsafeSwitches`]) has a test showing the default seeds catch it.
 
 mod config;
 mod election;

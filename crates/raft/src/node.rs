@@ -398,7 +398,7 @@ impl<S: Storage> RawNode<S> {
                     .filter(|(id, progress)| **id == self.id || progress.recently_active)
                     .map(|(id, _)| *id)
                     .collect();
-                if !self.configuration.has_quorum(&active) {
+                if !self.quorum_configuration().has_quorum(&active) {
                     let term = self.term;
                     self.become_follower(term, None);
                     return;
@@ -465,6 +465,18 @@ impl<S: Storage> RawNode<S> {
             self.wake();
         }
         if message.term > self.term {
+            if self.role == Role::Leader
+                && self.config.unsafe_switches.ignore_higher_term_responses
+                && matches!(
+                    message.body,
+                    MessageBody::AppendResponse { .. }
+                        | MessageBody::HeartbeatResponse { .. }
+                        | MessageBody::VoteResponse { .. }
+                        | MessageBody::PreVoteResponse { .. }
+                )
+            {
+                return Ok(());
+            }
             if !self.accept_higher_term(&message) {
                 return Ok(());
             }
@@ -592,15 +604,47 @@ impl<S: Storage> RawNode<S> {
             self.broadcast_append();
         }
         self.broadcast_pending = false;
-        let hard_state = self.hard_state();
+        let messages = std::mem::take(&mut self.messages);
+        let mut hard_state = self.hard_state();
+        if self.sends_before_persisting(&messages) {
+            // Test-only: the term and vote these messages depend on are left for the next
+            // cycle to persist.
+            hard_state.term = self.persisted_hard_state.term;
+            hard_state.vote = self.persisted_hard_state.vote;
+        }
         Ok(Ready {
             hard_state: (hard_state != self.persisted_hard_state).then_some(hard_state),
             snapshot: self.log.pending_snapshot().cloned(),
             entries: self.log.unstable_entries().to_vec(),
-            messages: std::mem::take(&mut self.messages),
+            messages,
             committed_entries: self.log.entries_to_apply(usize::MAX)?,
             read_states: std::mem::take(&mut self.read_states),
         })
+    }
+
+    /// Returns whether a test-only switch makes this cycle send `messages` before the term and
+    /// vote they promise are persisted (see `UnsafeSwitches::unpersisted_vote_grant` and
+    /// `UnsafeSwitches::unpersisted_candidacy`).
+    fn sends_before_persisting(&self, messages: &[Message]) -> bool {
+        let switches = self.config.unsafe_switches;
+        messages.iter().any(|message| match message.body {
+            MessageBody::VoteResponse { granted: true, .. } => switches.unpersisted_vote_grant,
+            MessageBody::Vote { .. } => switches.unpersisted_candidacy,
+            _ => false,
+        })
+    }
+
+    /// Returns the configuration whose majorities decide elections, commitment, heartbeat
+    /// rounds and check-quorum: the one in effect. (The test-only switch
+    /// `UnsafeSwitches::incoming_quorum_only` drops the outgoing half of a joint one.)
+    pub(crate) fn quorum_configuration(&self) -> std::borrow::Cow<'_, Configuration> {
+        if self.config.unsafe_switches.incoming_quorum_only && self.configuration.is_joint() {
+            let mut incoming = self.configuration.clone();
+            incoming.outgoing_voters.clear();
+            std::borrow::Cow::Owned(incoming)
+        } else {
+            std::borrow::Cow::Borrowed(&self.configuration)
+        }
     }
 
     /// Acknowledges that `ready` was persisted, sent and applied.

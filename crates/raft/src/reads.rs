@@ -148,7 +148,7 @@ impl<S: Storage> RawNode<S> {
     pub(crate) fn confirm_rounds(&mut self) {
         let current = self.heartbeat_round;
         let id = self.id;
-        let quorum_round = self.configuration.quorum_value(|member| {
+        let quorum_round = self.quorum_configuration().quorum_value(|member| {
             if member == id {
                 current
             } else {

@@ -85,9 +85,12 @@ impl<S: Storage> RawNode<S> {
             self.send(from, self.term, MessageBody::AppendResponse { index, reject: None });
             return;
         }
+        let unverified = self.config.unsafe_switches.follower_commit_unverified;
         match self.log.maybe_append(prev_index, prev_term, entries) {
             Some(last_new) => {
-                self.log.commit_to(commit.min(last_new));
+                // Only the entries up to `last_new` are known to match the leader's log.
+                let verified = if unverified { self.log.last_index() } else { last_new };
+                self.log.commit_to(commit.min(verified));
                 self.send(
                     from,
                     self.term,
@@ -95,6 +98,10 @@ impl<S: Storage> RawNode<S> {
                 );
             }
             None => {
+                if unverified {
+                    let last = self.log.last_index();
+                    self.log.commit_to(commit.min(last));
+                }
                 let reject = Some(self.log.reject_hint(prev_index));
                 self.send(
                     from,
@@ -167,7 +174,7 @@ impl<S: Storage> RawNode<S> {
     /// Advances the commit index to the highest index a quorum has persisted, if that entry is
     /// of the current term (Raft §5.4.2). Returns whether it advanced.
     pub(crate) fn maybe_commit(&mut self) -> bool {
-        let quorum_index = LogIndex(self.configuration.quorum_value(|id| {
+        let quorum_index = LogIndex(self.quorum_configuration().quorum_value(|id| {
             self.progress.get(&id).map_or(0, |progress| progress.match_index.0)
         }));
         if quorum_index <= self.log.committed || quorum_index > self.log.last_index() {
