@@ -29,7 +29,7 @@
 
 mod routes;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
@@ -276,7 +276,9 @@ pub struct Client {
     seeds: Vec<String>,
     options: ClientOptions,
     routes: Mutex<Routes>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// Ordered, so that dropping the client closes its connections in a deterministic order
+    /// (a simulation replays a seed exactly only if it does).
+    channels: Mutex<BTreeMap<String, Channel>>,
 }
 
 impl Client {
@@ -297,7 +299,7 @@ impl Client {
             seeds,
             options,
             routes: Mutex::new(Routes::default()),
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(BTreeMap::new()),
         };
         for seed in &client.seeds {
             client.channel(seed)?;

@@ -34,23 +34,79 @@ const PPM: i128 = 1_000_000;
 /// The largest drift bound accepted: beyond 50 % the growth formula's denominator degenerates.
 pub const MAX_DRIFT_BOUND_PPM: u64 = 500_000;
 
+/// Reads true time more precisely than the last [`SimulatedTime::set`], where it can.
+type TimeSource = Arc<dyn Fn() -> Option<Timestamp> + Send + Sync>;
+
 /// The true time of a simulation, shared by every simulated clock in it. Cheap to clone.
 ///
-/// Invariant: true time never goes backwards.
-#[derive(Clone, Debug)]
+/// The test sets it ([`SimulatedTime::set`], [`SimulatedTime::advance`]); a simulator whose
+/// hosts each run ahead of the last value set within a step (turmoil runs one host after the
+/// other through each step) may also give it a *source* ([`SimulatedTime::with_source`]) that
+/// reads the current host's time, so that clocks do not lag behind it by up to a step.
+///
+/// Invariant: true time as one reader sees it never goes backwards: values set only grow, and
+/// a source's reading counts only where it is later than the value set. (Two hosts of one
+/// step may read times up to a step apart in either order; they cannot communicate within a
+/// step.)
+#[derive(Clone)]
 pub struct SimulatedTime {
     nanos: Arc<AtomicU64>,
+    source: Option<TimeSource>,
+}
+
+impl std::fmt::Debug for SimulatedTime {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SimulatedTime")
+            .field("nanos", &self.nanos.load(Ordering::SeqCst))
+            .field("source", &self.source.is_some())
+            .finish()
+    }
 }
 
 impl SimulatedTime {
     /// Returns a simulation whose true time starts at `start`.
     pub fn new(start: Timestamp) -> Self {
-        SimulatedTime { nanos: Arc::new(AtomicU64::new(start.as_nanos())) }
+        SimulatedTime { nanos: Arc::new(AtomicU64::new(start.as_nanos())), source: None }
+    }
+
+    /// Returns a simulation whose true time starts at `start` and is read from `source` when it
+    /// answers and is later than the value last set (see the type's docs).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use meridian_clock::{SimulatedTime, Timestamp};
+    ///
+    /// let host_time = Arc::new(AtomicU64::new(0));
+    /// let read = host_time.clone();
+    /// let time = SimulatedTime::with_source(Timestamp::from_nanos(100), move || {
+    ///     let nanos = read.load(Ordering::SeqCst);
+    ///     (nanos > 0).then(|| Timestamp::from_nanos(nanos))
+    /// });
+    /// assert_eq!(time.now(), Timestamp::from_nanos(100)); // the source does not answer
+    /// host_time.store(150, Ordering::SeqCst);
+    /// assert_eq!(time.now(), Timestamp::from_nanos(150)); // a host ran ahead within a step
+    /// time.set(Timestamp::from_nanos(200));
+    /// assert_eq!(time.now(), Timestamp::from_nanos(200)); // an earlier reading never counts
+    /// ```
+    pub fn with_source(
+        start: Timestamp,
+        source: impl Fn() -> Option<Timestamp> + Send + Sync + 'static,
+    ) -> Self {
+        SimulatedTime {
+            nanos: Arc::new(AtomicU64::new(start.as_nanos())),
+            source: Some(Arc::new(source)),
+        }
     }
 
     /// Returns the current true time.
     pub fn now(&self) -> Timestamp {
-        Timestamp::from_nanos(self.nanos.load(Ordering::SeqCst))
+        let set = Timestamp::from_nanos(self.nanos.load(Ordering::SeqCst));
+        match self.source.as_ref().and_then(|source| source()) {
+            Some(read) if read > set => read,
+            _ => set,
+        }
     }
 
     /// Advances true time by `duration`, saturating at [`Timestamp::MAX`].

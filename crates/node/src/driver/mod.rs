@@ -111,19 +111,28 @@ impl RaftTiming {
     /// timeout exceeds the lease plus twice the clock bound and a tick (Raft's timing rule:
     /// followers' lease promises must have run out when their election timeouts fire).
     ///
+    /// The lease must also outlast twice the bound plus a heartbeat interval: a lease runs from
+    /// the earliest reading of the round that confirmed it, and a leader serves only while the
+    /// latest reading of its clock (2ε later) is inside it, up to a heartbeat after the round.
+    ///
     /// # Errors
     ///
-    /// Why the bound leaves no room for a lease of at least two ticks.
+    /// Why the bound leaves no room for a lease of at least two ticks, or for one that a leader
+    /// could ever serve from.
     pub fn with_clock_bound(mut self, max_clock_offset: Duration) -> Result<Self, String> {
         let election = self.tick_interval * self.election_timeout_ticks as u32;
+        let heartbeat = self.tick_interval * self.heartbeat_interval_ticks as u32;
         let room = election
             .checked_sub(max_clock_offset * 2 + self.tick_interval)
             .filter(|room| *room >= self.tick_interval * 2)
+            .filter(|room| (*room).min(self.lease_duration) > max_clock_offset * 2 + heartbeat)
             .ok_or_else(|| {
                 format!(
                     "a clock bound of {max_clock_offset:?} leaves no room for leader leases \
                      within the {election:?} election timeout (at most {:?})",
-                    (election.saturating_sub(self.tick_interval * 3)) / 2
+                    ((election.saturating_sub(self.tick_interval + heartbeat)) / 4)
+                        .min(self.lease_duration.saturating_sub(heartbeat) / 2)
+                        .min(election.saturating_sub(self.tick_interval * 3) / 2)
                 )
             })?;
         self.lease_duration = self.lease_duration.min(room);
