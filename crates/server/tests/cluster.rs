@@ -359,7 +359,9 @@ async fn init_returns_serving_and_late_nodes_wait_to_learn_of_it() {
     let up = eventually(Duration::from_secs(20), || async { status(&node3).await }).await;
     let up = up.expect("node 3 comes up");
     assert!(up.cluster_id.is_empty(), "node 3 already knows the cluster: {up:?}");
-    let writer = tokio::task::spawn_blocking(move || meridian(&["kv", "--host", &node3, "put", "late", "yes"]));
+    let writer = tokio::task::spawn_blocking(move || {
+        meridian(&["kv", "--host", &node3, "put", "late", "yes"])
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     signal(&cluster, 0, "CONT");
     signal(&cluster, 1, "CONT");
