@@ -182,7 +182,8 @@ fn judge(status: &Status, kind: Kind) -> Verdict {
     }
 }
 
-/// Exponential backoff from 20 ms to 500 ms.
+/// Exponential backoff from 20 ms to 200 ms (an election takes a round trip or two once a
+/// follower suspects the leader: waiting longer between attempts only delays the client).
 struct Backoff(Duration);
 
 impl Backoff {
@@ -192,7 +193,7 @@ impl Backoff {
 
     async fn wait(&mut self) {
         tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Duration::from_millis(500));
+        self.0 = (self.0 * 2).min(Duration::from_millis(200));
     }
 }
 

@@ -60,9 +60,24 @@ impl ClockMonitor {
         &self.samples
     }
 
-    /// Returns why this node must not serve, or `None` if its clock agrees with a majority of
-    /// its `known_peers` peers.
-    pub fn problem(&self, known_peers: usize, now: Instant) -> Option<String> {
+    /// Returns why this node must not serve, or `None` if its own clock's uncertainty
+    /// (`uncertainty`) is within the bound and its clock agrees with a majority of its
+    /// `known_peers` peers. An uncertainty beyond the bound (a kernel bound larger than
+    /// `--max-clock-offset-ms`) would let the node's lease promises outrun what restarted
+    /// peers assume (Raft's restart rule), so it is refused like a skewed clock.
+    pub fn problem(
+        &self,
+        uncertainty: Duration,
+        known_peers: usize,
+        now: Instant,
+    ) -> Option<String> {
+        if uncertainty.as_nanos() as u64 > self.max_offset_ns {
+            return Some(format!(
+                "this node's clock uncertainty ({:.1} ms) exceeds the {:.1} ms bound; it refuses to serve",
+                uncertainty.as_secs_f64() * 1e3,
+                self.max_offset_ns as f64 / 1e6
+            ));
+        }
         let beyond: Vec<String> = self
             .samples
             .iter()
@@ -136,7 +151,18 @@ mod tests {
                     if *fresh { now } else { old },
                 );
             }
-            assert_eq!(monitor.problem(known, now).is_some(), expected, "{samples:?} of {known}");
+            let problem = monitor.problem(Duration::from_millis(1), known, now);
+            assert_eq!(problem.is_some(), expected, "{samples:?} of {known}");
         }
+    }
+
+    /// A clock whose own uncertainty exceeds the bound is a problem even if every peer agrees.
+    #[test]
+    fn an_uncertainty_beyond_the_bound_is_a_problem() {
+        let monitor = ClockMonitor::new(Duration::from_millis(7));
+        let now = Instant::now();
+        assert!(monitor.problem(Duration::from_millis(7), 2, now).is_none());
+        let problem = monitor.problem(Duration::from_millis(8), 2, now).expect("a problem");
+        assert!(problem.contains("uncertainty"), "{problem}");
     }
 }

@@ -614,6 +614,144 @@ mod tests {
         assert!(matches!(allocate(&mut reopened, 4), Applied::RangeIds(5)));
     }
 
+    /// A replica of range 9 over `[a, m)` on a fresh store holding versions of `keys`, each
+    /// at timestamp 5, whichever range they belong to.
+    fn data_state_machine(
+        keys: &[&str],
+    ) -> (
+        Arc<Mvcc<meridian_storage::MemoryEngine>>,
+        RangeStateMachine<meridian_storage::MemoryEngine>,
+    ) {
+        let mvcc = Arc::new(Mvcc::new(Arc::new(meridian_storage::MemoryEngine::new())).unwrap());
+        for key in keys {
+            mvcc.put(key.as_bytes(), Timestamp::from_nanos(5), b"old").unwrap();
+        }
+        let initial = AppliedState {
+            index: LogIndex(1),
+            term: Term(1),
+            descriptor: span("a", Some("m")),
+            ..AppliedState::default()
+        };
+        let mut batch = WriteBatch::new();
+        stage_initial_state(RangeId(9), &initial, &mut batch);
+        mvcc.engine().write(batch, true).unwrap();
+        let machine = RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap();
+        (mvcc, machine)
+    }
+
+    /// A snapshot of range 9 at index 20 over `descriptor`, holding `keys` at timestamp 7.
+    fn snapshot_of(descriptor: RangeDescriptor, keys: &[&str]) -> Snapshot {
+        let data = wire::RangeSnapshot {
+            versions: keys
+                .iter()
+                .map(|key| wire::Version {
+                    key: key.as_bytes().to_vec(),
+                    timestamp: 7,
+                    value: Some(b"new".to_vec()),
+                })
+                .collect(),
+            max_timestamp: 7,
+            descriptor: Some(descriptor.to_wire([], [], 0)),
+            config_index: 1,
+            next_range_id: 0,
+            descriptors: Vec::new(),
+            stream_id: 0,
+        };
+        Snapshot {
+            metadata: SnapshotMetadata {
+                index: LogIndex(20),
+                term: Term(3),
+                config: Configuration::default(),
+            },
+            data: data.encode_to_vec(),
+        }
+    }
+
+    fn contents(mvcc: &Mvcc<meridian_storage::MemoryEngine>) -> Vec<(String, String)> {
+        mvcc.scan(b"", None, Timestamp::MAX, ScanDirection::Forward, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(key, version)| {
+                (String::from_utf8(key).unwrap(), String::from_utf8(version.value).unwrap())
+            })
+            .collect()
+    }
+
+    /// Installing a snapshot replaces its span's data — what the replica had there and the
+    /// snapshot lacks is gone — and leaves keys outside the span alone.
+    #[test]
+    fn snapshot_install_replaces_exactly_its_span() {
+        let (mvcc, mut machine) = data_state_machine(&["b", "c", "q"]);
+        let snapshot = snapshot_of(span("a", Some("p")), &["c", "d"]);
+        let mut batch = WriteBatch::new();
+        machine.stage_install(&snapshot, &[], true, &mut batch).unwrap();
+        mvcc.engine().write(batch, true).unwrap();
+        let expected = [("c", "new"), ("d", "new"), ("q", "old")];
+        let expected: Vec<(String, String)> =
+            expected.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+        assert_eq!(contents(&mvcc), expected);
+        assert_eq!(machine.applied().index, LogIndex(20));
+        assert_eq!(machine.descriptor(), &span("a", Some("p")));
+        assert_eq!(machine.applied().max_timestamp, 7);
+        // The applied state is in the batch too: a reopened replica sees the snapshot's state.
+        let reopened = RangeStateMachine::open(RangeId(9), mvcc).unwrap();
+        assert_eq!(reopened.applied(), machine.applied());
+    }
+
+    /// A snapshot taken before a split reaches a replica after the new range's replica exists
+    /// here: the new range's span (protected) keeps its own, newer data.
+    #[test]
+    fn snapshot_install_spares_the_spans_of_newer_ranges() {
+        let (mvcc, mut machine) = data_state_machine(&["b", "h", "k"]);
+        // Range 10 [g, j) was split off range 9 later than this snapshot's state.
+        let newer = RangeDescriptor { id: RangeId(10), generation: 1, ..span("g", Some("j")) };
+        let snapshot = snapshot_of(span("a", Some("m")), &["b", "h", "i"]);
+        let mut batch = WriteBatch::new();
+        machine.stage_install(&snapshot, std::slice::from_ref(&newer), true, &mut batch).unwrap();
+        mvcc.engine().write(batch, true).unwrap();
+        let expected = [("b", "new"), ("h", "old")];
+        let expected: Vec<(String, String)> =
+            expected.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+        assert_eq!(contents(&mvcc), expected, "k (dropped) and i (protected) must not be there");
+    }
+
+    /// A data range's snapshot, as Raft asks the leader for it, carries the applied state but
+    /// none of the versions: those wait in the registry, read later from the same engine
+    /// snapshot, so the driver never reads a range's data and later writes are not in it.
+    #[test]
+    fn data_range_snapshots_leave_their_versions_to_the_stream() {
+        let (mvcc, _machine) = data_state_machine(&["b", "c", "q"]);
+        let registry = Arc::new(SnapshotRegistry::default());
+        let source = RangeSnapshotSource {
+            range: RangeId(9),
+            mvcc: mvcc.clone(),
+            registry: registry.clone(),
+        };
+        let snapshot = source.snapshot().unwrap();
+        mvcc.put(b"d", Timestamp::from_nanos(9), b"later").unwrap();
+        let header = wire::RangeSnapshot::decode(snapshot.data.as_slice()).unwrap();
+        assert!(header.versions.is_empty(), "the driver read the data");
+        assert_eq!(snapshot.metadata.index, LogIndex(1));
+        let mut stream = registry.take(header.stream_id).expect("registered");
+        let mut keys = Vec::new();
+        while let Some(chunk) = stream.next_chunk().unwrap() {
+            keys.extend(chunk.into_iter().map(|version| version.key));
+        }
+        assert_eq!(keys, vec![b"b".to_vec(), b"c".to_vec()], "[a, m) as of the snapshot");
+    }
+
+    /// A snapshot of another range is refused without touching anything.
+    #[test]
+    fn snapshots_of_other_ranges_are_refused() {
+        let (mvcc, mut machine) = data_state_machine(&["b"]);
+        let other = RangeDescriptor { id: RangeId(11), ..span("a", Some("m")) };
+        let mut batch = WriteBatch::new();
+        let result = machine.stage_install(&snapshot_of(other, &["x"]), &[], true, &mut batch);
+        assert!(result.is_err());
+        assert!(batch.is_empty());
+        assert_eq!(contents(&mvcc), vec![("b".to_string(), "old".to_string())]);
+    }
+
     #[test]
     fn splits_need_new_distinct_range_ids() {
         let parent = RangeDescriptor { id: RangeId(5), ..span("a", Some("z")) };

@@ -337,9 +337,11 @@ impl<S: Storage> RawNode<S> {
         self.messages.push(Message { from: self.id, to, term, body });
     }
 
-    /// Advances logical time by one tick at the TrueTime interval `now`: followers and
-    /// candidates may start an election, leaders send heartbeats and check their quorum.
-    pub fn tick(&mut self, now: Interval) {
+    /// Tells the node the TrueTime interval `now` without advancing logical time. A quiesced
+    /// node is not ticked, so its idea of "now" (with which it checks its lease promises) goes
+    /// stale; the application refreshes it before handing such a node a message, or it would
+    /// refuse votes for promises that ran out long ago.
+    pub fn observe_time(&mut self, now: Interval) {
         self.reading_within_bound = self.within_clock_bound(now);
         if now.earliest > self.now.earliest || now.latest > self.now.latest {
             self.now = Interval {
@@ -347,6 +349,12 @@ impl<S: Storage> RawNode<S> {
                 latest: now.latest.max(self.now.latest),
             };
         }
+    }
+
+    /// Advances logical time by one tick at the TrueTime interval `now`: followers and
+    /// candidates may start an election, leaders send heartbeats and check their quorum.
+    pub fn tick(&mut self, now: Interval) {
+        self.observe_time(now);
         if self.quiesced {
             return;
         }

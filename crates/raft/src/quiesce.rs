@@ -71,17 +71,30 @@ impl<S: Storage> RawNode<S> {
     }
 
     /// Tells a follower that its leader is probably gone (the application lost its connection
-    /// to the leader's node). It wakes if quiesced, forgets the leader and no longer counts as
-    /// having heard from it recently: it campaigns after a random part of an election timeout
-    /// unless the leader speaks up first, and grants other followers' pre-votes meanwhile. Its
-    /// lease promise still binds it (`reads.rs`, rule 2), so this only speeds elections up. A
-    /// leader is left as it is.
-    pub fn suspect_leader(&mut self) {
+    /// to the leader's node). It wakes if quiesced, forgets the leader and so no longer counts
+    /// as having heard from it recently: it grants other followers' pre-votes and votes (its
+    /// lease promise still binds it, `reads.rs` rule 2). With `campaign_first`, it also
+    /// campaigns as soon as its promise allows, with a margin of twice the clock bound so that
+    /// the others' promises have run out on their clocks too; the others keep their election
+    /// timeouts, so
+    /// that followers which learn of the loss at the same moment do not split their votes.
+    /// The application picks one follower to go first (the node picks the lowest surviving
+    /// voter). A leader is left as it is.
+    pub fn suspect_leader(&mut self, now: crate::Interval, campaign_first: bool) {
         if self.role == Role::Leader {
             return;
         }
+        self.observe_time(now);
         self.quiesced = false;
         self.leader = None;
-        self.election_elapsed = self.election_elapsed.max(self.config.election_timeout_ticks);
+        if campaign_first {
+            self.election_elapsed = self.election_elapsed.max(self.randomized_election_timeout);
+            // The other followers hold the same promise, read on clocks up to 2B apart: going
+            // first only once it has run out on every clock keeps their pre-votes from being
+            // refused (extending one's own promise is always safe).
+            if self.promise_until > 0 {
+                self.promise_until += 2 * self.config.max_clock_offset_ns;
+            }
+        }
     }
 }

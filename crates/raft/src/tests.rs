@@ -276,11 +276,11 @@ fn timestamps_stay_inside_the_lease_and_above_every_floor() {
     assert!(group.node(1).lease_timestamp(now, 0).is_some());
 }
 
-/// A quiesced group whose leader vanished elects another within one election timeout once
-/// the followers suspect it (without the suspicion they would not tick at all, and once woken
+/// A quiesced group whose leader vanished elects another at once when the followers suspect it
+/// and one of them goes first (without the suspicion they would not tick at all, and once woken
 /// would refuse each other's pre-votes for a whole timeout, believing the leader alive).
 #[test]
-fn followers_that_suspect_their_leader_replace_it_within_an_election_timeout() {
+fn followers_that_suspect_their_leader_replace_it_at_once() {
     let mut group = Group::new(50, true);
     group.elect(1);
     for _ in 0..3 {
@@ -290,18 +290,51 @@ fn followers_that_suspect_their_leader_replace_it_within_an_election_timeout() {
     assert!(group.node(1).quiesce(), "an idle leader quiesces");
     group.deliver(|_| true);
     assert!(group.node(2).is_quiesced() && group.node(3).is_quiesced());
-    // Long after the lease ended, node 1 dies.
+    // Long after the lease ended, node 1 dies. Like the node's driver, nothing ticks the
+    // quiesced followers meanwhile.
     for _ in 0..20 {
-        group.tick(&[1, 2, 3]);
+        group.tick(&[1]);
     }
     group.nodes.remove(&NodeId(1));
-    group.node(2).suspect_leader();
-    group.node(3).suspect_leader();
+    let (now2, now3) = (group.now(NodeId(2)), group.now(NodeId(3)));
+    group.node(2).suspect_leader(now2, true);
+    group.node(3).suspect_leader(now3, false);
+    // Node 2 goes first, before node 3 has ticked since it woke: node 3 must not judge node
+    // 2's pre-vote by the time it last saw before quiescing.
+    group.tick(&[2]);
+    group.deliver(|_| true);
     let mut ticks = 0;
     while ![2, 3].iter().any(|id| group.node(*id).role() == Role::Leader) {
         ticks += 1;
-        assert!(ticks <= 10, "no new leader within an election timeout (10 ticks)");
+        assert!(ticks <= 2, "no new leader at the first ticks");
         group.tick(&[2, 3]);
         group.deliver(|_| true);
     }
+    assert_eq!(group.node(2).role(), Role::Leader);
+}
+
+/// While the leader's lease promise runs, a follower that suspects the leader still waits for
+/// it to run out, then campaigns at once, without waiting for a whole election timeout.
+#[test]
+fn a_suspecting_follower_campaigns_as_soon_as_its_promise_ends() {
+    let mut group = Group::new(50, false);
+    group.elect(1);
+    group.tick(&[1]);
+    group.deliver(|_| true);
+    group.nodes.remove(&NodeId(1));
+    let (now2, now3) = (group.now(NodeId(2)), group.now(NodeId(3)));
+    group.node(2).suspect_leader(now2, true);
+    group.node(3).suspect_leader(now3, false);
+    // The promise (about 52 ms) holds node 2 back for five ticks of 10 ms, not the ten of an
+    // election timeout.
+    for tick in 1..=8 {
+        group.tick(&[2, 3]);
+        group.deliver(|_| true);
+        let leads = group.node(2).role() == Role::Leader;
+        assert!(!leads || tick >= 5, "node 2 led within its promise, at tick {tick}");
+        if leads {
+            return;
+        }
+    }
+    panic!("node 2 did not campaign once its promise ran out");
 }

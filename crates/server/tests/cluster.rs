@@ -188,15 +188,31 @@ fn client(addresses: &[String]) -> Client {
     Client::new(addresses.to_vec(), ClientOptions::default()).unwrap()
 }
 
-/// Writes a key through the client, retrying for up to 30 s; returns whether it was
-/// acknowledged.
+/// Writes a key through the client, retrying for up to 30 s while the cluster refuses it (never
+/// after an ambiguous failure); returns whether it was acknowledged. Every process of these
+/// tests shares this host's clock, so commit-wait is checked too: the commit timestamp of an
+/// acknowledged write has passed when the acknowledgement arrives.
 async fn put(addresses: &[String], key: &str, value: &str) -> bool {
     let client = client(addresses);
-    eventually(Duration::from_secs(30), || async {
-        client.put(key.as_bytes(), value.as_bytes()).await.ok()
-    })
-    .await
-    .is_some()
+    let started = Instant::now();
+    let timestamp = loop {
+        match client.put(key.as_bytes(), value.as_bytes()).await {
+            Ok(timestamp) => break Some(timestamp),
+            Err(error) if error.is_ambiguous() => break None,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => break None,
+        }
+    };
+    if let Some(timestamp) = timestamp {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_nanos() as u64;
+        assert!(timestamp < now, "{key} acknowledged at {now} before its timestamp {timestamp}");
+    }
+    timestamp.is_some()
 }
 
 async fn get(addresses: &[String], key: &str) -> Option<Vec<u8>> {
@@ -359,7 +375,9 @@ async fn init_returns_serving_and_late_nodes_wait_to_learn_of_it() {
     let up = eventually(Duration::from_secs(20), || async { status(&node3).await }).await;
     let up = up.expect("node 3 comes up");
     assert!(up.cluster_id.is_empty(), "node 3 already knows the cluster: {up:?}");
-    let writer = tokio::task::spawn_blocking(move || meridian(&["kv", "--host", &node3, "put", "late", "yes"]));
+    let writer = tokio::task::spawn_blocking(move || {
+        meridian(&["kv", "--host", &node3, "put", "late", "yes"])
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     signal(&cluster, 0, "CONT");
     signal(&cluster, 1, "CONT");

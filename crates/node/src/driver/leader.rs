@@ -58,6 +58,14 @@ impl Waiting {
     }
 }
 
+/// What the lease grants a waiting request.
+enum Granted {
+    /// A write's timestamp.
+    Timestamp(u64),
+    /// The index a read must see applied.
+    ReadAt(LogIndex),
+}
+
 /// What a replica keeps for the requests it serves as leader: those waiting for the lease,
 /// the proposals their proposers wait for, and reads waiting for their index to apply.
 ///
@@ -229,18 +237,21 @@ impl<E: Engine> Driver<E> {
             } else {
                 replica.state.applied().max_timestamp
             };
-            let is_write = matches!(request, Waiting::Write { .. });
-            match is_write {
-                true => {
-                    let Some(timestamp) = replica.raft.lease_timestamp(interval, floor) else {
-                        request_lease_round(replica, now, self.timing.tick_interval);
-                        return;
-                    };
-                    let Some(Waiting::Write { key, value, reply, .. }) =
-                        replica.leadership.waiting.pop_front()
-                    else {
-                        unreachable!("the front is a write");
-                    };
+            // What the lease allows now: a timestamp for a write, an index for a read.
+            let granted = match request {
+                Waiting::Write { .. } => {
+                    replica.raft.lease_timestamp(interval, floor).map(Granted::Timestamp)
+                }
+                Waiting::Read { .. } => {
+                    replica.raft.lease_read(interval).map(|lease| Granted::ReadAt(lease.index))
+                }
+            };
+            let Some(granted) = granted else {
+                request_lease_round(replica, now, self.timing.tick_interval);
+                return;
+            };
+            match (replica.leadership.waiting.pop_front().expect("a front"), granted) {
+                (Waiting::Write { key, value, reply, .. }, Granted::Timestamp(timestamp)) => {
                     let command = match &value {
                         Some(value) => encode_put(&key, value, timestamp),
                         None => encode_delete(&key, timestamp),
@@ -257,22 +268,14 @@ impl<E: Engine> Driver<E> {
                         }
                     }
                 }
-                false => {
-                    let Some(lease) = replica.raft.lease_read(interval) else {
-                        request_lease_round(replica, now, self.timing.tick_interval);
-                        return;
-                    };
-                    let Some(Waiting::Read { request, .. }) =
-                        replica.leadership.waiting.pop_front()
-                    else {
-                        unreachable!("the front is a read");
-                    };
-                    if lease.index <= replica.state.applied().index {
+                (Waiting::Read { request, .. }, Granted::ReadAt(index)) => {
+                    if index <= replica.state.applied().index {
                         serve_read(mvcc, replica, request, switches);
                     } else {
-                        replica.leadership.confirmed.push((lease.index, request));
+                        replica.leadership.confirmed.push((index, request));
                     }
                 }
+                _ => unreachable!("a write is granted a timestamp, a read an index"),
             }
         }
     }

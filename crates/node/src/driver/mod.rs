@@ -384,6 +384,10 @@ impl<E: Engine> Driver<E> {
                         info!(range = range.0, "created an uninitialized replica");
                     }
                     let replica = self.replicas.get_mut(&range).expect("replica exists");
+                    // A quiesced replica's time is stale (it is not ticked).
+                    if replica.raft.is_quiesced() {
+                        replica.raft.observe_time(raft_interval(&self.truetime));
+                    }
                     if withholds_vote(replica, &message) {
                         debug!(
                             range = range.0,
@@ -457,7 +461,8 @@ impl<E: Engine> Driver<E> {
                         && replica.raft.role() != Role::Leader
                         && replica.raft.leader().is_none_or(|leader| unreachable.contains(&leader))
                     {
-                        replica.raft.suspect_leader();
+                        let first = goes_first(replica, self.node_id, &unreachable);
+                        replica.raft.suspect_leader(raft_interval(&self.truetime), first);
                         self.awake.insert(replica.range);
                     }
                 }
@@ -466,9 +471,11 @@ impl<E: Engine> Driver<E> {
             }
             Event::PeerLost(peer) => {
                 let mut suspected = 0;
+                let lost = BTreeSet::from([peer]);
                 for replica in self.replicas.values_mut() {
                     if replica.raft.role() != Role::Leader && replica.raft.leader() == Some(peer) {
-                        replica.raft.suspect_leader();
+                        let first = goes_first(replica, self.node_id, &lost);
+                        replica.raft.suspect_leader(raft_interval(&self.truetime), first);
                         self.awake.insert(replica.range);
                         suspected += 1;
                     }
@@ -545,6 +552,13 @@ impl<E: Engine> Driver<E> {
         }
         Ok(())
     }
+}
+
+/// Whether this node is the one of `replica`'s voters to campaign first when their leader is
+/// lost: the lowest voter not among `lost`, so that followers who learn of the loss at the
+/// same moment do not split their votes.
+fn goes_first<E: Engine>(replica: &Replica<E>, node: NodeId, lost: &BTreeSet<NodeId>) -> bool {
+    replica.raft.configuration().voters.iter().find(|voter| !lost.contains(voter)) == Some(&node)
 }
 
 /// Returns a seed for election jitter that differs between nodes and, unless `seed` is given,

@@ -122,7 +122,11 @@ pub(super) fn update_clock_health(shared: &Shared) {
         metrics::gauge!("meridian_rpc_round_trip_seconds", "peer" => peer)
             .set(sample.round_trip_ns as f64 / 1e9);
     }
-    let problem = shared.clock.lock().problem(shared.transport.peers().len(), Instant::now());
+    let problem = shared.clock.lock().problem(
+        reading.uncertainty,
+        shared.transport.peers().len(),
+        Instant::now(),
+    );
     metrics::gauge!("meridian_clock_problem").set(if problem.is_some() { 1.0 } else { 0.0 });
     let mut current = shared.clock_problem.lock();
     if current.is_some() != problem.is_some() {

@@ -4,7 +4,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_meridian");
+/// The `meridian` binary measured: the one Cargo built, unless `MERIDIAN_BINARY` names another
+/// (to measure an older build the same way).
+fn binary() -> String {
+    std::env::var("MERIDIAN_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meridian").to_string())
+}
 
 /// A cluster of `meridian start` processes on free local ports, initialized; killed on drop.
 pub struct LocalCluster {
@@ -24,7 +28,7 @@ impl LocalCluster {
         let mut processes = Vec::new();
         for (index, address) in addresses.iter().enumerate() {
             processes.push(
-                Command::new(BINARY)
+                Command::new(binary())
                     .args(["start", "--node-id", &(index + 1).to_string()])
                     .args(["--rpc-listen", address, "--join", &addresses.join(",")])
                     .arg("--store")
@@ -37,8 +41,10 @@ impl LocalCluster {
         }
         let cluster = LocalCluster { addresses, processes, _directory: directory };
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let init =
-            Command::new(BINARY).args(["init", "--host", &cluster.addresses[0]]).output().unwrap();
+        let init = Command::new(binary())
+            .args(["init", "--host", &cluster.addresses[0]])
+            .output()
+            .unwrap();
         assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
         cluster
     }
