@@ -92,8 +92,9 @@ struct StartArgs {
     /// Addresses of nodes of the cluster to join (HOST:PORT), comma separated.
     #[arg(long, value_delimiter = ',', value_parser = parse_host_port)]
     join: Vec<String>,
-    /// The bound on this node's clock offset when the operating system reports none, in ms.
-    /// A node whose clock is further than this from a majority of its peers refuses to serve.
+    /// The bound on every node's clock error (ε) when the operating system reports none, in
+    /// ms; leases are sized from it. A node whose clock is further than twice this from a
+    /// majority of its peers, or whose own error bound exceeds it, refuses to serve.
     #[arg(long, default_value_t = 7)]
     max_clock_offset_ms: u64,
     /// The address to serve Prometheus metrics on over HTTP (HOST:PORT); none if absent.

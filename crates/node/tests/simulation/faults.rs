@@ -263,8 +263,8 @@ impl ClockProfile {
             .map(|_| {
                 let max_offset_ms = min_ms + rng.next_u64() % (max_ms - min_ms + 1);
                 let max_offset = Duration::from_millis(max_offset_ms);
-                // Offsets at sync within half of ε, so that two clocks differ by at most the
-                // bound (beyond it the clock checks rightly suspect one of them); jumps reach ε.
+                // Offsets at sync within half of ε; jumps reach ε, so two clocks may differ by
+                // up to twice the bound, which the clock checks allow.
                 let half = max_offset.as_nanos() as i64 / 2;
                 SimulatedClockOptions {
                     offset_at_sync_ns: (rng.next_u64() % (2 * half as u64 + 1)) as i64 - half,

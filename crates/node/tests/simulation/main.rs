@@ -271,6 +271,7 @@ fn run(seed: u64, options: Options) -> Result<Outcome, Failure> {
     let profile = ClockProfile::draw(&mut rng);
     let mut clocks = Vec::new();
     let mut engines = Vec::new();
+    let stalls = Arc::new(net::Stalls::default());
     for node in 1..=NODES {
         let clock = Arc::new(
             SimulatedClock::new(time.clone(), profile.clocks[node - 1]).expect("valid clock"),
@@ -280,9 +281,10 @@ fn run(seed: u64, options: Options) -> Result<Outcome, Failure> {
         engines.push(engine.clone());
         let node_seed = rng.next_u64();
         let node_options = node_options(node, &profile, options.switches);
+        let stalls = stalls.clone();
         sim.host(host(node), move || {
-            let (engine, clock, node_options) =
-                (engine.clone(), clock.clone(), node_options.clone());
+            let (engine, clock, node_options, stalls) =
+                (engine.clone(), clock.clone(), node_options.clone(), stalls.clone());
             async move {
                 // Node 4 is switched on late (and comes back at once after a later crash).
                 let elapsed = turmoil::sim_elapsed().unwrap_or_default();
@@ -295,7 +297,7 @@ fn run(seed: u64, options: Options) -> Result<Outcome, Failure> {
                     dialer: net::sim_dialer(),
                     seed: Some(node_seed),
                 };
-                let incoming = net::listen().await?;
+                let incoming = net::listen(node, stalls).await?;
                 serve(node_options, environment, incoming, std::future::pending())
                     .await
                     .map_err(|error| format!("node {node} stopped: {error}"))?;
@@ -312,6 +314,7 @@ fn run(seed: u64, options: Options) -> Result<Outcome, Failure> {
         start.as_nanos(),
         split_times.clone(),
         engines.clone(),
+        stalls,
     ));
     let client_shared = shared.clone();
     let client_seed = rng.next_u64();

@@ -9,7 +9,7 @@
 //!   leader), then, once the split returned, reads through a fresh client until one sees that
 //!   value, and at once another put — which the new range's leader must time-stamp above the
 //!   version just read although its clock may be behind (the timestamp floor a split passes on).
-//! - **The snapshot racer** holds a snapshot on its way to a new learner across a split of its
+//! - **The snapshot racer** stalls a snapshot on its way to a new learner across a split of its
 //!   range (see [`snapshot_racer`]).
 //! - **The monitor** polls every node's `Status`, so that the simulation can aim faults at
 //!   range leaders.
@@ -35,8 +35,12 @@ use crate::{FIRST_NODES, Failure, KEYS, Mode, NODES, SPLIT_KEYS, key, net, range
 const OPERATIONS_PER_WORKER: usize = 60;
 /// Workers.
 const WORKERS: usize = 4;
-/// The most snapshot races per run.
+/// The most snapshot race attempts per run.
 const MAX_SNAPSHOT_RACES: u64 = 6;
+/// How long the snapshot racer may stall a snapshot's stream, give or take a status round
+/// trip: well below the keep-alive interval and timeout (6 s) after which the sender would give
+/// the stream up.
+const RACE_STALL: Duration = Duration::from_millis(2_500);
 /// The most rows a scan asks for (more than there are keys: a scan sees all it covers).
 const SCAN_LIMIT: usize = 100;
 
@@ -73,6 +77,8 @@ pub struct Shared {
     pub doing: Mutex<BTreeMap<String, String>>,
     /// The nodes' stores, for the check that replicas agree.
     pub engines: Vec<Arc<meridian_storage::MemoryEngine>>,
+    /// The connections the nodes accepted, for the snapshot racer to stall.
+    pub stalls: Arc<net::Stalls>,
 }
 
 impl Shared {
@@ -83,6 +89,7 @@ impl Shared {
         start_ns: u64,
         split_times: Vec<Duration>,
         engines: Vec<Arc<meridian_storage::MemoryEngine>>,
+        stalls: Arc<net::Stalls>,
     ) -> Self {
         Shared {
             record: Record::new(start_ns),
@@ -100,6 +107,7 @@ impl Shared {
             phase: Mutex::new("initializing".into()),
             doing: Mutex::new(BTreeMap::new()),
             engines,
+            stalls,
         }
     }
 
@@ -354,94 +362,151 @@ async fn chain_on_first_value(
     }
 }
 
-/// The snapshot racer: whenever a node becomes a learner of a data range (and is sent a
-/// snapshot of it), holds the messages between the range's leader and the learner as soon as a
-/// new connection shows on the learner (the snapshot's stream, usually), splits the range meanwhile, writes keys of the new range and
-/// releases the link 600 ms later: the learner may receive the new range's snapshot (from
-/// another leader) before the old range's, taken before the split. Installing the old one must
-/// not overwrite the new range's data (the replicas-agree check finds the lost versions).
-/// Rounds from 12 s (when node 4 joins and receives replicas) to 40 s, at most one per range
-/// and learner, and `MAX_SNAPSHOT_RACES` in all.
+/// The snapshot racer: whenever a leader lists a learner of a data range (which it is about to
+/// send a snapshot of the range, or is sending one), stalls the leader's next connection to the
+/// learner — usually the snapshot's own stream — splits every range the leader leads with that
+/// learner still learning, writes keys of the new ranges, and resumes the stalled stream once
+/// the learner holds the new ranges (streamed on connections of their own) and has applied as
+/// far as the old leader had committed, or after `RACE_STALL`: the old snapshot, taken before
+/// the split, then arrives over newer ranges. Installing it must not overwrite their data (the
+/// replicas-agree check finds the lost versions). Rounds from 12 s (when node 4 joins and
+/// receives replicas) to 40 s, at most one per range and learner, and `MAX_SNAPSHOT_RACES`
+/// attempts in all; the stats count the rounds in which the learner held the new ranges in
+/// time.
 async fn snapshot_racer(dialer: Dialer, shared: Arc<Shared>) {
     let client = client(&dialer, Duration::from_secs(2));
     let mut done: std::collections::BTreeSet<(u64, u64)> = std::collections::BTreeSet::new();
     let mut clients: BTreeMap<usize, NodeClient<tonic::transport::Channel>> = BTreeMap::new();
     let mut round: u64 = 0;
-    let mut next_node = 0;
     let (from, until) = (Duration::from_secs(12), Duration::from_secs(40));
     let now = turmoil::sim_elapsed().unwrap_or_default();
     tokio::time::sleep(from.saturating_sub(now)).await;
     while turmoil::sim_elapsed().unwrap_or_default() < until && round < MAX_SNAPSHOT_RACES {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        // A leader that lists a learner of a data range with keys to split off (one node per
-        // poll, in turn).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A leader that lists a learner of a data range with keys to split off.
         let mut found = None;
-        next_node = next_node % NODES + 1;
-        for node in [next_node] {
-            let connected = match clients.remove(&node) {
-                Some(client) => Ok(client),
-                None => net::node_client(&dialer, node).await,
-            };
-            let Ok(mut node_client) = connected else { continue };
-            let asked = tokio::time::timeout(
-                Duration::from_millis(100),
-                node_client.status(StatusRequest::default()),
-            )
+        for node in 1..=NODES {
+            let Some(status) = status_through(&dialer, &mut clients, node).await else { continue };
+            if let Some(learner) =
+                learning(&status, None).into_iter().find_map(|(range, learner, _)| {
+                    (!done.contains(&(range, learner))).then_some(learner)
+                })
+            {
+                found = Some((node, learner));
+                break;
+            }
+        }
+        let Some((leader, learner)) = found else { continue };
+        let stalled =
+            shared.stalls.arm(learner as usize, turmoil::lookup(crate::host(leader).as_str()));
+        for _ in 0..200 {
+            if stalled.accepted() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let stalled_at = turmoil::sim_elapsed().unwrap_or_default();
+        // The ranges whose snapshot may be the stalled stream: every one the leader leads with
+        // the learner still learning.
+        let targets = match status_through(&dialer, &mut clients, leader).await {
+            Some(status) => learning(&status, Some(learner)),
+            None => Vec::new(),
+        };
+        done.extend(targets.iter().map(|(range, learner, _)| (*range, *learner)));
+        if !stalled.accepted() || targets.is_empty() {
+            shared.stalls.disarm();
+            continue;
+        }
+        round += 1;
+        let split_keys: Vec<&String> = targets.iter().map(|(_, _, split)| &split.0).collect();
+        tracing::info!(leader, learner, ?split_keys, "snapshot race: stalled a stream, splitting");
+        let split = client
+            .split(&split_keys.iter().map(|key| key.as_bytes().to_vec()).collect::<Vec<_>>())
             .await;
-            let Ok(Ok(status)) = asked else { continue };
-            clients.insert(node, node_client);
-            for range in status.into_inner().ranges {
-                let keys = keys_in(&range.start, &range.end);
-                let inner: Vec<&String> =
-                    keys.iter().filter(|key| key.as_bytes() > range.start.as_slice()).collect();
-                if range.role != "leader"
-                    || range.range_id == meridian_node::META_RANGE.0
-                    || inner.is_empty()
-                {
-                    continue;
-                }
-                if let Some(learner) = range
-                    .learners
-                    .iter()
-                    .find(|learner| !done.contains(&(range.range_id, **learner)))
-                {
-                    let split_key = inner[inner.len() / 2].clone();
-                    found = Some((node, *learner as usize, range.range_id, split_key));
+        let record = &shared.record;
+        let deadline = stalled_at + RACE_STALL;
+        for (_, _, (split_key, end)) in &targets {
+            for (index, key) in keys_in(split_key.as_bytes(), end).iter().take(3).enumerate() {
+                if turmoil::sim_elapsed().unwrap_or_default() >= deadline {
                     break;
                 }
+                let value = format!("{:x}-race{round}-{index}", shared.seed % 0xFFFF);
+                let invocation = record.invoke(key, "snapshot race");
+                let outcome = client.put(key.as_bytes(), value.as_bytes()).await;
+                record.write(invocation, Some(value), &outcome);
             }
-            if found.is_some() {
+        }
+        // Until the learner holds every new range and has applied its writes, or `RACE_STALL`.
+        let mut raced = false;
+        while turmoil::sim_elapsed().unwrap_or_default() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (Some(on_leader), Some(on_learner)) = (
+                status_through(&dialer, &mut clients, leader).await,
+                status_through(&dialer, &mut clients, learner as usize).await,
+            ) else {
+                continue;
+            };
+            raced = split_keys.iter().all(|key| {
+                let child = |status: &StatusResponse| {
+                    status.ranges.iter().find(|range| range.start == key.as_bytes()).cloned()
+                };
+                match (child(&on_leader), child(&on_learner)) {
+                    (Some(led), Some(learnt)) => learnt.applied > 0 && learnt.applied >= led.commit,
+                    _ => false,
+                }
+            });
+            if raced {
                 break;
             }
         }
-        let Some((leader, learner, range, split_key)) = found else { continue };
-        done.insert((range, learner as u64));
-        round += 1;
-        // The leader streams the snapshot over a connection of its own: hold the link as soon
-        // as the learner's host has one more connection (within 400 ms).
-        let (a, b) = (crate::host(leader), crate::host(learner));
-        let baseline = turmoil::established_tcp_stream_count_on(b.as_str());
-        for _ in 0..200 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            if turmoil::established_tcp_stream_count_on(b.as_str()) > baseline {
-                break;
-            }
-        }
-        turmoil::hold(a.as_str(), b.as_str());
-        tracing::info!(leader, learner, range, split_key, "snapshot race: holding, splitting");
-        let split = client.split(&[split_key.as_bytes().to_vec()]).await;
-        let record = &shared.record;
-        for (index, key) in keys_in(split_key.as_bytes(), b"").iter().take(3).enumerate() {
-            let value = format!("{:x}-race{round}-{index}", shared.seed % 0xFFFF);
-            let invocation = record.invoke(key, "snapshot race");
-            let outcome = client.put(key.as_bytes(), value.as_bytes()).await;
-            record.write(invocation, Some(value), &outcome);
-        }
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        turmoil::release(a.as_str(), b.as_str());
-        tracing::info!(ok = split.is_ok(), "snapshot race: released");
-        shared.stats.lock().snapshot_races += 1;
+        stalled.resume();
+        tracing::info!(ok = split.is_ok(), raced, "snapshot race: resumed the stalled stream");
+        shared.stats.lock().snapshot_races += u64::from(raced);
     }
+}
+
+/// The data ranges `status`'s node leads with a learner (`learner`, or any) and keys to split
+/// off: (range, learner, (split key, range end)).
+fn learning(status: &StatusResponse, learner: Option<u64>) -> Vec<(u64, u64, (String, Vec<u8>))> {
+    let mut found = Vec::new();
+    for range in &status.ranges {
+        let keys = keys_in(&range.start, &range.end);
+        let inner: Vec<&String> =
+            keys.iter().filter(|key| key.as_bytes() > range.start.as_slice()).collect();
+        if range.role != "leader"
+            || range.range_id == meridian_node::META_RANGE.0
+            || inner.is_empty()
+        {
+            continue;
+        }
+        for candidate in &range.learners {
+            if learner.is_none_or(|learner| learner == *candidate) {
+                let split_key = inner[inner.len() / 2].clone();
+                found.push((range.range_id, *candidate, (split_key, range.end.clone())));
+            }
+        }
+    }
+    found
+}
+
+/// `node`'s status through a kept client, within 100 ms.
+async fn status_through(
+    dialer: &Dialer,
+    clients: &mut BTreeMap<usize, NodeClient<tonic::transport::Channel>>,
+    node: usize,
+) -> Option<StatusResponse> {
+    let mut node_client = match clients.remove(&node) {
+        Some(client) => client,
+        None => net::node_client(dialer, node).await.ok()?,
+    };
+    let asked = tokio::time::timeout(
+        Duration::from_millis(100),
+        node_client.status(StatusRequest::default()),
+    )
+    .await;
+    let Ok(Ok(status)) = asked else { return None };
+    clients.insert(node, node_client);
+    Some(status.into_inner())
 }
 
 /// Polls every node's status twice a second for the simulation's targeted faults.
