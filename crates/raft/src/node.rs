@@ -108,12 +108,9 @@ pub struct RawNode<S: Storage> {
     /// The TrueTime interval of the latest tick; older than the true "now", which keeps every
     /// use of it conservative (see `reads.rs`).
     pub(crate) now: Interval,
-    /// Whether the latest tick's reading had an uncertainty within the group's clock bound
-    /// (`Config::max_clock_offset_ns`); a leader asks for lease promises only then.
-    pub(crate) reading_within_bound: bool,
     /// Whether the application trusts this node's clock (it agrees with its peers'); while it
-    /// does not, the node neither votes nor campaigns (except in a transfer) nor holds a lease,
-    /// since every lease rule rests on its clock (see `reads.rs`, rule 5).
+    /// does not, the node neither campaigns nor holds a lease nor votes (except for a transfer's
+    /// candidate), since every lease rule rests on its clock (see `reads.rs`, rule 5).
     pub(crate) clock_trusted: bool,
     /// This node must not vote for anyone else until `after(promise_until)`.
     pub(crate) promise_until: u64,
@@ -123,8 +120,8 @@ pub struct RawNode<S: Storage> {
     pub(crate) lease_end: u64,
     /// While leader: it must not serve until `after(lease_floor)`.
     pub(crate) lease_floor: u64,
-    /// While leader: the highest `now().latest` at which it served a lease read.
-    pub(crate) max_served_latest: u64,
+    /// While leader: the highest timestamp it served a lease read at or assigned to a write.
+    pub(crate) max_served_timestamp: u64,
     /// While leader: set once it hands leadership away; no lease again in this term.
     pub(crate) lease_relinquished: bool,
     /// While leader: the latest heartbeat round and each unconfirmed round's send time
@@ -194,13 +191,12 @@ impl<S: Storage> RawNode<S> {
             randomized_election_timeout: 0,
             heartbeat_elapsed: 0,
             now,
-            reading_within_bound: true,
             clock_trusted: true,
             promise_until,
             quiesced: false,
             lease_end: 0,
             lease_floor: 0,
-            max_served_latest: 0,
+            max_served_timestamp: 0,
             lease_relinquished: false,
             heartbeat_round: 0,
             round_sent_earliest: BTreeMap::new(),
@@ -342,7 +338,6 @@ impl<S: Storage> RawNode<S> {
     /// stale; the application refreshes it before handing such a node a message, or it would
     /// refuse votes for promises that ran out long ago.
     pub fn observe_time(&mut self, now: Interval) {
-        self.reading_within_bound = self.within_clock_bound(now);
         if now.earliest > self.now.earliest || now.latest > self.now.latest {
             self.now = Interval {
                 earliest: now.earliest.max(self.now.earliest),
@@ -635,6 +630,9 @@ impl<S: Storage> RawNode<S> {
     /// `UnsafeSwitches::unpersisted_candidacy`).
     fn sends_before_persisting(&self, messages: &[Message]) -> bool {
         let switches = self.config.unsafe_switches;
+        if !switches.unpersisted_vote_grant && !switches.unpersisted_candidacy {
+            return false;
+        }
         messages.iter().any(|message| match message.body {
             MessageBody::VoteResponse { granted: true, .. } => switches.unpersisted_vote_grant,
             MessageBody::Vote { .. } => switches.unpersisted_candidacy,

@@ -15,10 +15,11 @@
 //! named:
 //!
 //! 1. *Promise* (`broadcast_heartbeat`, `on_heartbeat`). A leader's heartbeat round sent at
-//!    `[e, l]` (its latest tick's reading) asks every follower to promise not to vote for
-//!    anyone else until `after(l + D)` holds on the follower's clock; the leader promises the
-//!    same to itself. It asks only while its clock is trusted (rule 5) and its reading's
-//!    uncertainty is at most `B` (rule 4).
+//!    `[e, l]` (its readings so far, merged: the highest earliest and the highest latest) asks
+//!    every follower to promise not to vote for anyone else until `after(l + D)` holds on the
+//!    follower's clock; the leader promises the same to itself. It asks only while its clock
+//!    is trusted (rule 5) and `l − e ≤ 2B` (rule 4): the merged interval, not only the latest
+//!    reading, since `l` may come from an earlier, wider one.
 //! 2. *No vote, no candidacy while promised* (`election.rs`: `on_vote_request`,
 //!    `start_election`, `refuses_disruption`). A node grants no vote or pre-vote, and does not
 //!    campaign, while a promise it gave may run. Its own vote is a vote like any other:
@@ -37,13 +38,15 @@
 //! 5. *Clock trust* (`set_clock_trusted`). Every rule reads a node's own clock. While the
 //!    application does not trust it (its offset from its peers exceeds the bound), the node
 //!    holds no lease, asks for no promise, and treats every promise it gave as running: it
-//!    neither votes nor campaigns nor answers `TimeoutNow`. Promises it acknowledges
+//!    neither campaigns nor answers `TimeoutNow`, and votes only for a transfer's candidate
+//!    (whose leader gave its lease up, rule 7). Promises it acknowledges
 //!    meanwhile bind it once it trusts its clock again. (An offset nobody has detected yet is
 //!    outside what TrueTime can promise.)
 //! 6. *Timestamps* (`lease_read`, `lease_timestamp`). A leader serves reads and assigns
 //!    timestamps only inside its lease: a read at `max(now().latest, highest timestamp served
-//!    or assigned)`, a write at a timestamp above that, above the application's floor (the
-//!    highest timestamp it applied or inherited), and below the lease's end, once it has
+//!    or assigned)`, a write at a timestamp at least `now().latest` and above every timestamp
+//!    served or assigned, above the application's floor (the highest timestamp it applied or
+//!    inherited), and below the lease's end, once it has
 //!    applied everything committed. With rule 3, each leader's timestamps are below the end
 //!    of its lease in true time, and every later leader's are at least its `now().latest`,
 //!    past that end: timestamps of successive leaders increase.
@@ -83,7 +86,7 @@ impl<S: Storage> RawNode<S> {
         let asks_promise = self.config.lease_duration_ns > 0
             && !self.lease_relinquished
             && self.clock_trusted
-            && self.reading_within_bound;
+            && self.within_clock_bound(self.now);
         let promise_until = if asks_promise {
             self.round_sent_earliest.insert(round, self.now.earliest);
             let promise = self.now.latest + self.config.lease_duration_ns;
@@ -244,8 +247,8 @@ impl<S: Storage> RawNode<S> {
         if !self.holds_lease(now) {
             return None;
         }
-        let timestamp = now.latest.max(self.max_served_latest);
-        self.max_served_latest = timestamp;
+        let timestamp = now.latest.max(self.max_served_timestamp);
+        self.max_served_timestamp = timestamp;
         Some(LeaseRead { index: self.log.committed, timestamp })
     }
 
@@ -259,18 +262,20 @@ impl<S: Storage> RawNode<S> {
         if !self.holds_lease(now) || self.log.applied < self.log.committed {
             return None;
         }
-        let timestamp =
-            now.latest.max(floor.saturating_add(1)).max(self.max_served_latest.saturating_add(1));
+        let timestamp = now
+            .latest
+            .max(floor.saturating_add(1))
+            .max(self.max_served_timestamp.saturating_add(1));
         if timestamp >= self.lease_end && !self.config.unsafe_switches.serve_expired_lease {
             return None;
         }
-        self.max_served_latest = timestamp;
+        self.max_served_timestamp = timestamp;
         Some(timestamp)
     }
 
     /// Returns the highest timestamp this node served a read at or assigned as leader.
     pub fn max_served_timestamp(&self) -> u64 {
-        self.max_served_latest
+        self.max_served_timestamp
     }
 
     /// Returns the end of the current lease (TrueTime nanoseconds), zero if none.
@@ -317,7 +322,7 @@ impl<S: Storage> RawNode<S> {
     /// Gives up the lease and tells `target` to campaign.
     pub(crate) fn send_timeout_now(&mut self, target: NodeId) {
         self.lease_relinquished = true;
-        let lease_floor = self.max_served_latest;
+        let lease_floor = self.max_served_timestamp;
         self.lease_end = 0;
         self.send(target, self.term, MessageBody::TimeoutNow { lease_floor });
     }

@@ -201,6 +201,52 @@ fn a_restart_keeps_promises_given_to_a_leader_with_a_wider_uncertainty() {
     assert_eq!(group.node(2).role(), Role::Follower, "node 2 forgot the promise it gave");
 }
 
+/// Rule 4's premise: a promise asked for at `[e, l]` runs to at most `true time + 2B + D`. The
+/// leader's `now` merges its readings, so after a reading wider than the bound its `l` stays
+/// ahead even once the readings are narrow again: it asks for no promise until the merged
+/// interval is within the bound.
+#[test]
+fn promises_are_asked_only_while_the_merged_reading_is_within_the_bound() {
+    let mut group = Group::new(50, false);
+    group.elect(1);
+    let heartbeat_promises = |group: &mut Group| -> Vec<u64> {
+        group.process();
+        let promises = group
+            .queue
+            .iter()
+            .filter_map(|message| match message.body {
+                MessageBody::Heartbeat { promise_until, .. } => Some(promise_until),
+                _ => None,
+            })
+            .collect();
+        group.deliver(|_| true);
+        promises
+    };
+    // One reading 30 ms wide (beyond the 2 ms bound), then narrow ones again.
+    group.epsilon.insert(NodeId(1), 30 * MS);
+    group.tick(&[1]);
+    heartbeat_promises(&mut group);
+    group.epsilon.insert(NodeId(1), 2 * MS);
+    for _ in 0..2 {
+        group.tick(&[1]);
+        let limit = EPOCH_NS + group.time_ns + 2 * 2 * MS + 50 * MS;
+        for promise in heartbeat_promises(&mut group) {
+            assert!(
+                promise <= limit,
+                "promise until {promise} asked beyond true time + 2B + D ({limit})"
+            );
+        }
+    }
+    // Once true time has passed the wide reading's latest, promises are asked again (heartbeats
+    // go every other tick).
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        group.tick(&[1]);
+        later.extend(heartbeat_promises(&mut group));
+    }
+    assert!(later.iter().any(|promise| *promise > 0), "no promise asked again: {later:?}");
+}
+
 /// Rule 5: a node whose clock is not trusted neither campaigns nor votes nor holds a lease.
 #[test]
 fn a_node_with_an_untrusted_clock_neither_votes_campaigns_nor_leases() {

@@ -511,8 +511,9 @@ impl Cluster {
                 let acked = rounds.acked.entry(message.from).or_default();
                 *acked = (*acked).max(round);
             }
-            let summary = (message.from, message.term, display::message(&message));
             let must_adopt = message.term > term_before && !may_ignore_higher_term(&message.body);
+            // Described only where it may be reported: formatting every message is costly.
+            let described = must_adopt.then(|| display::message(&message));
             let (promise, transfer) = match message.body {
                 MessageBody::Heartbeat { promise_until, .. } => (promise_until, false),
                 MessageBody::Vote { transfer, .. } => (0, transfer),
@@ -528,8 +529,9 @@ impl Cluster {
             if transfer {
                 node.transfer_requests.insert((term, from));
             }
-            if must_adopt && term_after < summary.1 {
-                let (from, term, text) = summary;
+            if let Some(text) = described
+                && term_after < term
+            {
                 self.violation(format!(
                     "term adoption: node {to} stayed at term {term_after} ({role_after:?}) after \
                      {text} from node {from} of term {term}"
