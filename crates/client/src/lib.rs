@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
-use meridian_rpc::dial::{self, Dialer};
+use meridian_rpc::dial::Dialer;
 use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::kv::{
     AllocateRangeIdsRequest, DeleteRequest, GetRequest, ListRangesRequest, PutRequest,
@@ -154,7 +154,7 @@ fn error_kind(status: &Status) -> Option<&str> {
 }
 
 fn judge(status: &Status, kind: Kind) -> Verdict {
-    let unapplied = metadata::is_not_applied(status) || dial::is_connect_failure(status);
+    let unapplied = metadata::took_no_effect(status);
     if kind == Kind::Write && !unapplied {
         return Verdict::Ambiguous;
     }
@@ -794,7 +794,9 @@ mod tests {
         // A write whose connection attempt failed never left: it is retried.
         let refused = std::io::Error::new(
             std::io::ErrorKind::ConnectionRefused,
-            dial::ConnectFailed(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            meridian_rpc::dial::ConnectFailed(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )),
         );
         let never_sent = Status::from_error(Box::new(refused));
         assert_eq!(judge(&never_sent, Kind::Write), Verdict::Pause);

@@ -32,7 +32,7 @@ pub mod metadata {
     /// Says what became of a failed request; the one value, [`NOT_APPLIED`], promises that
     /// the request had no effect and never will (the node refused it before proposing it). A
     /// failure without it may have taken effect: a client re-sends a write only with it, or
-    /// after a connection attempt failed ([`crate::dial::is_connect_failure`]).
+    /// after a connection attempt failed ([`took_no_effect`]).
     pub const OUTCOME: &str = "x-meridian-outcome";
     /// See [`OUTCOME`].
     pub const NOT_APPLIED: &str = "not-applied";
@@ -52,6 +52,12 @@ pub mod metadata {
     /// Returns whether `status` promises that its request had no effect.
     pub fn is_not_applied(status: &tonic::Status) -> bool {
         status.metadata().get(OUTCOME).is_some_and(|value| value == NOT_APPLIED)
+    }
+
+    /// Returns whether the request that failed with `status` surely took no effect: the node
+    /// said so, or no connection was ever made. Only such a write may be sent again.
+    pub fn took_no_effect(status: &tonic::Status) -> bool {
+        is_not_applied(status) || crate::dial::is_connect_failure(status)
     }
 
     /// Returns the caller's timeout that a request carries (the `grpc-timeout` header), if

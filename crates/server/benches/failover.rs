@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_client::{Client, ClientOptions};
+use meridian_node::{FIRST_DATA_RANGE, META_RANGE};
 use meridian_rpc::node::StatusRequest;
 use meridian_rpc::node::node_client::NodeClient;
 
@@ -23,7 +24,7 @@ use common::LocalCluster;
 /// Runs per case.
 const RUNS: usize = 5;
 /// The ranges a new cluster starts with: the meta range and the first data range.
-const RANGES: [u64; 2] = [1, 2];
+const RANGES: [u64; 2] = [META_RANGE.0, FIRST_DATA_RANGE.0];
 
 /// The index (in `cluster.addresses`) of the node leading both ranges, if one does, and
 /// whether both are quiesced there.
@@ -67,7 +68,7 @@ async fn run(quiesced: bool) -> Duration {
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    // The active case keeps writes flowing through the other nodes until the kill.
+    // The active case keeps writes flowing (through any node) until the kill.
     let survivors: Vec<String> = cluster
         .addresses
         .iter()
@@ -93,7 +94,14 @@ async fn run(quiesced: bool) -> Duration {
     cluster.processes[leader].kill().unwrap();
     let _ = cluster.processes[leader].wait();
     let probe = client(vec![survivors[0].clone()]);
-    probe.put(b"after-failover", b"v").await.unwrap();
+    // An ambiguous outcome is never re-sent: the next attempt is a new write of a new key.
+    for attempt in 0.. {
+        match probe.put(format!("after-failover-{attempt}").as_bytes(), b"v").await {
+            Ok(_) => break,
+            Err(error) if error.is_ambiguous() && attempt < 20 => continue,
+            Err(error) => panic!("no write was acknowledged after the failover: {error}"),
+        }
+    }
     let elapsed = killed.elapsed();
     flowing.store(false, Ordering::SeqCst);
     let _ = background.await;

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use meridian_client::{ClientError, Row, Version};
-use meridian_rpc::{dial, metadata};
+use meridian_rpc::metadata;
 use parking_lot::Mutex;
 
 /// What an operation did.
@@ -191,7 +191,7 @@ impl Record {
         outcome: &Result<u64, tonic::Status>,
     ) -> bool {
         let outcome = outcome.as_ref().map(|timestamp| *timestamp).map_err(|status| {
-            if metadata::is_not_applied(status) || dial::is_connect_failure(status) {
+            if metadata::took_no_effect(status) {
                 ClientError::Status(status.clone())
             } else {
                 ClientError::Ambiguous(status.clone())

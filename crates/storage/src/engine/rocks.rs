@@ -171,7 +171,7 @@ impl Engine for RocksEngine {
         // the snapshot is released first. The lifetime only stands for "as long as `db`".
         #[allow(unsafe_code)]
         let snapshot = unsafe { std::mem::transmute::<Snapshot<'_>, Snapshot<'static>>(snapshot) };
-        Box::new(OwnedRocksSnapshot { snapshot, _db: db })
+        Box::new(OwnedRocksSnapshot { snapshot: RocksSnapshot { snapshot }, _db: db })
     }
 }
 
@@ -180,19 +180,17 @@ impl Engine for RocksEngine {
 /// Invariant: `snapshot` borrows the `DB` that `_db` keeps alive; fields drop in declaration
 /// order, so the snapshot is released before the last reference to the database can go.
 struct OwnedRocksSnapshot {
-    snapshot: Snapshot<'static>,
+    snapshot: RocksSnapshot<'static>,
     _db: Arc<DB>,
 }
 
 impl ReadView for OwnedRocksSnapshot {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.snapshot.get(key).map_err(convert_error)
+        self.snapshot.get(key)
     }
 
     fn scan(&self, start: &[u8], end: Option<&[u8]>, direction: ScanDirection) -> ScanIterator<'_> {
-        let iterator =
-            self.snapshot.iterator_opt(iterator_mode(direction), bounded_read_options(start, end));
-        scan_iterator(start, end, iterator)
+        self.snapshot.scan(start, end, direction)
     }
 }
 

@@ -197,7 +197,6 @@ fn spans_hold_exactly_their_keys() {
     assert_eq!(span_keys(b"", None), [&b""[..], b"a", b"b", b"\xff\xff"]);
 }
 
-/// The middle key splits a span's bytes about in half and never at its first key.
 /// A span read in bounded chunks from an engine snapshot yields every version exactly once,
 /// in order, each chunk within its budget plus one version, and nothing written after the
 /// snapshot.
@@ -233,6 +232,7 @@ fn span_reader_chunks_are_bounded_complete_and_consistent() {
     assert_eq!(read, expected);
 }
 
+/// The middle key splits a span's bytes about in half and never at its first key.
 #[test]
 fn span_size_finds_a_middle_key() {
     let mvcc = Mvcc::new(Arc::new(MemoryEngine::new())).unwrap();
