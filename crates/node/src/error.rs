@@ -11,7 +11,8 @@ use crate::RangeId;
 /// Every variant but [`NodeError::Ambiguous`] and [`NodeError::Internal`] is a refusal: the
 /// request had no effect and never will, and its gRPC form says so
 /// ([`metadata::NOT_APPLIED`]), so that a client may send a write again. A request that may
-/// have been proposed fails only with `Ambiguous` (or `Internal`, when the node stops).
+/// have been proposed fails only with `Ambiguous`; if the node stops with it in hand, its
+/// caller gets an unmarked `unavailable` status, which clients treat as ambiguous too.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
     /// Another node leads the range; retry there (the address is known if `address` is set).
@@ -38,7 +39,8 @@ pub enum NodeError {
     #[error("outcome unknown: {0}")]
     Ambiguous(String),
     /// The range cannot serve right now (no leader, no lease yet, leadership lost, the
-    /// caller's deadline passed first); nothing was proposed, so a retry is safe.
+    /// caller's deadline passed first), or another leader's entry took the index of its
+    /// proposal: it did not and will not take effect, so a retry is safe.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The request is invalid.

@@ -411,8 +411,10 @@ impl<E: Engine> RangeStateMachine<E> {
                 meta.update(entry, batch);
             }
         } else {
-            for (start, end) in uncovered(&descriptor, protected).into_iter().filter(|_| clear) {
-                self.mvcc.stage_clear(batch, &start, end.as_deref()).map_err(storage_error)?;
+            if clear {
+                for (start, end) in uncovered(&descriptor, protected) {
+                    self.mvcc.stage_clear(batch, &start, end.as_deref()).map_err(storage_error)?;
+                }
             }
             for version in data.versions {
                 if protected.iter().any(|owner| owner.contains(&version.key)) {

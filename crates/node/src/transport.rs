@@ -28,8 +28,8 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use crate::RangeId;
 use crate::snapshot::{SnapshotRegistry, VersionStream};
+use crate::{META_RANGE, RangeId};
 
 /// Batches queued per peer before new ones are dropped.
 const PEER_QUEUE_BATCHES: usize = 1024;
@@ -116,7 +116,7 @@ impl Transport {
     /// Queues messages for node `to`; drops them if the peer is unknown or its queue is full.
     /// Snapshots of data ranges go apart, streamed from their engine snapshots.
     pub fn send(&self, to: NodeId, mut messages: Vec<(RangeId, Message)>) {
-        messages.retain(|(range, message)| match streamed_snapshot(message) {
+        messages.retain(|(range, message)| match streamed_snapshot(*range, message) {
             Some(stream_id) => {
                 self.stream_snapshot(to, *range, message.clone(), stream_id);
                 false
@@ -148,9 +148,13 @@ impl Transport {
     }
 }
 
-/// Returns the stream id of a snapshot whose versions travel apart, if `message` carries one.
-fn streamed_snapshot(message: &Message) -> Option<u64> {
+/// Returns the stream id of a snapshot whose versions travel apart, if `message` carries one
+/// (the meta range's snapshots never do: they are not decoded to find out).
+fn streamed_snapshot(range: RangeId, message: &Message) -> Option<u64> {
     let MessageBody::InstallSnapshot { snapshot } = &message.body else { return None };
+    if range == META_RANGE {
+        return None;
+    }
     let header = wire::RangeSnapshot::decode(snapshot.data.as_slice()).ok()?;
     (header.stream_id != 0).then_some(header.stream_id)
 }
@@ -194,6 +198,19 @@ impl Transport {
     }
 }
 
+/// Connects to the node at `address` within [`dial::CONNECT_TIMEOUT`].
+async fn connect(
+    dialer: &Dialer,
+    address: &str,
+) -> Result<NodeClient<tonic::transport::Channel>, String> {
+    let endpoint = Dialer::endpoint(address)?;
+    let channel = tokio::time::timeout(dial::CONNECT_TIMEOUT, dialer.connect(endpoint))
+        .await
+        .map_err(|_| "cannot connect in time".to_string())?
+        .map_err(|error| error.to_string())?;
+    Ok(NodeClient::new(channel))
+}
+
 /// Sends `header`, then the versions of `stream` chunk by chunk, reading a chunk only when the
 /// call can take it (at most two wait in between). Returns how many versions went out.
 async fn send_snapshot(
@@ -202,12 +219,7 @@ async fn send_snapshot(
     header: SnapshotChunk,
     mut stream: VersionStream,
 ) -> Result<usize, String> {
-    let endpoint = Dialer::endpoint(address)?;
-    let channel = tokio::time::timeout(dial::CONNECT_TIMEOUT, dialer.connect(endpoint))
-        .await
-        .map_err(|_| "cannot connect in time".to_string())?
-        .map_err(|error| error.to_string())?;
-    let mut client = NodeClient::new(channel);
+    let mut client = connect(&dialer, address).await?;
     let (sender, receiver) = mpsc::channel::<SnapshotChunk>(2);
     let call = tokio::spawn(async move {
         client.snapshot(tokio_stream::wrappers::ReceiverStream::new(receiver)).await
@@ -244,15 +256,9 @@ async fn run_peer(
     // first, once each time an established stream breaks.
     let mut reachable = true;
     loop {
-        let connected = match Dialer::endpoint(&address) {
-            Ok(endpoint) => {
-                tokio::time::timeout(dial::CONNECT_TIMEOUT, dialer.connect(endpoint)).await.ok()
-            }
-            Err(_) => None,
-        };
-        let mut client = match connected {
-            Some(Ok(channel)) => NodeClient::new(channel),
-            _ => {
+        let mut client = match connect(&dialer, &address).await {
+            Ok(client) => client,
+            Err(_) => {
                 debug!(peer = id.0, %address, "cannot connect; retrying in {backoff:?}");
                 if std::mem::take(&mut reachable) {
                     on_peer_lost(id);

@@ -257,10 +257,10 @@ impl<E: Engine> Driver<E> {
         range: RangeId,
         snapshot: &Snapshot,
     ) -> Vec<RangeDescriptor> {
-        let Some(incoming) = snapshot_descriptor(snapshot) else { return Vec::new() };
         if range == META_RANGE {
             return Vec::new();
         }
+        let Some(incoming) = snapshot_descriptor(snapshot) else { return Vec::new() };
         self.replicas
             .values()
             .filter(|other| {

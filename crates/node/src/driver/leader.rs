@@ -82,7 +82,7 @@ pub(super) struct Leadership {
     pub(super) confirmed: Vec<(LogIndex, ReadRequest)>,
     /// The context of the next heartbeat round started to obtain a lease.
     next_round_context: u64,
-    /// When the last such round was started (one per heartbeat interval is enough).
+    /// When the last such round was started (one per tick interval is enough).
     round_started: Option<Instant>,
 }
 
@@ -171,14 +171,7 @@ impl<E: Engine> Driver<E> {
         };
         replica.idle_ticks = 0;
         let command = command(replica);
-        match replica.raft.propose(command) {
-            Ok(index) => {
-                metrics::counter!("meridian_raft_proposals_total").increment(1);
-                let term = replica.raft.term();
-                replica.leadership.proposals.insert(index, Proposal { term, pending });
-            }
-            Err(error) => pending.fail(NodeError::Unavailable(error.to_string())),
-        }
+        propose_tracked(replica, command, pending);
     }
 
     /// Takes a client's write or read: queues it at the range's leader, to be served as soon
@@ -256,17 +249,7 @@ impl<E: Engine> Driver<E> {
                         Some(value) => encode_put(&key, value, timestamp),
                         None => encode_delete(&key, timestamp),
                     };
-                    match replica.raft.propose(command) {
-                        Ok(index) => {
-                            metrics::counter!("meridian_raft_proposals_total").increment(1);
-                            let term = replica.raft.term();
-                            let pending = Pending::Write { timestamp, reply };
-                            replica.leadership.proposals.insert(index, Proposal { term, pending });
-                        }
-                        Err(error) => {
-                            let _ = reply.send(Err(NodeError::Unavailable(error.to_string())));
-                        }
-                    }
+                    propose_tracked(replica, command, Pending::Write { timestamp, reply });
                 }
                 (Waiting::Read { request, .. }, Granted::ReadAt(index)) => {
                     if index <= replica.state.applied().index {
@@ -335,6 +318,19 @@ impl<E: Engine> Driver<E> {
                 serve_read(&self.mvcc, replica, request, self.switches);
             }
         }
+    }
+}
+
+/// Proposes `command` and keeps `pending` to answer once its entry applies (or fails it at
+/// once: a refused proposal was never in the log).
+fn propose_tracked<E: Engine>(replica: &mut Replica<E>, command: Vec<u8>, pending: Pending) {
+    match replica.raft.propose(command) {
+        Ok(index) => {
+            metrics::counter!("meridian_raft_proposals_total").increment(1);
+            let term = replica.raft.term();
+            replica.leadership.proposals.insert(index, Proposal { term, pending });
+        }
+        Err(error) => pending.fail(NodeError::Unavailable(error.to_string())),
     }
 }
 

@@ -267,11 +267,6 @@ impl<E: Engine> Driver<E> {
     /// # Errors
     ///
     /// [`NodeError::Internal`] if the store's Raft state cannot be read.
-    /// Returns a driver over the node's engine, opening every replica the store holds.
-    ///
-    /// # Errors
-    ///
-    /// [`NodeError::Internal`] if the store's Raft state cannot be read.
     pub fn open(
         options: DriverOptions,
         engine: Arc<E>,
@@ -456,30 +451,16 @@ impl<E: Engine> Driver<E> {
                 // A quiesced follower cannot tell that its leader is gone: the node tells it
                 // when the leader's node stops answering hellos (or at once, when the
                 // connection breaks: `PeerLost`), so that it can elect another.
-                for replica in self.replicas.values_mut() {
-                    if replica.raft.is_quiesced()
-                        && replica.raft.role() != Role::Leader
-                        && replica.raft.leader().is_none_or(|leader| unreachable.contains(&leader))
-                    {
-                        let first = goes_first(replica, self.node_id, &unreachable);
-                        replica.raft.suspect_leader(raft_interval(&self.truetime), first);
-                        self.awake.insert(replica.range);
-                    }
-                }
+                self.suspect_leaders(&unreachable, |raft| {
+                    raft.is_quiesced()
+                        && raft.leader().is_none_or(|leader| unreachable.contains(&leader))
+                });
                 self.liveness = (live, dead);
                 self.unreachable = unreachable;
             }
             Event::PeerLost(peer) => {
-                let mut suspected = 0;
-                let lost = BTreeSet::from([peer]);
-                for replica in self.replicas.values_mut() {
-                    if replica.raft.role() != Role::Leader && replica.raft.leader() == Some(peer) {
-                        let first = goes_first(replica, self.node_id, &lost);
-                        replica.raft.suspect_leader(raft_interval(&self.truetime), first);
-                        self.awake.insert(replica.range);
-                        suspected += 1;
-                    }
-                }
+                let suspected = self
+                    .suspect_leaders(&BTreeSet::from([peer]), |raft| raft.leader() == Some(peer));
                 if suspected > 0 {
                     info!(
                         peer = peer.0,
@@ -551,6 +532,26 @@ impl<E: Engine> Driver<E> {
             }
         }
         Ok(())
+    }
+
+    /// Has every follower (or candidate) replica that `picked` selects suspect its leader,
+    /// the voters not in `lost` taking turns to campaign (see [`goes_first`]); returns how
+    /// many did.
+    fn suspect_leaders(
+        &mut self,
+        lost: &BTreeSet<NodeId>,
+        picked: impl Fn(&RawNode<RaftLogStore<E>>) -> bool,
+    ) -> usize {
+        let mut suspected = 0;
+        for replica in self.replicas.values_mut() {
+            if replica.raft.role() != Role::Leader && picked(&replica.raft) {
+                let first = goes_first(replica, self.node_id, lost);
+                replica.raft.suspect_leader(raft_interval(&self.truetime), first);
+                self.awake.insert(replica.range);
+                suspected += 1;
+            }
+        }
+        suspected
     }
 }
 

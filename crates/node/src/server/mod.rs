@@ -112,7 +112,8 @@ const INIT_SERVE_WAIT: Duration = Duration::from_secs(10);
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
 /// Requests queued for the driver before clients are told to back off.
 const EVENT_QUEUE: usize = 16_384;
-/// The largest gRPC message a node accepts (range snapshots travel in one message).
+/// The largest gRPC message a node accepts, and the most a range snapshot may add up to once
+/// its streamed chunks are assembled.
 const MAX_MESSAGE_BYTES: usize = 1 << 30;
 /// The most keys one split request may name.
 const MAX_SPLIT_KEYS: usize = 100_000;
