@@ -1,0 +1,344 @@
+//! Lock table tests: golden scripts (one behaviour per file in `testscripts/lock_table/`) and a
+//! property test that random calls keep the invariants and answer every request exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use proptest::prelude::*;
+use test_each_file::test_each_path;
+
+use super::*;
+
+/// The result type of the script runner.
+type ScriptResult<T> = std::result::Result<T, Box<dyn StdError>>;
+
+const MS: u64 = 1_000_000;
+
+/// Runs lock-table commands from a goldenscript; after each command it prints the events and
+/// checks the invariants.
+///
+/// Transactions are `tN` (id N, priority N unless `prio=START[/FIRST]`); spans are `KEY`,
+/// `START..END` or `START..`; modes are `s` and `x`; times are in milliseconds.
+/// - `table [epoch=E] [abandon=MS] [older_waits] [wound_prepared] [ignore_lost_locks]`:
+///   a new, empty table (a new leader); `restore` then brings back prepared transactions.
+/// - `acquire TXN MODE SPAN [prio=P] [since=E|none] [at=MS]`: ask for a lock; `since`
+///   defaults to the epoch of the transaction's first grant in the runner, if any.
+/// - `heartbeat TXN [since=E] [at=MS]`, `prepare TXN [since=E] [at=MS]`, `release TXN`.
+/// - `expire at=MS`: release abandoned transactions.
+/// - `restore TXN MODE=SPAN... [prio=P]`: restore a prepared transaction's locks.
+/// - `blockers TXN`, `state`: show what a transaction waits for, or the whole table.
+struct LockTableRunner {
+    table: LockTable,
+    now_ms: u64,
+    next_request: u64,
+    /// The epoch each transaction first got a lock under, as its client would remember it.
+    held_since: BTreeMap<TxnId, Epoch>,
+    /// Requests not answered yet, as a client would track them.
+    waiting: BTreeMap<RequestId, TxnId>,
+}
+
+impl LockTableRunner {
+    fn new() -> LockTableRunner {
+        LockTableRunner {
+            table: LockTable::new(Epoch(1), LockTableOptions::default()),
+            now_ms: 0,
+            next_request: 1,
+            held_since: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+        }
+    }
+}
+
+fn take_u64(args: &mut goldenscript::ArgumentConsumer<'_>, key: &str) -> ScriptResult<Option<u64>> {
+    Ok(match args.take_key(key) {
+        Some(value) => Some(value.parse()?),
+        None => None,
+    })
+}
+
+fn parse_txn(text: &str) -> ScriptResult<TxnId> {
+    let number = text.strip_prefix('t').ok_or_else(|| format!("expected tN, got {text}"))?;
+    Ok(TxnId(number.parse()?))
+}
+
+fn show_txn(txn: TxnId) -> String {
+    format!("t{}", txn.0)
+}
+
+fn parse_priority(text: &str) -> ScriptResult<Priority> {
+    let (start, first) = text.split_once('/').unwrap_or((text, text));
+    Ok(Priority { start: Timestamp::from_nanos(start.parse()?), first_txn: TxnId(first.parse()?) })
+}
+
+fn parse_mode(text: &str) -> ScriptResult<LockMode> {
+    match text {
+        "s" => Ok(LockMode::Shared),
+        "x" => Ok(LockMode::Exclusive),
+        other => Err(format!("unknown mode {other}").into()),
+    }
+}
+
+fn parse_span(text: &str) -> ScriptResult<KeySpan> {
+    Ok(match text.split_once("..") {
+        None => KeySpan::key(text.as_bytes()),
+        Some((start, "")) => KeySpan::range(start.as_bytes(), None)?,
+        Some((start, end)) => KeySpan::range(start.as_bytes(), Some(end.as_bytes().to_vec()))?,
+    })
+}
+
+fn show_event(event: &LockEvent) -> String {
+    let cancelled = |request: &Option<RequestId>| {
+        request.map(|request| format!(", {request} fails")).unwrap_or_default()
+    };
+    match event {
+        LockEvent::Granted { txn, request } => format!("{} granted {request}", show_txn(*txn)),
+        LockEvent::Wounded { txn, wound, cancelled: request } => format!(
+            "{} wounded by {} ({} {}){}",
+            show_txn(*txn),
+            show_txn(wound.by),
+            wound.requested,
+            wound.span,
+            cancelled(request)
+        ),
+        LockEvent::Abandoned { txn, cancelled: request } => {
+            format!("{} abandoned{}", show_txn(*txn), cancelled(request))
+        }
+        LockEvent::Cancelled { txn, request } => {
+            format!("{} released, {request} fails", show_txn(*txn))
+        }
+    }
+}
+
+impl goldenscript::Runner for LockTableRunner {
+    type Command = goldenscript::Command;
+
+    fn run(
+        &mut self,
+        command: &goldenscript::Command,
+        _: &goldenscript::Context,
+    ) -> ScriptResult<String> {
+        let mut args = command.consume_args();
+        let mut output = String::new();
+        if let Some(at) = take_u64(&mut args, "at")? {
+            self.now_ms = at;
+        }
+        let now = Timestamp::from_nanos(self.now_ms * MS);
+        let since_arg = args.take_key("since").map(str::to_owned);
+        let since = |runner: &LockTableRunner, txn: TxnId| -> ScriptResult<Option<Epoch>> {
+            Ok(match since_arg.as_deref() {
+                Some("none") => None,
+                Some(epoch) => Some(Epoch(epoch.parse()?)),
+                None => runner.held_since.get(&txn).copied(),
+            })
+        };
+        match command.name.as_str() {
+            "table" => {
+                let mut options = LockTableOptions::default();
+                if let Some(ms) = take_u64(&mut args, "abandon")? {
+                    options.abandon_after = Duration::from_millis(ms);
+                }
+                while let Some(flag) = args.next_pos() {
+                    match flag {
+                        "older_waits" => options.switches.older_waits = true,
+                        "wound_prepared" => options.switches.wound_prepared = true,
+                        "ignore_lost_locks" => options.switches.ignore_lost_locks = true,
+                        other => return Err(format!("unknown flag {other}").into()),
+                    }
+                }
+                let epoch = Epoch(take_u64(&mut args, "epoch")?.unwrap_or(1));
+                self.table = LockTable::new(epoch, options);
+                self.waiting.clear();
+            }
+            "acquire" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let mode = parse_mode(args.next_pos().ok_or("missing mode")?)?;
+                let span = parse_span(args.next_pos().ok_or("missing span")?)?;
+                let priority = match args.take_key("prio") {
+                    Some(text) => parse_priority(text)?,
+                    None => parse_priority(&txn.0.to_string())?,
+                };
+                let id = RequestId(self.next_request);
+                self.next_request += 1;
+                let held_since = since(self, txn)?;
+                let request = LockRequest { id, txn, priority, mode, span, held_since };
+                let outcome = self.table.acquire(request, now)?;
+                self.held_since.entry(txn).or_insert(self.table.epoch());
+                match outcome {
+                    Acquired::Granted => writeln!(output, "{id}: granted")?,
+                    Acquired::Waiting => {
+                        self.waiting.insert(id, txn);
+                        writeln!(output, "{id}: waiting")?;
+                    }
+                }
+            }
+            "heartbeat" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let epoch = since(self, txn)?.ok_or("no epoch to heartbeat under")?;
+                self.table.heartbeat(txn, epoch, now)?;
+                writeln!(output, "ok")?;
+            }
+            "prepare" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let epoch = since(self, txn)?.ok_or("no epoch to prepare under")?;
+                self.table.prepare(txn, epoch, now)?;
+                writeln!(output, "prepared")?;
+            }
+            "release" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                self.table.release(txn);
+                self.held_since.remove(&txn);
+            }
+            "expire" => self.table.expire(now),
+            "restore" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let priority = match args.take_key("prio") {
+                    Some(text) => parse_priority(text)?,
+                    None => parse_priority(&txn.0.to_string())?,
+                };
+                let mut held = Vec::new();
+                while let Some((mode, span)) = args.next_key() {
+                    held.push((parse_mode(mode)?, parse_span(span)?));
+                }
+                self.table.restore_prepared(txn, priority, held, now)?;
+                self.held_since.insert(txn, self.table.epoch());
+            }
+            "blockers" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let blockers: Vec<String> =
+                    self.table.blockers(txn).into_iter().map(show_txn).collect();
+                writeln!(output, "{} waits for [{}]", show_txn(txn), blockers.join(", "))?;
+            }
+            "state" => {
+                writeln!(output, "epoch {}", self.table.epoch())?;
+                for (txn, entry) in &self.table.txns {
+                    let held: Vec<String> =
+                        entry.held.iter().map(|(mode, span)| format!("{mode} {span}")).collect();
+                    let standing = match &entry.standing {
+                        TxnStanding::Active => "active".to_owned(),
+                        TxnStanding::Prepared => "prepared".to_owned(),
+                        TxnStanding::Wounded(wound) => format!("wounded by {}", show_txn(wound.by)),
+                    };
+                    writeln!(output, "{} {standing}: holds [{}]", show_txn(*txn), held.join(", "))?;
+                }
+                for ((priority, _), waiter) in &self.table.queue {
+                    writeln!(
+                        output,
+                        "queue: {} {} {} {} (priority {priority})",
+                        waiter.id,
+                        show_txn(waiter.txn),
+                        waiter.mode,
+                        waiter.span
+                    )?;
+                }
+            }
+            name => return Err(format!("unknown command {name}").into()),
+        }
+        args.reject_next()?;
+        for event in self.table.take_events() {
+            writeln!(output, "{}", show_event(&event))?;
+        }
+        self.table.check_invariants()?;
+        Ok(output)
+    }
+}
+
+test_each_path! { in "crates/txn/testscripts/lock_table" as scripts => run_script }
+
+fn run_script(path: &std::path::Path) {
+    goldenscript::run(&mut LockTableRunner::new(), path).expect("goldenscript failed");
+}
+
+/// One random call on the table.
+#[derive(Clone, Debug)]
+enum Call {
+    Acquire { txn: u8, exclusive: bool, start: u8, width: u8 },
+    Heartbeat { txn: u8 },
+    Prepare { txn: u8 },
+    Release { txn: u8 },
+    Expire,
+    Tick { ms: u16 },
+}
+
+fn call() -> impl Strategy<Value = Call> {
+    prop_oneof![
+        6 => (0..6u8, any::<bool>(), 0..8u8, 0..3u8)
+            .prop_map(|(txn, exclusive, start, width)| Call::Acquire { txn, exclusive, start, width }),
+        1 => (0..6u8).prop_map(|txn| Call::Heartbeat { txn }),
+        1 => (0..6u8).prop_map(|txn| Call::Prepare { txn }),
+        2 => (0..6u8).prop_map(|txn| Call::Release { txn }),
+        1 => Just(Call::Expire),
+        1 => (0..3000u16).prop_map(|ms| Call::Tick { ms }),
+    ]
+}
+
+proptest! {
+    /// Random calls keep every invariant, and every request is answered exactly once: at
+    /// once, or later by exactly one event.
+    #[test]
+    fn random_calls_keep_the_invariants(calls in proptest::collection::vec(call(), 1..120)) {
+        let mut table = LockTable::new(Epoch(1), LockTableOptions::default());
+        let mut now_ms = 0u64;
+        let mut next_request = 0u64;
+        let mut open: BTreeMap<RequestId, TxnId> = BTreeMap::new();
+        let mut answered: BTreeSet<RequestId> = BTreeSet::new();
+        for call in calls {
+            let now = Timestamp::from_nanos(now_ms * MS);
+            let txn_of = |n: u8| TxnId(u128::from(n) + 1);
+            match call {
+                Call::Acquire { txn, exclusive, start, width } => {
+                    let txn = txn_of(txn);
+                    let span = if width == 0 {
+                        KeySpan::key(vec![start])
+                    } else {
+                        KeySpan::range(vec![start], Some(vec![start + width])).unwrap()
+                    };
+                    let mode = if exclusive { LockMode::Exclusive } else { LockMode::Shared };
+                    let held_since = table.standing(txn).map(|_| table.epoch());
+                    let priority = Priority { start: Timestamp::from_nanos(txn.0 as u64), first_txn: txn };
+                    next_request += 1;
+                    let id = RequestId(next_request);
+                    let request = LockRequest { id, txn, priority, mode, span, held_since };
+                    match table.acquire(request, now) {
+                        Ok(Acquired::Granted) => { answered.insert(id); }
+                        Ok(Acquired::Waiting) => { open.insert(id, txn); }
+                        Err(_) => { answered.insert(id); }
+                    }
+                }
+                Call::Heartbeat { txn } => { let _ = table.heartbeat(txn_of(txn), table.epoch(), now); }
+                Call::Prepare { txn } => { let _ = table.prepare(txn_of(txn), table.epoch(), now); }
+                Call::Release { txn } => table.release(txn_of(txn)),
+                Call::Expire => table.expire(now),
+                Call::Tick { ms } => now_ms += u64::from(ms),
+            }
+            for event in table.take_events() {
+                let request = match event {
+                    LockEvent::Granted { request, .. } | LockEvent::Cancelled { request, .. } => Some(request),
+                    LockEvent::Wounded { cancelled, .. } | LockEvent::Abandoned { cancelled, .. } => cancelled,
+                };
+                if let Some(request) = request {
+                    prop_assert!(open.remove(&request).is_some(), "{request} answered twice or never asked");
+                    prop_assert!(answered.insert(request));
+                }
+            }
+            if let Err(broken) = table.check_invariants() {
+                prop_assert!(false, "{}", broken);
+            }
+            // Every open request is queued in the table.
+            for (request, txn) in &open {
+                prop_assert!(!table.blockers(*txn).is_empty(), "{request} of {txn} is open but not queued");
+            }
+        }
+        // Releasing everyone answers every open request and leaves the table empty.
+        for txn in 1..=6u128 {
+            table.release(TxnId(txn));
+        }
+        for event in table.take_events() {
+            if let LockEvent::Granted { request, .. } | LockEvent::Cancelled { request, .. } = event {
+                open.remove(&request);
+            }
+        }
+        prop_assert!(open.is_empty(), "requests never answered: {:?}", open);
+        prop_assert!(table.is_empty() && table.queue.is_empty() && table.key_locks.is_empty() && table.span_locks.is_empty());
+    }
+}
