@@ -17,26 +17,38 @@
 //!
 //! - [`LockTable`] (`lock_table/`): the locks of one range's leader, with wound-wait, FIFO
 //!   fairness by priority, leadership epochs and abandonment.
+//! - [`Coordinator`] (`coordinator.rs`): two-phase commit's coordinator at a range leader —
+//!   votes, the commit timestamp rule ([`commit_timestamp`]), records where the first one
+//!   logged decides, status queries, timeouts and a new leader finishing what was decided.
+//! - [`PreparedSet`] (`participant.rs`): a range's replicated prepare records, outcomes
+//!   applied idempotently, and status queries of prepared transactions that heard nothing.
 //!
-//! Tests: golden scripts in `testscripts/lock_table/`, a property test of the lock table's
+//! Tests: golden scripts in `testscripts/lock_table/` and `testscripts/coordinator/`, a property test of the lock table's
 //! invariants, and a seeded simulation (`tests/simulation.rs`) of many transactions over one
 //! table — with wounds, abandoned clients, slow clients and leader changes — that checks that
 //! the committed history is serializable and that no deadlock and no starvation occurs. Each
 //! deliberately broken rule ([`LockSwitches`], and the simulation's own client switches) has a
 //! test showing the simulation catches it.
 
+mod coordinator;
 mod error;
 mod lock_table;
+mod participant;
 mod span;
 
 use std::fmt;
 
+pub use coordinator::{
+    Coordinator, CoordinatorOptions, CoordinatorOutput, Decision, TxnRecord, commit_timestamp,
+    prepare_timestamp,
+};
 pub use error::{Error, Result};
 pub use lock_table::{
     Acquired, LockEvent, LockMode, LockRequest, LockSwitches, LockTable, LockTableOptions,
     TxnStanding, Wound,
 };
-pub use meridian_clock::Timestamp;
+pub use meridian_clock::{Interval, Timestamp};
+pub use participant::{PrepareRecord, PreparedSet, Resolution, Write};
 pub use span::KeySpan;
 
 /// A transaction's identity: chosen at random by the client that begins it, so that gateways
@@ -85,6 +97,16 @@ pub struct Epoch(pub u64);
 impl fmt::Display for Epoch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// The id of a range, as the transaction protocol names participants and coordinators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RangeId(pub u64);
+
+impl fmt::Display for RangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
     }
 }
 
