@@ -7,10 +7,10 @@
 //! order of their conflicts. Deadlocks are prevented by *wound-wait*: each transaction has a
 //! [`Priority`], the timestamp of its first start kept across retries, and an older requester
 //! *wounds* a younger conflicting holder (which then aborts and retries with its old priority)
-//! while a younger requester waits. A transaction therefore only ever waits for older ones or
-//! for prepared ones (which wait for nothing but their coordinator), so the waits-for graph
-//! has no cycle, and the oldest transaction never waits for a lock it could take: nothing
-//! starves.
+//! while a younger requester waits. Priorities are totally ordered (a retry outranks its own
+//! earlier attempts), so a transaction only ever waits for older ones or for prepared ones
+//! (which wait for nothing but their coordinator): the waits-for graph has no cycle, and the
+//! oldest transaction never waits for a younger one: nothing starves.
 //!
 //! This crate has no IO, no threads, no async and no wall clock: the node gives each call the
 //! current time and turns the returned events into replies. What is here:
@@ -63,15 +63,19 @@ impl fmt::Display for TxnId {
     }
 }
 
-/// A transaction's priority under wound-wait: the timestamp of its first attempt's start, kept
-/// across retries so that a transaction ages and eventually wins, with the id of that first
-/// attempt as a tie-breaker. Smaller is older, and older wins.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A transaction's priority under wound-wait: the timestamp of its first attempt's start,
+/// kept across retries so that a transaction ages and eventually wins, with the id of that
+/// first attempt as a tie-breaker, and then the attempt number: a later attempt of the same
+/// transaction outranks an earlier one, whose client gave it up (its rollback may not have
+/// arrived yet). Smaller is older, and older wins; two attempts never have equal priorities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Priority {
     /// When the transaction first started.
     pub start: Timestamp,
-    /// The id of its first attempt, which makes priorities unique.
+    /// The id of its first attempt, which makes priorities of transactions unique.
     pub first_txn: TxnId,
+    /// The attempt: 0 for the first, counting up with each retry.
+    pub attempt: u32,
 }
 
 impl Priority {
@@ -82,9 +86,25 @@ impl Priority {
     }
 }
 
+impl Ord for Priority {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.start, self.first_txn, std::cmp::Reverse(self.attempt)).cmp(&(
+            other.start,
+            other.first_txn,
+            std::cmp::Reverse(other.attempt),
+        ))
+    }
+}
+
+impl PartialOrd for Priority {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.start.as_nanos(), self.first_txn)
+        write!(f, "{}/{}#{}", self.start.as_nanos(), self.first_txn, self.attempt)
     }
 }
 

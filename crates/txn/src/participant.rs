@@ -145,7 +145,11 @@ mod tests {
     fn record(txn: u128, prepare_ts: u64) -> PrepareRecord {
         PrepareRecord {
             txn: TxnId(txn),
-            priority: Priority { start: Timestamp::from_nanos(1), first_txn: TxnId(txn) },
+            priority: Priority {
+                start: Timestamp::from_nanos(1),
+                first_txn: TxnId(txn),
+                attempt: 0,
+            },
             coordinator: RangeId(7),
             prepare_ts: Timestamp::from_nanos(prepare_ts),
             locks: vec![(LockMode::Exclusive, KeySpan::key(b"k".to_vec()))],

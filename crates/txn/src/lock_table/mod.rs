@@ -9,14 +9,14 @@
 //! asking for an exclusive one on the same key is an upgrade.
 //!
 //! **Wound-wait.** A requester that conflicts with a holder *younger* than itself (by
-//! [`Priority`]) *wounds* it unless the holder is prepared: the holder's locks here are
-//! released at once, its waiting request (if any) is cancelled, and its next request,
-//! heartbeat or prepare here fails with [`Error::Wounded`] naming the wounding transaction,
-//! the span and the mode. Releasing at once is safe because a wounded transaction can never
-//! prepare here any more, and it keeps the older requester from waiting for a transaction
-//! that may itself be blocked elsewhere. A holder with the *same* priority and another id is
-//! an earlier attempt of the requester's own transaction, which its client abandoned; it is
-//! wounded too. Otherwise the requester waits.
+//! [`Priority`], a total order in which a retry outranks its own earlier attempts) *wounds* it
+//! unless the holder is prepared: the holder's locks here are released at once, its waiting
+//! request (if any) is cancelled, and its next request, heartbeat or prepare here fails with
+//! [`Error::Wounded`] naming the wounding transaction, the span and the mode (a wounded
+//! transaction is remembered for [`LockTableOptions::abandon_after`] from the wound).
+//! Releasing at once is safe because a wounded transaction can never prepare here any more,
+//! and it keeps the older requester from waiting for a transaction that may itself be blocked
+//! elsewhere. Otherwise the requester waits.
 //!
 //! **Fairness.** Waiting requests are queued by priority, oldest first, and then by arrival.
 //! A waiting request is granted once it conflicts with no granted lock and with no request
@@ -43,9 +43,9 @@
 //! - Every queued request is blocked by a granted lock or a request queued ahead of it
 //!   (no lost wake-up), and a transaction has at most one queued request.
 //! - Wounded transactions hold no lock; wounded and prepared transactions wait for nothing.
-//! - A requester waits only for holders older than itself or prepared, and for requests
-//!   queued ahead of it (older, or as old and earlier): so no waits-for cycle can form, here
-//!   or across ranges, because every edge points to an older or a prepared transaction.
+//! - A requester waits only for holders older than itself or prepared, and for older
+//!   requests queued ahead of it: so no waits-for cycle can form, here or across ranges,
+//!   because every edge points to an older or a prepared transaction.
 //!
 //! Cost: single-key locks are in an ordered map; locks on wider spans (scans) are in a list
 //! that each request walks, and each release walks the queue. Both are small in OLTP work
@@ -150,7 +150,10 @@ pub struct LockRequest {
     /// The span asked for.
     pub span: KeySpan,
     /// The epoch the transaction's earlier locks at this range were taken under, or `None`
-    /// when this is its first request here.
+    /// when this is its first request here. The table cannot tell a first request from one
+    /// sent after it forgot the transaction, so a client sends `None` only until its first
+    /// request here is answered, and never re-sends a first request whose outcome it does not
+    /// know (it aborts instead: it may hold locks here that it cannot vouch for).
     pub held_since: Option<Epoch>,
 }
 
@@ -334,7 +337,7 @@ impl LockTable {
             return Ok(Acquired::Granted);
         }
 
-        // Wound every younger (or same-priority, abandoned-attempt) conflicting holder.
+        // Wound every younger conflicting holder that is not prepared.
         let wound = Wound { by: txn, span: request.span.clone(), requested: request.mode };
         for holder in self.conflicting_holders(txn, request.mode, &request.span) {
             let holder_entry = &self.txns[&holder];
@@ -343,9 +346,9 @@ impl LockTable {
                 TxnStanding::Prepared => self.options.switches.wound_prepared,
                 TxnStanding::Wounded(_) => false,
             };
-            let younger = !holder_entry.priority.is_older_than(&request.priority);
+            let younger = request.priority.is_older_than(&holder_entry.priority);
             if woundable && younger && !self.options.switches.older_waits {
-                self.wound(holder, wound.clone());
+                self.wound(holder, wound.clone(), now);
             }
         }
 
@@ -450,7 +453,8 @@ impl LockTable {
     }
 
     /// Restores a prepared transaction's locks (its shared spans and its exclusive writes)
-    /// in a new leader's table, from its replicated prepare record.
+    /// in a new leader's table, from its replicated prepare record. A new leader restores
+    /// every prepared transaction before it serves any lock request.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] if the transaction is known already or a lock conflicts with
@@ -469,7 +473,8 @@ impl LockTable {
         for (mode, span) in &held {
             if let Some(holder) = self.conflicting_holders(txn, *mode, span).first() {
                 return Err(invalid_input!(
-                    "prepared transactions {txn} and {holder} both lock {span}, one exclusively"
+                    "restored {mode} lock of prepared transaction {txn} on {span} conflicts \
+                     with a lock of {holder}"
                 ));
             }
         }
@@ -555,9 +560,20 @@ impl LockTable {
                 }
             }
         }
-        let indexed = self.key_locks.values().map(Vec::len).sum::<usize>() + self.span_locks.len();
-        if indexed != granted.len() {
-            return Err(format!("{indexed} locks indexed, {} held", granted.len()));
+        let mut indexed: Vec<(TxnId, LockMode, KeySpan)> = self
+            .key_locks
+            .iter()
+            .flat_map(|(key, holders)| {
+                holders.iter().map(|(txn, mode)| (*txn, *mode, KeySpan::key(key.clone())))
+            })
+            .chain(self.span_locks.iter().cloned())
+            .collect();
+        let mut held: Vec<(TxnId, LockMode, KeySpan)> =
+            granted.iter().map(|(txn, mode, span)| (*txn, *mode, (*span).clone())).collect();
+        indexed.sort();
+        held.sort();
+        if indexed != held {
+            return Err(format!("locks indexed {indexed:?} differ from locks held {held:?}"));
         }
         for (txn, entry) in &self.txns {
             match (&entry.standing, entry.waiting) {
@@ -580,11 +596,27 @@ impl LockTable {
                     waiter.id, waiter.txn
                 ));
             }
-            if self.blockers(waiter.txn).is_empty() {
+            let blockers = self.blockers(waiter.txn);
+            if blockers.is_empty() {
                 return Err(format!(
                     "request {} of {} for {} {} waits for nothing (lost wake-up)",
                     waiter.id, waiter.txn, waiter.mode, waiter.span
                 ));
+            }
+            // Wound-wait. Not checked with `older_waits`, so that tests see what breaking the
+            // rule leads to (a deadlock) rather than the broken rule itself.
+            let priority = &self.txns[&waiter.txn].priority;
+            for blocker in blockers {
+                let entry = &self.txns[&blocker];
+                if !self.options.switches.older_waits
+                    && entry.standing != TxnStanding::Prepared
+                    && !entry.priority.is_older_than(priority)
+                {
+                    return Err(format!(
+                        "{} waits for the younger {blocker}, which is not prepared",
+                        waiter.txn
+                    ));
+                }
             }
         }
         Ok(())
@@ -635,8 +667,9 @@ impl LockTable {
     }
 
     /// Wounds a holder: releases its locks, cancels its queued request and records why.
-    fn wound(&mut self, victim: TxnId, wound: Wound) {
+    fn wound(&mut self, victim: TxnId, wound: Wound, now: Timestamp) {
         let entry = self.txns.get_mut(&victim).expect("holders are known");
+        entry.last_seen = now;
         let held = std::mem::take(&mut entry.held);
         let cancelled = entry.waiting.take();
         entry.standing = TxnStanding::Wounded(wound.clone());

@@ -18,12 +18,12 @@ const MS: u64 = 1_000_000;
 /// Runs lock-table commands from a goldenscript; after each command it prints the events and
 /// checks the invariants.
 ///
-/// Transactions are `tN` (id N, priority N unless `prio=START[/FIRST]`); spans are `KEY`,
+/// Transactions are `tN` (id N, priority N unless `prio=START[/FIRST[/ATTEMPT]]`); spans are `KEY`,
 /// `START..END` or `START..`; modes are `s` and `x`; times are in milliseconds.
 /// - `table [epoch=E] [abandon=MS] [older_waits] [wound_prepared] [ignore_lost_locks]`:
 ///   a new, empty table (a new leader); `restore` then brings back prepared transactions.
-/// - `acquire TXN MODE SPAN [prio=P] [since=E|none] [at=MS]`: ask for a lock; `since`
-///   defaults to the epoch of the transaction's first grant in the runner, if any.
+/// - `acquire TXN MODE SPAN [prio=P] [since=E|none] [at=MS]`: ask for a lock; `prio`
+///   defaults to the transaction's first one, `since` to the epoch of its first grant.
 /// - `heartbeat TXN [since=E] [at=MS]`, `prepare TXN [since=E] [at=MS]`, `release TXN`.
 /// - `expire at=MS`: release abandoned transactions.
 /// - `restore TXN MODE=SPAN... [prio=P]`: restore a prepared transaction's locks.
@@ -36,6 +36,8 @@ struct LockTableRunner {
     held_since: BTreeMap<TxnId, Epoch>,
     /// Requests not answered yet, as a client would track them.
     waiting: BTreeMap<RequestId, TxnId>,
+    /// The priority each transaction first asked with (the default for its later requests).
+    priorities: BTreeMap<TxnId, Priority>,
 }
 
 impl LockTableRunner {
@@ -46,6 +48,7 @@ impl LockTableRunner {
             next_request: 1,
             held_since: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            priorities: BTreeMap::new(),
         }
     }
 }
@@ -66,9 +69,17 @@ fn show_txn(txn: TxnId) -> String {
     format!("t{}", txn.0)
 }
 
+/// Parses `START[/FIRST[/ATTEMPT]]`; FIRST defaults to START, ATTEMPT to 0.
 fn parse_priority(text: &str) -> ScriptResult<Priority> {
-    let (start, first) = text.split_once('/').unwrap_or((text, text));
-    Ok(Priority { start: Timestamp::from_nanos(start.parse()?), first_txn: TxnId(first.parse()?) })
+    let mut parts = text.split('/');
+    let start = parts.next().ok_or("empty priority")?;
+    let first = parts.next().unwrap_or(start);
+    let attempt = parts.next().unwrap_or("0");
+    Ok(Priority {
+        start: Timestamp::from_nanos(start.parse()?),
+        first_txn: TxnId(first.parse()?),
+        attempt: attempt.parse()?,
+    })
 }
 
 fn parse_mode(text: &str) -> ScriptResult<LockMode> {
@@ -154,10 +165,12 @@ impl goldenscript::Runner for LockTableRunner {
                 let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
                 let mode = parse_mode(args.next_pos().ok_or("missing mode")?)?;
                 let span = parse_span(args.next_pos().ok_or("missing span")?)?;
-                let priority = match args.take_key("prio") {
-                    Some(text) => parse_priority(text)?,
-                    None => parse_priority(&txn.0.to_string())?,
+                let priority = match (args.take_key("prio"), self.priorities.get(&txn)) {
+                    (Some(text), _) => parse_priority(text)?,
+                    (None, Some(priority)) => *priority,
+                    (None, None) => parse_priority(&txn.0.to_string())?,
                 };
+                self.priorities.entry(txn).or_insert(priority);
                 let id = RequestId(self.next_request);
                 self.next_request += 1;
                 let held_since = since(self, txn)?;
@@ -295,7 +308,7 @@ proptest! {
                     };
                     let mode = if exclusive { LockMode::Exclusive } else { LockMode::Shared };
                     let held_since = table.standing(txn).map(|_| table.epoch());
-                    let priority = Priority { start: Timestamp::from_nanos(txn.0 as u64), first_txn: txn };
+                    let priority = Priority { start: Timestamp::from_nanos(txn.0 as u64), first_txn: txn, attempt: 0 };
                     next_request += 1;
                     let id = RequestId(next_request);
                     let request = LockRequest { id, txn, priority, mode, span, held_since };
