@@ -39,8 +39,8 @@ mod span;
 use std::fmt;
 
 pub use coordinator::{
-    Coordinator, CoordinatorOptions, CoordinatorOutput, Decision, TxnRecord, commit_timestamp,
-    prepare_timestamp,
+    Coordinator, CoordinatorOptions, CoordinatorOutput, CoordinatorSwitches, Decision, TxnRecord,
+    commit_timestamp, prepare_timestamp,
 };
 pub use error::{Error, Result};
 pub use lock_table::{

@@ -31,6 +31,10 @@ use meridian_txn::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod common;
+
+use common::{Committed, Observed, Op, check_serial_replay, random_program, read_rows, read_value};
+
 /// Seeds run by default.
 const DEFAULT_SEEDS: u64 = 300;
 /// Keys are single bytes `0..KEY_COUNT`.
@@ -44,27 +48,6 @@ const MAX_STEPS: usize = 60_000;
 /// Abandonment timeout of the table, and the clients' heartbeat interval.
 const ABANDON_AFTER_MS: u64 = 1_000;
 const HEARTBEAT_EVERY_MS: u64 = 200;
-
-/// One operation of a transaction's program.
-#[derive(Clone, Debug)]
-enum Op {
-    /// Read a key under a shared lock (an exclusive one when `for_update`).
-    Read { key: u8, for_update: bool },
-    /// Read the keys in `[start, end)` under a shared span lock.
-    Scan { start: u8, end: u8 },
-    /// Buffer a write of a value unique to this attempt.
-    Write { key: u8 },
-    /// Buffer a delete.
-    Delete { key: u8 },
-}
-
-/// What an operation observed (a value or none, a scan's rows), or what it wrote.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Observed {
-    Value(Option<u64>),
-    Rows(Vec<(u8, u64)>),
-    Wrote(Option<u64>),
-}
 
 /// Switches of the simulated client that break a rule of the protocol's users.
 #[derive(Clone, Copy, Debug, Default)]
@@ -92,15 +75,6 @@ enum Phase {
     Prepared { remaining: u32 },
     /// Finished all its transactions.
     Done,
-}
-
-/// A committed transaction as the history records it.
-#[derive(Clone, Debug)]
-struct Committed {
-    txn: TxnId,
-    program: Vec<Op>,
-    observed: Vec<Observed>,
-    writes: BTreeMap<u8, Option<u64>>,
 }
 
 #[derive(Debug)]
@@ -161,29 +135,6 @@ fn initial_store() -> BTreeMap<u8, u64> {
     (0..KEY_COUNT).step_by(2).map(|key| (key, u64::from(key) * 1000)).collect()
 }
 
-/// Reads `[start, end)` from `store` overlaid with a transaction's buffered writes.
-fn read_rows(
-    store: &BTreeMap<u8, u64>,
-    writes: &BTreeMap<u8, Option<u64>>,
-    start: u8,
-    end: u8,
-) -> Vec<(u8, u64)> {
-    (start..end)
-        .filter_map(|key| read_value(store, writes, key).map(|value| (key, value)))
-        .collect()
-}
-
-fn read_value(
-    store: &BTreeMap<u8, u64>,
-    writes: &BTreeMap<u8, Option<u64>>,
-    key: u8,
-) -> Option<u64> {
-    match writes.get(&key) {
-        Some(buffered) => *buffered,
-        None => store.get(&key).copied(),
-    }
-}
-
 impl Sim {
     fn new(seed: u64, switches: LockSwitches, client_switches: ClientSwitches) -> Sim {
         let options =
@@ -230,22 +181,7 @@ impl Sim {
     }
 
     fn random_program(&mut self) -> Vec<Op> {
-        let length = self.rng.random_range(1..=5);
-        (0..length)
-            .map(|_| {
-                let key = self.rng.random_range(0..KEY_COUNT);
-                match self.rng.random_range(0..100) {
-                    0..35 => Op::Read { key, for_update: false },
-                    35..42 => Op::Read { key, for_update: true },
-                    42..57 => {
-                        let end = self.rng.random_range(key + 1..=KEY_COUNT);
-                        Op::Scan { start: key, end }
-                    }
-                    57..90 => Op::Write { key },
-                    _ => Op::Delete { key },
-                }
-            })
-            .collect()
+        random_program(&mut self.rng, KEY_COUNT, |_| KEY_COUNT)
     }
 
     /// Runs until every client is done; returns the failure, if any.
@@ -615,7 +551,7 @@ impl Sim {
             };
         }
         self.history.push(Committed {
-            txn: client.txn,
+            txn: client.txn.to_string(),
             program: client.program.clone(),
             observed: client.observed.clone(),
             writes: client.writes.clone(),
@@ -663,61 +599,9 @@ impl Sim {
     /// Replays the committed transactions one at a time in commit order and compares what
     /// each observes with what it observed.
     fn check_history(&self) -> Result<(), String> {
-        let mut store = initial_store();
-        for (position, txn) in self.history.iter().enumerate() {
-            let mut writes: BTreeMap<u8, Option<u64>> = BTreeMap::new();
-            for (op, observed) in txn.program.iter().zip(&txn.observed) {
-                let expected = match (op, observed) {
-                    (Op::Read { key, .. }, _) => Observed::Value(read_value(&store, &writes, *key)),
-                    (Op::Scan { start, end }, _) => {
-                        Observed::Rows(read_rows(&store, &writes, *start, *end))
-                    }
-                    (Op::Write { key } | Op::Delete { key }, Observed::Wrote(value)) => {
-                        writes.insert(*key, *value);
-                        Observed::Wrote(*value)
-                    }
-                    (Op::Write { .. } | Op::Delete { .. }, other) => {
-                        return Err(format!("a write recorded as {other:?}"));
-                    }
-                };
-                if &expected != observed {
-                    return Err(format!(
-                        "not serializable: transaction {} (commit #{position}) observed {observed:?} \
-                         at {op:?}, a serial execution in commit order gives {expected:?}",
-                        txn.txn
-                    ));
-                }
-            }
-            for (key, value) in &txn.writes {
-                match value {
-                    Some(value) => store.insert(*key, *value),
-                    None => store.remove(key),
-                };
-            }
-        }
-        if store != self.store {
-            return Err("the replayed store differs from the store".to_owned());
-        }
-        if writes_differ(&self.history) {
-            return Err("a transaction's last writes differ from its buffer".to_owned());
-        }
-        Ok(())
+        let history: Vec<&Committed> = self.history.iter().collect();
+        check_serial_replay(&initial_store(), &history, &self.store, "commit order")
     }
-}
-
-/// Returns whether some transaction's recorded writes disagree with the last write of each key
-/// in its program (the replay applies the buffer; the operations must lead to it).
-fn writes_differ(history: &[Committed]) -> bool {
-    history.iter().any(|txn| {
-        let mut last = BTreeMap::new();
-        for (op, observed) in txn.program.iter().zip(&txn.observed) {
-            if let (Op::Write { key } | Op::Delete { key }, Observed::Wrote(value)) = (op, observed)
-            {
-                last.insert(*key, *value);
-            }
-        }
-        last != txn.writes
-    })
 }
 
 /// Runs one seed and returns its failure, printing the seed with it.

@@ -100,12 +100,27 @@ pub enum CoordinatorOutput {
 pub struct CoordinatorOptions {
     /// A commit request still missing votes this long after it arrived is aborted.
     pub vote_timeout: Duration,
+    /// Test-only switches that break one rule each, so that tests can show the simulation
+    /// catches the violation. All off by default; never set them elsewhere.
+    #[doc(hidden)]
+    pub switches: CoordinatorSwitches,
 }
 
 impl Default for CoordinatorOptions {
     fn default() -> Self {
-        CoordinatorOptions { vote_timeout: Duration::from_secs(10) }
+        CoordinatorOptions {
+            vote_timeout: Duration::from_secs(10),
+            switches: CoordinatorSwitches::default(),
+        }
     }
+}
+
+/// Switches that deliberately break a commit rule (see [`CoordinatorOptions::switches`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoordinatorSwitches {
+    /// A record applied later replaces the decision (breaks "the first record logged
+    /// decides").
+    pub later_record_wins: bool,
 }
 
 /// A commit request collecting votes (leader memory).
@@ -182,7 +197,7 @@ impl Coordinator {
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) when this replica is not the
-    /// leader, or a repeated request names other participants.
+    /// leader, or a request repeated while votes are collected names other participants.
     pub fn request_commit(
         &mut self,
         txn: TxnId,
@@ -195,12 +210,16 @@ impl Coordinator {
             return Err(invalid_input!("commit of {txn} sent to a replica that is not the leader"));
         }
         if let Some(record) = self.decisions.get(&txn) {
-            if record.participants != participants {
-                return Err(invalid_input!(
-                    "commit of {txn} names participants {}, its record {}",
-                    list_ranges(&participants),
-                    list_ranges(&record.participants)
-                ));
+            // A record logged for a status query names only the participant that asked; the
+            // others the client names learn the decision too.
+            let unaware: BTreeSet<RangeId> =
+                participants.difference(&record.participants).copied().collect();
+            if !unaware.is_empty() {
+                self.outputs.push(CoordinatorOutput::Notify {
+                    txn,
+                    participants: unaware,
+                    decision: record.decision.clone(),
+                });
             }
             self.outputs.push(CoordinatorOutput::Reply { txn, decision: record.decision.clone() });
             return Ok(());
@@ -308,6 +327,28 @@ impl Coordinator {
         });
     }
 
+    /// The client gives `txn` up after asking participants to prepare, or the coordinator's
+    /// own locks are gone: logs an abort that `participants` learn, and answers the client
+    /// with the decision in effect (a commit logged first still wins).
+    pub fn request_abort(&mut self, txn: TxnId, participants: BTreeSet<RangeId>, reason: String) {
+        if !self.is_leader {
+            return;
+        }
+        if let Some(record) = self.decisions.get(&txn) {
+            self.outputs.push(CoordinatorOutput::Reply { txn, decision: record.decision.clone() });
+            return;
+        }
+        self.clients_waiting.insert(txn);
+        if let Some(pending) = self.pending.get_mut(&txn) {
+            pending.proposed = true;
+        }
+        self.early_votes.remove(&txn);
+        self.outputs.push(CoordinatorOutput::Propose {
+            txn,
+            record: TxnRecord { decision: Decision::Abort { reason }, participants },
+        });
+    }
+
     /// Aborts commit requests that have waited for votes longer than the vote timeout (a
     /// follower has none).
     pub fn tick(&mut self, local_now: Timestamp) {
@@ -344,7 +385,12 @@ impl Coordinator {
     /// effect: the first record applied for a transaction wins; later ones change nothing.
     /// At the leader, the waiting client gets the decision and the participants are told.
     pub fn apply(&mut self, txn: TxnId, record: TxnRecord) -> Decision {
-        let record = self.decisions.entry(txn).or_insert(record).clone();
+        let record = if self.options.switches.later_record_wins {
+            self.decisions.insert(txn, record.clone());
+            record
+        } else {
+            self.decisions.entry(txn).or_insert(record).clone()
+        };
         self.pending.remove(&txn);
         self.early_votes.remove(&txn);
         if self.clients_waiting.remove(&txn) {

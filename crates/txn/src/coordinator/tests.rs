@@ -18,6 +18,7 @@ type ScriptResult<T> = std::result::Result<T, Box<dyn StdError>>;
 ///   request, with the clock reading `[LATEST - E, LATEST]`.
 /// - `vote TXN range=R ts=T [query] [floor=F]`: a participant's vote or status query.
 /// - `fail TXN range=R`: a participant could not prepare.
+/// - `abort TXN [participants=r2/r3]`: the client gives the transaction up.
 /// - `tick at=T`: the vote timeout check (timeout 100).
 /// - `apply [TXN]`: apply the oldest proposed record (of TXN).
 /// - `leader`: this replica becomes leader again (memory lost, decisions kept).
@@ -96,6 +97,14 @@ impl goldenscript::Runner for CoordinatorRunner {
                 let range = parse_range(args.take_key("range").ok_or("missing range")?)?;
                 self.coordinator.on_prepare_failed(txn, range, "wounded".to_owned());
             }
+            "abort" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let participants = match args.take_key("participants") {
+                    Some(list) => list.split('/').map(parse_range).collect::<ScriptResult<_>>()?,
+                    None => BTreeSet::new(),
+                };
+                self.coordinator.request_abort(txn, participants, "client gave up".to_owned());
+            }
             "tick" => {
                 let at = take_u64(&mut args, "at")?.ok_or("missing at")?;
                 self.coordinator.tick(Timestamp::from_nanos(at));
@@ -155,7 +164,10 @@ impl goldenscript::Runner for CoordinatorRunner {
 test_each_path! { in "crates/txn/testscripts/coordinator" as scripts => run_script }
 
 fn run_script(path: &std::path::Path) {
-    let options = CoordinatorOptions { vote_timeout: Duration::from_nanos(100) };
+    let options = CoordinatorOptions {
+        vote_timeout: Duration::from_nanos(100),
+        ..CoordinatorOptions::default()
+    };
     let mut coordinator = Coordinator::new(options);
     coordinator.become_leader();
     let mut runner =

@@ -413,8 +413,8 @@ impl LockTable {
         }
     }
 
-    /// Releases everything the transaction holds or waits for and forgets it: it committed,
-    /// aborted or rolled back. Its queued request, if any, is cancelled (an event), and queued
+    /// Releases everything the transaction holds or waits for and forgets it: its outcome
+    /// applied here, or it rolled back (see [`LockTable::rollback`]). Its queued request, if any, is cancelled (an event), and queued
     /// requests it blocked are granted (events). Releasing an unknown transaction does nothing.
     pub fn release(&mut self, txn: TxnId) {
         let Some(entry) = self.txns.remove(&txn) else { return };
@@ -424,6 +424,21 @@ impl LockTable {
         }
         self.remove_locks(txn, &entry.held);
         self.grant_and_report();
+    }
+
+    /// A client's rollback: releases the transaction unless it is prepared here, where only
+    /// its coordinator's decision may end it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if the transaction is prepared.
+    pub fn rollback(&mut self, txn: TxnId) -> Result<()> {
+        if self.standing(txn) == Some(&TxnStanding::Prepared) {
+            return Err(invalid_input!(
+                "transaction {txn} is prepared here: only its coordinator's decision ends it"
+            ));
+        }
+        self.release(txn);
+        Ok(())
     }
 
     /// Releases the locks of transactions that are not prepared and sent nothing for

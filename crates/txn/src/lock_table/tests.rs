@@ -265,64 +265,159 @@ fn run_script(path: &std::path::Path) {
 /// One random call on the table.
 #[derive(Clone, Debug)]
 enum Call {
-    Acquire { txn: u8, exclusive: bool, start: u8, width: u8 },
-    Heartbeat { txn: u8 },
-    Prepare { txn: u8 },
-    Release { txn: u8 },
+    Acquire {
+        txn: u8,
+        exclusive: bool,
+        start: u8,
+        width: u8,
+    },
+    Heartbeat {
+        txn: u8,
+    },
+    Prepare {
+        txn: u8,
+    },
+    Release {
+        txn: u8,
+    },
+    Rollback {
+        txn: u8,
+    },
     Expire,
-    Tick { ms: u16 },
+    Tick {
+        ms: u16,
+    },
+    /// A new leader: a new table at the next epoch with the prepared transactions restored.
+    NewLeader,
 }
 
 fn call() -> impl Strategy<Value = Call> {
     prop_oneof![
-        6 => (0..6u8, any::<bool>(), 0..8u8, 0..3u8)
+        6 => (0..8u8, any::<bool>(), 0..8u8, 0..4u8)
             .prop_map(|(txn, exclusive, start, width)| Call::Acquire { txn, exclusive, start, width }),
-        1 => (0..6u8).prop_map(|txn| Call::Heartbeat { txn }),
-        1 => (0..6u8).prop_map(|txn| Call::Prepare { txn }),
-        2 => (0..6u8).prop_map(|txn| Call::Release { txn }),
+        1 => (0..8u8).prop_map(|txn| Call::Heartbeat { txn }),
+        1 => (0..8u8).prop_map(|txn| Call::Prepare { txn }),
+        1 => (0..8u8).prop_map(|txn| Call::Release { txn }),
+        1 => (0..8u8).prop_map(|txn| Call::Rollback { txn }),
         1 => Just(Call::Expire),
         1 => (0..3000u16).prop_map(|ms| Call::Tick { ms }),
+        1 => Just(Call::NewLeader),
     ]
+}
+
+/// Transaction `n` of the property test: ids 1..=8; ids n and n + 4 are two attempts of one
+/// transaction (same start and first id, attempts 0 and 1), so retries meet their earlier
+/// attempts.
+fn test_txn(n: u8) -> (TxnId, Priority) {
+    let txn = TxnId(u128::from(n) + 1);
+    let first = TxnId(u128::from(n % 4) + 1);
+    let priority = Priority {
+        start: Timestamp::from_nanos(u64::from(n % 4)),
+        first_txn: first,
+        attempt: u32::from(n / 4),
+    };
+    (txn, priority)
 }
 
 proptest! {
     /// Random calls keep every invariant, and every request is answered exactly once: at
-    /// once, or later by exactly one event.
+    /// once, or later by exactly one event (or, at a leader change, by the old leader's
+    /// refusal). Clients remember the epoch of their first grant, as real ones do, so lost
+    /// locks are exercised: a transaction that lost them never prepares.
     #[test]
-    fn random_calls_keep_the_invariants(calls in proptest::collection::vec(call(), 1..120)) {
+    fn random_calls_keep_the_invariants(calls in proptest::collection::vec(call(), 1..150)) {
         let mut table = LockTable::new(Epoch(1), LockTableOptions::default());
         let mut now_ms = 0u64;
         let mut next_request = 0u64;
         let mut open: BTreeMap<RequestId, TxnId> = BTreeMap::new();
         let mut answered: BTreeSet<RequestId> = BTreeSet::new();
+        // What each client remembers: the epoch of its first grant, and whether it holds
+        // every lock granted since (it is told of wounds, abandonment and leader changes).
+        let mut held_since: BTreeMap<TxnId, Epoch> = BTreeMap::new();
         for call in calls {
             let now = Timestamp::from_nanos(now_ms * MS);
-            let txn_of = |n: u8| TxnId(u128::from(n) + 1);
             match call {
                 Call::Acquire { txn, exclusive, start, width } => {
-                    let txn = txn_of(txn);
+                    let (txn, priority) = test_txn(txn);
                     let span = if width == 0 {
                         KeySpan::key(vec![start])
+                    } else if width == 3 {
+                        KeySpan::range(vec![start], None).unwrap()
                     } else {
                         KeySpan::range(vec![start], Some(vec![start + width])).unwrap()
                     };
                     let mode = if exclusive { LockMode::Exclusive } else { LockMode::Shared };
-                    let held_since = table.standing(txn).map(|_| table.epoch());
-                    let priority = Priority { start: Timestamp::from_nanos(txn.0 as u64), first_txn: txn, attempt: 0 };
                     next_request += 1;
                     let id = RequestId(next_request);
-                    let request = LockRequest { id, txn, priority, mode, span, held_since };
+                    let since = held_since.get(&txn).copied();
+                    let request = LockRequest { id, txn, priority, mode, span, held_since: since };
                     match table.acquire(request, now) {
-                        Ok(Acquired::Granted) => { answered.insert(id); }
-                        Ok(Acquired::Waiting) => { open.insert(id, txn); }
-                        Err(_) => { answered.insert(id); }
+                        Ok(outcome) => {
+                            held_since.entry(txn).or_insert(table.epoch());
+                            if outcome == Acquired::Waiting {
+                                open.insert(id, txn);
+                            } else {
+                                answered.insert(id);
+                            }
+                        }
+                        Err(error) => {
+                            prop_assert!(since.is_some() || !error.is_retryable() || table.standing(txn).is_some(),
+                                "a first request failed with {}", error);
+                            answered.insert(id);
+                        }
                     }
                 }
-                Call::Heartbeat { txn } => { let _ = table.heartbeat(txn_of(txn), table.epoch(), now); }
-                Call::Prepare { txn } => { let _ = table.prepare(txn_of(txn), table.epoch(), now); }
-                Call::Release { txn } => table.release(txn_of(txn)),
+                Call::Heartbeat { txn } => {
+                    let (txn, _) = test_txn(txn);
+                    if let Some(epoch) = held_since.get(&txn) {
+                        let _ = table.heartbeat(txn, *epoch, now);
+                    }
+                }
+                Call::Prepare { txn } => {
+                    let (txn, _) = test_txn(txn);
+                    if let Some(epoch) = held_since.get(&txn).copied() {
+                        let prepared = table.prepare(txn, epoch, now);
+                        // A transaction prepares only on locks taken under the current epoch
+                        // that the table still holds for it.
+                        if prepared.is_ok() {
+                            prop_assert_eq!(epoch, table.epoch());
+                            prop_assert_eq!(table.standing(txn), Some(&TxnStanding::Prepared));
+                        }
+                    }
+                }
+                Call::Release { txn } => {
+                    let (txn, _) = test_txn(txn);
+                    table.release(txn);
+                    held_since.remove(&txn);
+                }
+                Call::Rollback { txn } => {
+                    let (txn, _) = test_txn(txn);
+                    let prepared = table.standing(txn) == Some(&TxnStanding::Prepared);
+                    prop_assert_eq!(table.rollback(txn).is_err(), prepared);
+                    if !prepared {
+                        held_since.remove(&txn);
+                    }
+                }
                 Call::Expire => table.expire(now),
                 Call::Tick { ms } => now_ms += u64::from(ms),
+                Call::NewLeader => {
+                    let prepared: Vec<(TxnId, Priority, Vec<(LockMode, KeySpan)>)> = table
+                        .txns
+                        .iter()
+                        .filter(|(_, entry)| entry.standing == TxnStanding::Prepared)
+                        .map(|(txn, entry)| (*txn, entry.priority, entry.held.clone()))
+                        .collect();
+                    // The old leader's queued requests fail with it.
+                    for (request, _) in std::mem::take(&mut open) {
+                        answered.insert(request);
+                    }
+                    let _ = table.take_events();
+                    table = LockTable::new(Epoch(table.epoch().0 + 1), LockTableOptions::default());
+                    for (txn, priority, held) in prepared {
+                        prop_assert!(table.restore_prepared(txn, priority, held, now).is_ok());
+                        held_since.insert(txn, table.epoch());
+                    }
+                }
             }
             for event in table.take_events() {
                 let request = match event {
@@ -342,13 +437,13 @@ proptest! {
                 prop_assert!(!table.blockers(*txn).is_empty(), "{request} of {txn} is open but not queued");
             }
         }
-        // Releasing everyone answers every open request and leaves the table empty.
-        for txn in 1..=6u128 {
-            table.release(TxnId(txn));
+        // Releasing everyone answers every open request exactly once and leaves the table empty.
+        for n in 0..8u8 {
+            table.release(test_txn(n).0);
         }
         for event in table.take_events() {
             if let LockEvent::Granted { request, .. } | LockEvent::Cancelled { request, .. } = event {
-                open.remove(&request);
+                prop_assert!(open.remove(&request).is_some(), "{request} answered twice");
             }
         }
         prop_assert!(open.is_empty(), "requests never answered: {:?}", open);
