@@ -6,9 +6,9 @@
 //! within ±ε of true time; records it proposes apply after a short delay, as through Raft.
 //! Clients run random transactions (reads, reads for update, scans, buffered writes and
 //! deletes) that lock at the ranges they touch, then commit: the lowest participating range
-//! coordinates; the client asks it to commit, naming the other participants, and asks each of
-//! those to prepare (check its locks, pick a prepare timestamp, log a prepare record, vote).
-//! The coordinator logs the decision; the client hears a commit only after commit-wait
+//! coordinates; the client asks it to commit, naming every participant, and asks each of them
+//! — the coordinator's range too — to prepare (check its locks, pick a prepare timestamp, log
+//! a prepare record, vote). The coordinator logs the decision, which resolves its own part; the client hears a commit only after commit-wait
 //! (`after(s)` on the coordinator's clock); participants log the outcome, apply the writes at
 //! `s` and release. Messages between ranges are delayed and sometimes lost (status queries
 //! and re-notification recover them).
@@ -86,11 +86,11 @@ struct SimSwitches {
 #[derive(Clone, Debug)]
 enum Record {
     Prepare(PrepareRecord),
-    /// The coordinator's decision, with the coordinator range's own writes.
+    /// The coordinator's decision. The coordinator range prepared its own part like every
+    /// participant; applying the decision resolves that part too.
     Decide {
         txn: TxnId,
         record: TxnRecord,
-        writes: Vec<Write>,
     },
     Outcome {
         txn: TxnId,
@@ -113,8 +113,6 @@ struct Range {
     skew_ns: i64,
     /// Records proposed and not applied yet, with when they apply.
     log: VecDeque<(u64, Record)>,
-    /// The coordinator range's writes of transactions whose commit it was asked for.
-    coordinator_writes: BTreeMap<TxnId, Vec<Write>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,7 +234,6 @@ impl Sim {
                     floor: Timestamp::ZERO,
                     skew_ns: rng.random_range(-(EPSILON_NS as i64)..=EPSILON_NS as i64),
                     log: VecDeque::new(),
-                    coordinator_writes: BTreeMap::new(),
                 }
             })
             .collect();
@@ -424,12 +421,7 @@ impl Sim {
                         let floor = &mut self.ranges[range].floor;
                         *floor = (*floor).max(commit_ts);
                     }
-                    let writes = self.ranges[range]
-                        .coordinator_writes
-                        .get(&txn)
-                        .cloned()
-                        .unwrap_or_default();
-                    self.propose(range, Record::Decide { txn, record, writes });
+                    self.propose(range, Record::Decide { txn, record });
                 }
                 CoordinatorOutput::Reply { txn, decision } => {
                     if let Some(client) = self.clients.iter_mut().find(|client| {
@@ -474,7 +466,7 @@ impl Sim {
                     query: false,
                 });
             }
-            Record::Decide { txn, record, writes } => {
+            Record::Decide { txn, record } => {
                 let effective = self.ranges[range].coordinator.apply(txn, record.clone());
                 if std::mem::discriminant(&effective) != std::mem::discriminant(&record.decision) {
                     self.stats.records_overruled += 1;
@@ -485,25 +477,25 @@ impl Sim {
                         effective, record.decision
                     )
                 });
-                if let (Decision::Commit { commit_ts }, true) =
-                    (&effective, effective == record.decision)
-                {
-                    self.apply_writes(range, &writes, *commit_ts)?;
-                }
-                self.ranges[range].coordinator_writes.remove(&txn);
-                self.ranges[range].table.release(txn);
+                // The coordinator's own prepared part resolves with the decision in effect.
+                self.resolve(range, txn, &effective)?;
                 self.handle_outputs(range);
             }
-            Record::Outcome { txn, decision } => {
-                match self.ranges[range].prepared.apply_outcome(txn, &decision) {
-                    Resolution::Commit { commit_ts, writes } => {
-                        self.apply_writes(range, &writes, commit_ts)?;
-                        self.ranges[range].table.release(txn);
-                    }
-                    Resolution::Abort => self.ranges[range].table.release(txn),
-                    Resolution::Unknown => {}
-                }
+            Record::Outcome { txn, decision } => self.resolve(range, txn, &decision)?,
+        }
+        Ok(())
+    }
+
+    /// Applies a decision to the transaction's prepared part at `range`, if it has one: its
+    /// writes at the commit timestamp, then its locks released.
+    fn resolve(&mut self, range: usize, txn: TxnId, decision: &Decision) -> Result<(), String> {
+        match self.ranges[range].prepared.apply_outcome(txn, decision) {
+            Resolution::Commit { commit_ts, writes } => {
+                self.apply_writes(range, &writes, commit_ts)?;
+                self.ranges[range].table.release(txn);
             }
+            Resolution::Abort => self.ranges[range].table.release(txn),
+            Resolution::Unknown => {}
         }
         Ok(())
     }
@@ -604,7 +596,6 @@ impl Sim {
         }
         self.ranges[range].table = table;
         self.ranges[range].coordinator.become_leader();
-        self.ranges[range].coordinator_writes.clear();
         self.ranges[range].skew_ns =
             self.rng.random_range(-(EPSILON_NS as i64)..=EPSILON_NS as i64);
         self.handle_outputs(range);
@@ -702,9 +693,9 @@ impl Sim {
                     self.clients[i].abort_sent = true;
                     self.stats.client_aborts += 1;
                     let txn = self.clients[i].txn;
-                    let others = self.other_participants(i, coordinator);
+                    let participants = self.participants(i);
                     let reason = "the client gave up waiting".to_owned();
-                    self.ranges[coordinator].coordinator.request_abort(txn, others, reason);
+                    self.ranges[coordinator].coordinator.request_abort(txn, participants, reason);
                     self.handle_outputs(coordinator);
                 }
             }
@@ -821,7 +812,7 @@ impl Sim {
         self.request_commit(i, coordinator);
         self.handle_outputs(coordinator);
         let txn = self.clients[i].txn;
-        for range in participants.into_iter().filter(|range| *range != coordinator) {
+        for range in participants {
             let held_since = self.clients[i].held_since[&range];
             let local = self.local(range);
             match self.ranges[range].table.prepare(txn, held_since, local) {
@@ -853,37 +844,25 @@ impl Sim {
         }
     }
 
-    /// The participants of client `i`'s transaction other than its coordinator.
-    fn other_participants(&self, i: usize, coordinator: usize) -> BTreeSet<RangeId> {
-        self.clients[i]
-            .granted
-            .keys()
-            .filter(|range| **range != coordinator)
-            .map(|range| RangeId(*range as u64))
-            .collect()
+    /// Every participant of client `i`'s transaction, its coordinator included: the
+    /// coordinator range prepares its own part too and votes like the others.
+    fn participants(&self, i: usize) -> BTreeSet<RangeId> {
+        self.clients[i].granted.keys().map(|range| RangeId(*range as u64)).collect()
     }
 
-    /// Asks the coordinator to commit: it checks its own locks (it is a participant too), then
-    /// collects votes.
+    /// Asks the coordinator to commit: it collects every participant's vote, its own too.
     fn request_commit(&mut self, i: usize, coordinator: usize) {
         let txn = self.clients[i].txn;
-        let others = self.other_participants(i, coordinator);
+        let participants = self.participants(i);
         let (clock, local, floor) =
             (self.clock(coordinator), self.local(coordinator), self.ranges[coordinator].floor);
-        if self.ranges[coordinator].coordinator.decision(txn).is_none() {
-            let held_since = self.clients[i].held_since[&coordinator];
-            if let Err(error) = self.ranges[coordinator].table.prepare(txn, held_since, local) {
-                // Its own locks are gone: the transaction aborts (its participants may have
-                // prepared already, so the abort is logged and they learn it).
-                self.ranges[coordinator].coordinator.request_abort(txn, others, error.to_string());
-                return;
-            }
-            let writes = self.writes_at(i, coordinator);
-            self.ranges[coordinator].coordinator_writes.insert(txn, writes);
-        }
-        if let Err(error) =
-            self.ranges[coordinator].coordinator.request_commit(txn, others, clock, local, floor)
-        {
+        if let Err(error) = self.ranges[coordinator].coordinator.request_commit(
+            txn,
+            participants,
+            clock,
+            local,
+            floor,
+        ) {
             panic!("seed {}: commit request refused: {error}", self.seed);
         }
     }

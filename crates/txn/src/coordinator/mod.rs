@@ -1,10 +1,12 @@
 //! The coordinator of two-phase commit at one range's leader (Spanner §4.2.1, DESIGN §6).
 //!
 //! A client commits a transaction that wrote at several ranges by picking one of them as the
-//! coordinator: it asks each other participant to prepare, and the coordinator to commit,
-//! naming the participants ([`Coordinator::request_commit`]). Each participant takes its
-//! write locks, logs a prepare record at a prepare timestamp and *votes*
-//! ([`Coordinator::on_prepared`]). Once every participant voted, the coordinator picks the
+//! coordinator: it asks every participant to prepare, and the coordinator to commit, naming
+//! the participants ([`Coordinator::request_commit`]). Each participant — the coordinator's
+//! own range too — takes its write locks, logs a prepare record at a prepare timestamp and
+//! *votes* ([`Coordinator::on_prepared`]). (Spanner's coordinator logs no prepare record of
+//! its own; here it does, in parallel with the others, so that its locks and writes survive a
+//! leader change and a split like every participant's, at the price of one more Raft write.) Once every participant voted, the coordinator picks the
 //! commit timestamp `s` ([`commit_timestamp`]) and proposes a commit record through its
 //! range's Raft group; any failure proposes an abort record instead. Records take effect when
 //! applied ([`Coordinator::apply`]), and **the first record applied for a transaction
@@ -27,7 +29,7 @@
 //! record's replication), and outcomes to send to participants.
 //!
 //! Left for the node wiring: forgetting decisions once every participant applied them (a
-//! replicated record), and the coordinator's own writes, which go into its commit record.
+//! replicated record).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -56,12 +58,12 @@ pub enum Decision {
 }
 
 /// The record a coordinator logs for a transaction: its decision and the participants that
-/// must learn it.
+/// must learn it (the coordinator's own range among them when it has a part).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnRecord {
     /// The decision.
     pub decision: Decision,
-    /// The participants other than the coordinator's range.
+    /// The participants.
     pub participants: BTreeSet<RangeId>,
 }
 
@@ -190,8 +192,8 @@ impl Coordinator {
         Coordinator { options, ..Coordinator::default() }
     }
 
-    /// The client asks to commit `txn`, whose other participants are `participants` (their
-    /// votes decide), at clock reading `now` (`local_now` on the local clock, for the vote
+    /// The client asks to commit `txn`, whose participants are `participants` (their votes
+    /// decide; the coordinator's own range votes like the others), at clock reading `now` (`local_now` on the local clock, for the vote
     /// timeout), on a range whose timestamp floor is `floor`. Asking again is harmless: a
     /// decided transaction gets its decision at once.
     ///
