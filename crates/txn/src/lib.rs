@@ -17,18 +17,21 @@
 //!
 //! - [`LockTable`] (`lock_table/`): the locks of one range's leader, with wound-wait, FIFO
 //!   fairness by priority, leadership epochs and abandonment.
-//! - [`Coordinator`] (`coordinator.rs`): two-phase commit's coordinator at a range leader —
+//! - [`Coordinator`] (`coordinator/`): two-phase commit's coordinator at a range leader —
 //!   votes, the commit timestamp rule ([`commit_timestamp`]), records where the first one
 //!   logged decides, status queries, timeouts and a new leader finishing what was decided.
 //! - [`PreparedSet`] (`participant.rs`): a range's replicated prepare records, outcomes
 //!   applied idempotently, and status queries of prepared transactions that heard nothing.
 //!
-//! Tests: golden scripts in `testscripts/lock_table/` and `testscripts/coordinator/`, a property test of the lock table's
-//! invariants, and a seeded simulation (`tests/simulation.rs`) of many transactions over one
-//! table — with wounds, abandoned clients, slow clients and leader changes — that checks that
-//! the committed history is serializable and that no deadlock and no starvation occurs. Each
-//! deliberately broken rule ([`LockSwitches`], and the simulation's own client switches) has a
-//! test showing the simulation catches it.
+//! Tests: golden scripts in `testscripts/lock_table/` and `testscripts/coordinator/`, a
+//! property test of the lock table's invariants, and two seeded simulations:
+//! `tests/simulation.rs` runs many transactions over one lock table — with wounds, abandoned
+//! clients, lost rollbacks and leader changes — and checks that the committed history is
+//! serializable and that no deadlock and no starvation occurs; `tests/commit_simulation.rs`
+//! runs every core together over three ranges with skewed clocks, commit-wait, lost messages
+//! and records, and checks strict serializability, external consistency and atomic
+//! commitment. Each deliberately broken rule ([`LockSwitches`], [`CoordinatorSwitches`], and
+//! the simulations' own switches) has a test showing a seed catches it.
 
 mod coordinator;
 mod error;

@@ -7,8 +7,12 @@
 //! restores its reads' protection, see [`LockTable::restore_prepared`]) and its coordinator.
 //! Every replica applies it to its [`PreparedSet`]. The outcome arrives from the coordinator
 //! and is logged too; applying it removes the record and hands back the writes to apply at the
-//! commit timestamp (or nothing, for an abort). Both are idempotent: applying a prepare twice
-//! or an outcome for a transaction not prepared here changes nothing.
+//! commit timestamp (or nothing, for an abort). Applying a prepare record again while the
+//! transaction is prepared, or an outcome for a transaction not prepared here, changes
+//! nothing. A prepare record applied *after* its transaction's outcome would prepare it again,
+//! so a leader proposes a prepare only for a transaction its lock table holds active in the
+//! current epoch, answers a repeated prepare of a prepared one with the recorded timestamp,
+//! and clients never re-send a prepare whose outcome they do not know.
 //!
 //! A prepared transaction never aborts on its own. Its leader asks the coordinator when it has
 //! heard nothing for a while ([`PreparedSet::due_queries`]); the coordinator's log decides.

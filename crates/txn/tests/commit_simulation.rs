@@ -133,7 +133,8 @@ enum Phase {
 
 struct Client {
     priority: Option<Priority>,
-    logical_start_ns: u64,
+    /// When the current attempt began.
+    attempt_start_ns: u64,
     txn: TxnId,
     program: Vec<Op>,
     next_op: usize,
@@ -161,7 +162,9 @@ struct Client {
 struct Acknowledged {
     committed: Committed,
     commit_ts: Timestamp,
-    logical_start_ns: u64,
+    /// When the attempt that committed began (later than the transaction's first attempt,
+    /// so the real-time check covers more pairs).
+    start_ns: u64,
     ack_ns: u64,
 }
 
@@ -199,6 +202,7 @@ struct Stats {
     client_aborts: usize,
     /// Decision records applied after another decision of the opposite kind.
     records_overruled: usize,
+    refused_proposals: usize,
 }
 
 fn range_of(key: u8) -> usize {
@@ -240,7 +244,7 @@ impl Sim {
         let clients = (0..CLIENT_COUNT)
             .map(|_| Client {
                 priority: None,
-                logical_start_ns: 0,
+                attempt_start_ns: 0,
                 txn: TxnId(0),
                 program: Vec::new(),
                 next_op: 0,
@@ -416,6 +420,11 @@ impl Sim {
                 CoordinatorOutput::Propose { .. } => {}
             }
             match output {
+                CoordinatorOutput::Propose { txn, .. } if self.rng.random_range(0..50) == 0 => {
+                    // Raft refuses the proposal (a transfer under way); the leader stays.
+                    self.stats.refused_proposals += 1;
+                    self.ranges[range].coordinator.on_proposal_refused(txn);
+                }
                 CoordinatorOutput::Propose { txn, record } => {
                     if let Decision::Commit { commit_ts } = record.decision {
                         let floor = &mut self.ranges[range].floor;
@@ -578,8 +587,12 @@ impl Sim {
     fn change_leader(&mut self, range: usize) -> Result<(), String> {
         self.stats.leader_changes += 1;
         self.log(|| format!("leader change at r{range}"));
-        for (_, record) in std::mem::take(&mut self.ranges[range].log) {
-            if self.rng.random_bool(0.5) {
+        // The new leader holds a prefix of the old leader's records in flight; it applies
+        // them before it serves anything, and the rest are lost for good.
+        let in_flight = std::mem::take(&mut self.ranges[range].log);
+        let kept = self.rng.random_range(0..=in_flight.len());
+        for (position, (_, record)) in in_flight.into_iter().enumerate() {
+            if position < kept {
                 self.apply_record(range, record)?;
             } else {
                 self.stats.lost_records += 1;
@@ -637,7 +650,6 @@ impl Sim {
                 let start = Timestamp::from_nanos(self.now_ns);
                 let client = &mut self.clients[i];
                 client.priority = Some(Priority { start, first_txn: txn, attempt: 0 });
-                client.logical_start_ns = self.now_ns;
                 client.program = program;
                 self.begin_attempt(i, txn);
             }
@@ -706,6 +718,7 @@ impl Sim {
     fn begin_attempt(&mut self, i: usize, txn: TxnId) {
         let client = &mut self.clients[i];
         client.txn = txn;
+        client.attempt_start_ns = self.now_ns;
         client.next_op = 0;
         client.observed.clear();
         client.writes.clear();
@@ -892,7 +905,7 @@ impl Sim {
                     writes: client.writes.clone(),
                 },
                 commit_ts,
-                logical_start_ns: client.logical_start_ns,
+                start_ns: client.attempt_start_ns,
                 ack_ns: self.now_ns,
             });
             client.committed += 1;
@@ -1004,28 +1017,56 @@ impl Sim {
         // Real time: acknowledged before another began means a smaller commit timestamp.
         for first in &self.history {
             for second in &self.history {
-                if first.ack_ns < second.logical_start_ns && first.commit_ts >= second.commit_ts {
+                if first.ack_ns < second.start_ns && first.commit_ts >= second.commit_ts {
                     return Err(format!(
                         "external consistency: {} was acknowledged at {} ns before {} began at {} \
                          ns, but commits at {} >= {}",
                         first.committed.txn,
                         first.ack_ns,
                         second.committed.txn,
-                        second.logical_start_ns,
+                        second.start_ns,
                         first.commit_ts.as_nanos(),
                         second.commit_ts.as_nanos()
                     ));
                 }
             }
         }
-        // Transactions with equal timestamps do not conflict (a conflict orders them through
-        // a range's floor), so their order in the replay does not matter.
+        // Transactions with equal timestamps must not conflict (a conflict orders them through
+        // a range's floor); then their order in the replay does not matter.
         let mut ordered: Vec<&Acknowledged> = self.history.iter().collect();
         ordered.sort_by_key(|acknowledged| acknowledged.commit_ts);
+        for pair in ordered.windows(2) {
+            if pair[0].commit_ts == pair[1].commit_ts
+                && conflict(&pair[0].committed, &pair[1].committed)
+            {
+                return Err(format!(
+                    "conflicting transactions {} and {} commit at the same timestamp {}",
+                    pair[0].committed.txn,
+                    pair[1].committed.txn,
+                    pair[0].commit_ts.as_nanos()
+                ));
+            }
+        }
         let committed: Vec<&Committed> =
             ordered.iter().map(|acknowledged| &acknowledged.committed).collect();
         check_serial_replay(&initial_store(), &committed, &self.store, "commit timestamp order")
     }
+}
+
+/// Returns whether two transactions conflict: one writes a key the other reads, scans or
+/// writes.
+fn conflict(a: &Committed, b: &Committed) -> bool {
+    let touched = |txn: &Committed| -> BTreeSet<u8> {
+        txn.program
+            .iter()
+            .flat_map(|op| match *op {
+                Op::Read { key, .. } | Op::Write { key } | Op::Delete { key } => key..key + 1,
+                Op::Scan { start, end } => start..end,
+            })
+            .collect()
+    };
+    let writes = |txn: &Committed| -> BTreeSet<u8> { txn.writes.keys().copied().collect() };
+    !writes(a).is_disjoint(&touched(b)) || !writes(b).is_disjoint(&touched(a))
 }
 
 fn run_seed(
@@ -1033,9 +1074,23 @@ fn run_seed(
     sim: SimSwitches,
     coordinator: CoordinatorSwitches,
 ) -> Result<Stats, String> {
-    let mut simulation = Sim::new(seed, sim, coordinator);
-    simulation.run().map_err(|failure| format!("seed {seed}: {failure}"))?;
-    Ok(simulation.stats)
+    // A broken invariant asserted inside a core (a commit below a prepare timestamp, say) is
+    // a finding like any other: report it with the seed instead of unwinding the test.
+    let run = std::panic::catch_unwind(|| {
+        let mut simulation = Sim::new(seed, sim, coordinator);
+        simulation.run().map(|()| simulation.stats)
+    });
+    match run {
+        Ok(result) => result.map_err(|failure| format!("seed {seed}: {failure}")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                .unwrap_or_default();
+            Err(format!("seed {seed}: invariant asserted: {message}"))
+        }
+    }
 }
 
 fn seeds() -> Vec<u64> {
@@ -1068,6 +1123,7 @@ fn transactions_across_ranges_are_strictly_serializable() {
                 totals.queries += stats.queries;
                 totals.client_aborts += stats.client_aborts;
                 totals.records_overruled += stats.records_overruled;
+                totals.refused_proposals += stats.refused_proposals;
             }
             Err(failure) => panic!("{failure}\nreplay with MERIDIAN_TXN_SIM_SEED={seed}"),
         }
@@ -1098,9 +1154,19 @@ fn suite_catches_prepared_participants_aborting_alone() {
 
 #[test]
 fn suite_catches_later_records_overriding_decisions() {
-    let coordinator = CoordinatorSwitches { later_record_wins: true };
+    let coordinator =
+        CoordinatorSwitches { later_record_wins: true, ..CoordinatorSwitches::default() };
     let (seed, failure) =
         first_catch(SimSwitches::default(), coordinator).expect("later_record_wins went uncaught");
     println!("later_record_wins caught by seed {seed}: {failure}");
     assert!(failure.contains("atomic commitment"), "{failure}");
+}
+
+#[test]
+fn suite_catches_commits_without_every_vote() {
+    let coordinator =
+        CoordinatorSwitches { commit_on_first_vote: true, ..CoordinatorSwitches::default() };
+    let (seed, failure) = first_catch(SimSwitches::default(), coordinator)
+        .expect("commit_on_first_vote went uncaught");
+    println!("commit_on_first_vote caught by seed {seed}: {failure}");
 }

@@ -123,6 +123,9 @@ pub struct CoordinatorSwitches {
     /// A record applied later replaces the decision (breaks "the first record logged
     /// decides").
     pub later_record_wins: bool,
+    /// Propose the commit once the first vote arrived (breaks "a commit needs every
+    /// participant's vote").
+    pub commit_on_first_vote: bool,
 }
 
 /// A commit request collecting votes (leader memory).
@@ -134,8 +137,10 @@ struct PendingCommit {
     arrival: Interval,
     /// When it arrived, on the local clock, for the vote timeout.
     arrived_at: Timestamp,
-    /// Whether a record was proposed for it.
-    proposed: bool,
+    /// The last record proposed for it, if any.
+    proposal: Option<TxnRecord>,
+    /// Whether Raft refused that proposal, so that the next tick proposes it again.
+    propose_again: bool,
 }
 
 /// The two-phase-commit coordinator state of one range (see the module documentation).
@@ -172,6 +177,13 @@ fn list_ranges(ranges: &BTreeSet<RangeId>) -> String {
 /// coordinator whose range assigned or served timestamps up to `floor`: at or above every
 /// prepare timestamp, above `arrival.latest` (so `s` is after the request's real-time start,
 /// which commit-wait turns into external consistency), and above the floor.
+///
+/// Spanner's coordinator, which logs no prepare record, needs the last two terms. Here the
+/// coordinator's range prepares its own part, after the request arrived and above its floor,
+/// so its own vote already implies both (while it is prepared, conflicting writers wait for
+/// its locks and reads at or above its prepare timestamp wait for its outcome): they stay as
+/// a second line of defence, and a test-only switch that drops the floor goes uncaught by the
+/// simulation for that reason.
 pub fn commit_timestamp(
     arrival: Interval,
     prepare_timestamps: impl IntoIterator<Item = Timestamp>,
@@ -181,7 +193,8 @@ pub fn commit_timestamp(
 }
 
 /// Returns the prepare timestamp a participant whose clock reads `now` and whose range
-/// assigned or served timestamps up to `floor` gives a transaction: above both.
+/// assigned or served timestamps up to `floor` gives a transaction: at least `now.latest` and
+/// above the floor.
 pub fn prepare_timestamp(now: Interval, floor: Timestamp) -> Timestamp {
     now.latest.max(floor.next())
 }
@@ -213,17 +226,14 @@ impl Coordinator {
         }
         if let Some(record) = self.decisions.get(&txn) {
             // A record logged for a status query names only the participant that asked; the
-            // others the client names learn the decision too.
-            let unaware: BTreeSet<RangeId> =
-                participants.difference(&record.participants).copied().collect();
-            if !unaware.is_empty() {
-                self.outputs.push(CoordinatorOutput::Notify {
-                    txn,
-                    participants: unaware,
-                    decision: record.decision.clone(),
-                });
+            // others the client names learn the decision too (an abort, for a range that is
+            // not among a commit's voters).
+            let decision = record.decision.clone();
+            for range in participants.difference(&record.participants).copied().collect::<Vec<_>>()
+            {
+                self.notify_outsider(txn, range);
             }
-            self.outputs.push(CoordinatorOutput::Reply { txn, decision: record.decision.clone() });
+            self.outputs.push(CoordinatorOutput::Reply { txn, decision });
             return Ok(());
         }
         self.clients_waiting.insert(txn);
@@ -245,7 +255,8 @@ impl Coordinator {
                 votes,
                 arrival: now,
                 arrived_at: local_now,
-                proposed: false,
+                proposal: None,
+                propose_again: false,
             },
         );
         self.maybe_decide(txn, floor);
@@ -267,11 +278,15 @@ impl Coordinator {
             return;
         }
         if let Some(record) = self.decisions.get(&txn) {
-            self.outputs.push(CoordinatorOutput::Notify {
-                txn,
-                participants: BTreeSet::from([participant]),
-                decision: record.decision.clone(),
-            });
+            if record.participants.contains(&participant) {
+                self.outputs.push(CoordinatorOutput::Notify {
+                    txn,
+                    participants: BTreeSet::from([participant]),
+                    decision: record.decision.clone(),
+                });
+            } else {
+                self.notify_outsider(txn, participant);
+            }
             return;
         }
         if let Some(pending) = self.pending.get_mut(&txn) {
@@ -314,19 +329,13 @@ impl Coordinator {
             .pending
             .get(&txn)
             .map_or_else(|| BTreeSet::from([participant]), |pending| pending.participants.clone());
-        if let Some(pending) = self.pending.get_mut(&txn) {
-            pending.proposed = true;
-        }
-        self.early_votes.remove(&txn);
-        self.outputs.push(CoordinatorOutput::Propose {
-            txn,
-            record: TxnRecord {
-                decision: Decision::Abort {
-                    reason: format!("participant {participant} could not prepare: {reason}"),
-                },
-                participants,
+        let record = TxnRecord {
+            decision: Decision::Abort {
+                reason: format!("participant {participant} could not prepare: {reason}"),
             },
-        });
+            participants,
+        };
+        self.propose(txn, record);
     }
 
     /// The client gives `txn` up after asking participants to prepare, or the coordinator's
@@ -337,49 +346,65 @@ impl Coordinator {
             return;
         }
         if let Some(record) = self.decisions.get(&txn) {
-            self.outputs.push(CoordinatorOutput::Reply { txn, decision: record.decision.clone() });
+            let decision = record.decision.clone();
+            for range in participants.difference(&record.participants).copied().collect::<Vec<_>>()
+            {
+                self.notify_outsider(txn, range);
+            }
+            self.outputs.push(CoordinatorOutput::Reply { txn, decision });
             return;
         }
         self.clients_waiting.insert(txn);
-        if let Some(pending) = self.pending.get_mut(&txn) {
-            pending.proposed = true;
-        }
-        self.early_votes.remove(&txn);
-        self.outputs.push(CoordinatorOutput::Propose {
-            txn,
-            record: TxnRecord { decision: Decision::Abort { reason }, participants },
-        });
+        self.propose(txn, TxnRecord { decision: Decision::Abort { reason }, participants });
     }
 
-    /// Aborts commit requests that have waited for votes longer than the vote timeout (a
-    /// follower has none).
+    /// Raft refused the last record proposed for `txn` (the leader is transferring its
+    /// leadership, say) while this replica stays leader: the next [`Coordinator::tick`]
+    /// proposes it again, so that a commit is never stranded.
+    pub fn on_proposal_refused(&mut self, txn: TxnId) {
+        if let Some(pending) = self.pending.get_mut(&txn)
+            && pending.proposal.is_some()
+        {
+            pending.propose_again = true;
+        }
+    }
+
+    /// Proposes again the records Raft refused, and aborts commit requests that have waited
+    /// for votes longer than the vote timeout (a follower has none).
     pub fn tick(&mut self, local_now: Timestamp) {
         let timeout = self.options.vote_timeout;
+        let mut proposals = Vec::new();
         for (txn, pending) in &mut self.pending {
-            if pending.proposed
+            if pending.propose_again {
+                pending.propose_again = false;
+                proposals.push((*txn, pending.proposal.clone().expect("refused proposals exist")));
+                continue;
+            }
+            if pending.proposal.is_some()
                 || local_now.saturating_duration_since(pending.arrived_at) <= timeout
             {
                 continue;
             }
-            pending.proposed = true;
             let missing: Vec<String> = pending
                 .participants
                 .iter()
                 .filter(|range| !pending.votes.contains_key(range))
                 .map(ToString::to_string)
                 .collect();
-            self.outputs.push(CoordinatorOutput::Propose {
-                txn: *txn,
-                record: TxnRecord {
-                    decision: Decision::Abort {
-                        reason: format!(
-                            "no vote from participants {} within {timeout:?}",
-                            missing.join(", ")
-                        ),
-                    },
-                    participants: pending.participants.clone(),
+            let record = TxnRecord {
+                decision: Decision::Abort {
+                    reason: format!(
+                        "no vote from participants {} within {timeout:?}",
+                        missing.join(", ")
+                    ),
                 },
-            });
+                participants: pending.participants.clone(),
+            };
+            pending.proposal = Some(record.clone());
+            proposals.push((*txn, record));
+        }
+        for (txn, record) in proposals {
+            self.outputs.push(CoordinatorOutput::Propose { txn, record });
         }
     }
 
@@ -447,20 +472,45 @@ impl Coordinator {
 
     /// Proposes the commit record once every participant has voted.
     fn maybe_decide(&mut self, txn: TxnId, floor: Timestamp) {
-        let Some(pending) = self.pending.get_mut(&txn) else { return };
-        if pending.proposed
-            || pending.participants.iter().any(|range| !pending.votes.contains_key(range))
-        {
+        let Some(pending) = self.pending.get(&txn) else { return };
+        let switches = self.options.switches;
+        let missing_votes =
+            pending.participants.iter().any(|range| !pending.votes.contains_key(range));
+        let voted =
+            if switches.commit_on_first_vote { !pending.votes.is_empty() } else { !missing_votes };
+        if pending.proposal.is_some() || !voted {
             return;
         }
-        pending.proposed = true;
         let commit_ts = commit_timestamp(pending.arrival, pending.votes.values().copied(), floor);
-        self.outputs.push(CoordinatorOutput::Propose {
+        let record = TxnRecord {
+            decision: Decision::Commit { commit_ts },
+            participants: pending.participants.clone(),
+        };
+        self.propose(txn, record);
+    }
+
+    /// Proposes a record for `txn` and remembers it with the pending request, if any.
+    fn propose(&mut self, txn: TxnId, record: TxnRecord) {
+        if let Some(pending) = self.pending.get_mut(&txn) {
+            pending.proposal = Some(record.clone());
+            pending.propose_again = false;
+        }
+        self.early_votes.remove(&txn);
+        self.outputs.push(CoordinatorOutput::Propose { txn, record });
+    }
+
+    /// Tells a range that is not among a logged decision's participants that its part of
+    /// `txn` aborts: it never voted in that decision (an abort logged for another range's
+    /// status query, or a client that named other participants than its commit did), so it
+    /// must not commit, whatever the others do.
+    fn notify_outsider(&mut self, txn: TxnId, range: RangeId) {
+        let decision = Decision::Abort {
+            reason: format!("range {range} is not a participant of {txn}'s logged decision"),
+        };
+        self.outputs.push(CoordinatorOutput::Notify {
             txn,
-            record: TxnRecord {
-                decision: Decision::Commit { commit_ts },
-                participants: pending.participants.clone(),
-            },
+            participants: BTreeSet::from([range]),
+            decision,
         });
     }
 }

@@ -19,7 +19,8 @@ type ScriptResult<T> = std::result::Result<T, Box<dyn StdError>>;
 /// - `vote TXN range=R ts=T [query] [floor=F]`: a participant's vote or status query.
 /// - `fail TXN range=R`: a participant could not prepare.
 /// - `abort TXN [participants=r2/r3]`: the client gives the transaction up.
-/// - `tick at=T`: the vote timeout check (timeout 100).
+/// - `refuse TXN`: Raft refused the last record proposed for TXN.
+/// - `tick at=T`: re-proposals and the vote timeout check (timeout 100).
 /// - `apply [TXN]`: apply the oldest proposed record (of TXN).
 /// - `leader`: this replica becomes leader again (memory lost, decisions kept).
 /// - `follower`: this replica becomes a follower (it applies records and outputs nothing).
@@ -104,6 +105,17 @@ impl goldenscript::Runner for CoordinatorRunner {
                     None => BTreeSet::new(),
                 };
                 self.coordinator.request_abort(txn, participants, "client gave up".to_owned());
+            }
+            "refuse" => {
+                // Raft refused the last record proposed for TXN: it never enters the log.
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let position = self
+                    .log
+                    .iter()
+                    .rposition(|(logged, _)| *logged == txn)
+                    .ok_or("no such record proposed")?;
+                self.log.remove(position);
+                self.coordinator.on_proposal_refused(txn);
             }
             "tick" => {
                 let at = take_u64(&mut args, "at")?.ok_or("missing at")?;
