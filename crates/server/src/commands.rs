@@ -109,8 +109,8 @@ struct StartArgs {
     /// Fault injection for tests: shift this node's clock by this many ms (may be negative).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     inject_clock_skew_ms: i64,
-    /// Fault injection for tests: abort right after leading a split, before the meta range
-    /// records it.
+    /// Fault injection for tests: abort right after a split this node proposed applies, before
+    /// the meta range records it.
     #[arg(long)]
     inject_crash_after_split: bool,
     /// A range whose data grows past this many KiB splits in two.

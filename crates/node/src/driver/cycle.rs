@@ -80,6 +80,8 @@ impl<E: Engine> Driver<E> {
         let mut children: Vec<AppliedState> = Vec::new();
         let mut campaign = Vec::new();
         let mut publish = Vec::new();
+        // Whether a split this node proposed applied (fault injection aborts after it).
+        let mut own_split_applied = false;
         for (range, ready) in readies {
             let replica = self.replicas.get_mut(&range).expect("replica exists");
             metrics::counter!("meridian_raft_entries_applied_total")
@@ -151,6 +153,7 @@ impl<E: Engine> Driver<E> {
                         acknowledgements.push((reply, timestamp));
                     }
                     (Pending::Split { reply }, Applied::Split(_)) => {
+                        own_split_applied = true;
                         let _ = reply.send(Ok(split_descriptors));
                     }
                     (Pending::UpdateDescriptors { reply }, Applied::DescriptorsUpdated) => {
@@ -203,7 +206,7 @@ impl<E: Engine> Driver<E> {
                 }
             }
         }
-        if self.crash_after_split && !publish.is_empty() {
+        if self.crash_after_split && own_split_applied {
             error!(
                 "fault injection: aborting right after a split, before the meta range records it"
             );

@@ -191,7 +191,7 @@ pub struct Driver<E: Engine> {
     unreachable: BTreeSet<NodeId>,
     /// This node's load, for its hellos.
     load: Arc<NodeLoad>,
-    /// Fault injection: abort right after leading a split.
+    /// Fault injection: abort right after a split this node proposed applies.
     crash_after_split: bool,
     /// Seeds the election jitter of this node's replicas.
     seed: u64,
@@ -248,7 +248,8 @@ pub struct DriverOptions {
     pub draining: bool,
     /// Where the driver publishes this node's load.
     pub load: Arc<NodeLoad>,
-    /// Fault injection for tests: abort right after leading a split (see `NodeOptions`).
+    /// Fault injection for tests: abort right after a split this node proposed applies (see
+    /// `NodeOptions`).
     pub crash_after_split: bool,
     /// Seeds election jitter; `None` takes a seed from the wall clock.
     pub seed: Option<u64>,

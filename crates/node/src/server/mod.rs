@@ -85,8 +85,9 @@ pub struct NodeOptions {
     pub inject_disk_full_after_bytes: Option<u64>,
     /// A data range whose data grows past this many bytes splits in two.
     pub range_max_bytes: u64,
-    /// Fault injection for tests: abort the process right after leading a split, before the
-    /// meta range records it.
+    /// Fault injection for tests: abort the process right after a split this node proposed
+    /// applies, before the meta range records it (a node that applies another's split after
+    /// taking over its leadership does not abort).
     pub inject_crash_after_split: bool,
     /// How often the node asks the meta range about every replica it holds (replicas with no
     /// leader or no snapshot are asked about sooner).

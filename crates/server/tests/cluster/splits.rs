@@ -93,7 +93,8 @@ async fn ranges_split_and_survive_killing_a_leader_mid_split() {
 #[tokio::test]
 async fn a_leader_crashing_mid_split_leaves_routing_consistent() {
     let mut cluster = Cluster::start(3);
-    // Every node aborts right after leading a split, before the meta range records it.
+    // Every node aborts right after a split it proposed applies, before the meta range
+    // records it; the node that takes over applies the split without aborting.
     for index in 0..3 {
         cluster.kill(index);
         let child = cluster.spawn_with(index, &["--inject-crash-after-split"]);
