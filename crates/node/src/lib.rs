@@ -31,10 +31,14 @@ mod server;
 mod snapshot;
 mod state_machine;
 mod transport;
+mod txn_state;
 
 pub use descriptor::{FIRST_DATA_RANGE, META_RANGE, MetaIndex, RangeDescriptor};
 pub use driver::{DriverOptions, NodeSwitches, RaftTiming};
 pub use error::{NodeError, leader_hint};
 pub use raft_store::{RaftLogStore, RangeId, SnapshotSource, StagedReady};
 pub use server::{NodeEnvironment, NodeOptions, run_node, serve};
-pub use state_machine::{AppliedState, encode_delete, encode_put};
+pub use state_machine::{
+    AppliedState, encode_decision, encode_delete, encode_one_phase_commit, encode_outcome,
+    encode_prepare, encode_put,
+};

@@ -6,6 +6,11 @@
 //!   span and hands the rest to new ranges, whose replicas the driver creates on the same nodes
 //!   at the same log index (see [`Applied::Split`]). The data itself does not move: all ranges
 //!   share one MVCC key space ordered by user key, and a span of user keys is a span there.
+//! - A data range also holds its **transaction state** (`txn_state.rs`): prepare records
+//!   (applied at every replica, resolved by an outcome or by this range's own decision),
+//!   the decisions of transactions it coordinated (the first logged for a transaction wins),
+//!   and one-range commits, whose writes all apply at the commit timestamp. A range with
+//!   prepared transactions does not split: their locks and writes stay in one range.
 //! - The **meta range** holds the [`MetaIndex`] of descriptors and the range id counter.
 //!
 //! Applying is deterministic: a command that does not decode, that names a key outside the span
@@ -24,11 +29,13 @@ use meridian_raft::{
 use meridian_rpc::kv as wire;
 use meridian_storage::mvcc::VersionWrite;
 use meridian_storage::{Engine, Mvcc, ReadView, ScanDirection, WriteBatch, keyspace};
+use meridian_txn::{Decision, KeySpan, Resolution, TxnId};
 use prost::Message as _;
 
 use crate::descriptor::{META_RANGE, MetaIndex, RangeDescriptor};
 use crate::raft_store::{APPLIED_STATE, state_key};
 use crate::snapshot::{SnapshotRegistry, VersionStream};
+use crate::txn_state::{self, TxnState};
 use crate::{RangeId, SnapshotSource};
 
 /// What a range's state machine has applied.
@@ -114,6 +121,13 @@ pub enum Applied {
     RangeIds(u64),
     /// Not a command (no-op or membership change).
     Nothing,
+    /// A transaction prepared here at this timestamp (or was prepared already).
+    Prepared { txn: TxnId, prepare_ts: u64 },
+    /// A decision record applied: this is the transaction's decision in effect (the first
+    /// logged), which also resolved its part here.
+    Decided { txn: TxnId, decision: Decision },
+    /// An outcome applied (or found nothing prepared to resolve).
+    Resolved { txn: TxnId },
     /// The write's key is outside the range's span (a split applied first).
     KeyNotInRange,
     /// The command was invalid; every replica rejects it alike.
@@ -140,6 +154,40 @@ pub fn encode_delete(key: &[u8], timestamp: u64) -> Vec<u8> {
 pub fn encode_split(keys: Vec<Vec<u8>>, ids: Vec<u64>, timestamp_floor: u64) -> Vec<u8> {
     let split = wire::Split { keys, range_ids: ids, timestamp_floor };
     encode_command(0, wire::range_command::Operation::Split(split))
+}
+
+/// Encodes a participant's prepare record.
+pub fn encode_prepare(record: &meridian_txn::PrepareRecord) -> Vec<u8> {
+    let record = txn_state::prepare_to_wire(record);
+    encode_command(record.prepare_ts, wire::range_command::Operation::Prepare(record))
+}
+
+/// Encodes a coordinator's decision record.
+pub fn encode_decision(txn: TxnId, record: &meridian_txn::TxnRecord) -> Vec<u8> {
+    let record = txn_state::decision_record_to_wire(txn, record);
+    encode_command(0, wire::range_command::Operation::Decide(record))
+}
+
+/// Encodes a participant's outcome record.
+pub fn encode_outcome(txn: TxnId, decision: &Decision) -> Vec<u8> {
+    let record = wire::OutcomeRecord {
+        txn: txn_state::txn_id_to_wire(txn),
+        decision: Some(txn_state::decision_to_wire(decision)),
+    };
+    encode_command(0, wire::range_command::Operation::Outcome(record))
+}
+
+/// Encodes a one-range commit of `writes` at `timestamp`.
+pub fn encode_one_phase_commit(
+    txn: TxnId,
+    writes: &[meridian_txn::Write],
+    timestamp: u64,
+) -> Vec<u8> {
+    let commit = wire::OnePhaseCommit {
+        txn: txn_state::txn_id_to_wire(txn),
+        writes: txn_state::writes_to_wire(writes),
+    };
+    encode_command(timestamp, wire::range_command::Operation::Commit(commit))
 }
 
 /// Encodes a meta update recording `descriptors`.
@@ -219,6 +267,8 @@ pub struct RangeStateMachine<E: Engine> {
     applied: AppliedState,
     /// The meta range's index (on the meta range only).
     meta: Option<MetaIndex>,
+    /// Prepared transactions and decisions (data ranges; empty on the meta range).
+    txn: TxnState,
 }
 
 impl<E: Engine> RangeStateMachine<E> {
@@ -232,7 +282,12 @@ impl<E: Engine> RangeStateMachine<E> {
         let applied = load_applied_state(mvcc.engine().as_ref(), range)?;
         let meta =
             if range == META_RANGE { Some(load_meta_index(mvcc.engine().as_ref())?) } else { None };
-        Ok(RangeStateMachine { range, mvcc, applied, meta })
+        let txn = if range == META_RANGE {
+            TxnState::default()
+        } else {
+            TxnState::load(mvcc.engine().as_ref(), range)?
+        };
+        Ok(RangeStateMachine { range, mvcc, applied, meta, txn })
     }
 
     /// Returns the applied state.
@@ -301,6 +356,28 @@ impl<E: Engine> RangeStateMachine<E> {
             Some(Operation::Delete(key)) if !is_meta => {
                 self.apply_write(batch, key, None, command.timestamp)
             }
+            Some(Operation::Split(_)) if self.txn.prepared.records().next().is_some() => {
+                Ok(Applied::Rejected(
+                    "the range has prepared transactions; split once they are resolved".into(),
+                ))
+            }
+            Some(Operation::Prepare(record)) if !is_meta => self.apply_prepare(batch, &record),
+            Some(Operation::Decide(record)) if !is_meta => self.apply_decision(batch, &record),
+            Some(Operation::Outcome(record)) if !is_meta => {
+                let parsed = txn_state::txn_id_from_wire(&record.txn).and_then(|txn| {
+                    Ok((txn, txn_state::decision_from_wire(record.decision.as_ref())?))
+                });
+                match parsed {
+                    Ok((txn, decision)) => {
+                        self.resolve(batch, txn, &decision)?;
+                        Ok(Applied::Resolved { txn })
+                    }
+                    Err(reason) => Ok(Applied::Rejected(reason)),
+                }
+            }
+            Some(Operation::Commit(commit)) if !is_meta => {
+                self.apply_one_phase_commit(batch, &commit, command.timestamp)
+            }
             Some(Operation::Split(split)) if !is_meta => {
                 match split_descriptors(&self.applied.descriptor, &self.applied.config, &split) {
                     Ok(children) => {
@@ -361,6 +438,114 @@ impl<E: Engine> RangeStateMachine<E> {
         }
     }
 
+    /// Applies a prepare record: every write and lock must lie in the span (a split may
+    /// have applied since it was proposed, and then nothing is prepared).
+    fn apply_prepare(
+        &mut self,
+        batch: &mut WriteBatch,
+        record: &wire::PrepareRecord,
+    ) -> RaftResult<Applied> {
+        let record = match txn_state::prepare_from_wire(record) {
+            Ok(record) => record,
+            Err(reason) => return Ok(Applied::Rejected(reason)),
+        };
+        if record.prepare_ts == Timestamp::ZERO {
+            return Ok(Applied::Rejected("a prepare record without a timestamp".into()));
+        }
+        let descriptor = &self.applied.descriptor;
+        let inside = record.writes.iter().all(|write| descriptor.contains(&write.key))
+            && record.locks.iter().all(|(_, span)| span_inside(descriptor, span));
+        if !inside {
+            return Ok(Applied::KeyNotInRange);
+        }
+        let (txn, prepare_ts) = (record.txn, record.prepare_ts.as_nanos());
+        if self.txn.prepared.apply_prepare(record.clone()) {
+            TxnState::stage_prepared(self.range, &record, batch);
+            self.applied.max_timestamp = self.applied.max_timestamp.max(prepare_ts);
+        }
+        Ok(Applied::Prepared { txn, prepare_ts })
+    }
+
+    /// Applies a coordinator's decision record: the first for a transaction decides it, and
+    /// resolves the transaction's part here.
+    fn apply_decision(
+        &mut self,
+        batch: &mut WriteBatch,
+        record: &wire::DecisionRecord,
+    ) -> RaftResult<Applied> {
+        let (txn, record) = match txn_state::decision_record_from_wire(record) {
+            Ok(parsed) => parsed,
+            Err(reason) => return Ok(Applied::Rejected(reason)),
+        };
+        let first = self.txn.coordinator.decision(txn).is_none();
+        let decision = self.txn.coordinator.apply(txn, record.clone());
+        if first {
+            TxnState::stage_decision(self.range, txn, &record, batch);
+            if let Decision::Commit { commit_ts } = &decision {
+                self.applied.max_timestamp = self.applied.max_timestamp.max(commit_ts.as_nanos());
+            }
+        }
+        self.resolve(batch, txn, &decision)?;
+        Ok(Applied::Decided { txn, decision })
+    }
+
+    /// Applies a decision to the transaction's prepared part here, if it has one: its writes
+    /// at the commit timestamp, or nothing for an abort; the record goes either way.
+    ///
+    /// # Errors
+    ///
+    /// A commit at or below the GC horizon, which must never happen (the horizon stays below
+    /// every prepared transaction), and storage errors: the node stops rather than diverge.
+    fn resolve(
+        &mut self,
+        batch: &mut WriteBatch,
+        txn: TxnId,
+        decision: &Decision,
+    ) -> RaftResult<()> {
+        match self.txn.prepared.apply_outcome(txn, decision) {
+            Resolution::Commit { commit_ts, writes } => {
+                for write in writes {
+                    let version = VersionWrite { key: write.key, commit_ts, value: write.value };
+                    self.mvcc.add_to_batch(batch, &version).map_err(storage_error)?;
+                }
+                self.applied.max_timestamp = self.applied.max_timestamp.max(commit_ts.as_nanos());
+                TxnState::stage_resolved(self.range, txn, batch);
+            }
+            Resolution::Abort => TxnState::stage_resolved(self.range, txn, batch),
+            Resolution::Unknown => {}
+        }
+        Ok(())
+    }
+
+    /// Applies a one-range commit: all of its writes at `timestamp`, or none (a key outside
+    /// the span, after a split applied first, or a timestamp at or below the GC horizon).
+    fn apply_one_phase_commit(
+        &mut self,
+        batch: &mut WriteBatch,
+        commit: &wire::OnePhaseCommit,
+        timestamp: u64,
+    ) -> RaftResult<Applied> {
+        if let Err(reason) = txn_state::txn_id_from_wire(&commit.txn) {
+            return Ok(Applied::Rejected(reason));
+        }
+        if !commit.writes.iter().all(|write| self.applied.descriptor.contains(&write.key)) {
+            return Ok(Applied::KeyNotInRange);
+        }
+        let commit_ts = Timestamp::from_nanos(timestamp);
+        if commit_ts <= self.mvcc.gc_horizon() {
+            return Ok(Applied::Rejected(format!(
+                "commit timestamp {timestamp} is at or below the GC horizon"
+            )));
+        }
+        for write in &commit.writes {
+            let version =
+                VersionWrite { key: write.key.clone(), commit_ts, value: write.value.clone() };
+            self.mvcc.add_to_batch(batch, &version).map_err(storage_error)?;
+        }
+        self.applied.max_timestamp = self.applied.max_timestamp.max(timestamp);
+        Ok(Applied::Write(timestamp))
+    }
+
     /// Records the applied state into `batch`.
     pub fn stage_applied_state(&self, batch: &mut WriteBatch) {
         batch.put(state_key(self.range, APPLIED_STATE), self.applied.encode());
@@ -416,6 +601,13 @@ impl<E: Engine> RangeStateMachine<E> {
                     self.mvcc.stage_clear(batch, &start, end.as_deref()).map_err(storage_error)?;
                 }
             }
+            self.txn.stage_install(
+                self.mvcc.engine().as_ref(),
+                self.range,
+                data.prepared,
+                data.decisions,
+                batch,
+            )?;
             for version in data.versions {
                 if protected.iter().any(|owner| owner.contains(&version.key)) {
                     continue;
@@ -440,6 +632,17 @@ impl<E: Engine> RangeStateMachine<E> {
         self.stage_applied_state(batch);
         Ok(())
     }
+}
+
+/// Returns whether every key of `span` lies in the range.
+fn span_inside(descriptor: &RangeDescriptor, span: &KeySpan) -> bool {
+    let start_inside = span.start() >= descriptor.start.as_slice();
+    let end_inside = match (&descriptor.end, span.end()) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(range_end), Some(end)) => end <= range_end.as_slice(),
+    };
+    start_inside && end_inside
 }
 
 /// Returns the parts of `span` outside every descriptor in `holes`, in key order.
@@ -531,10 +734,13 @@ impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
             next_range_id: applied.next_range_id,
             descriptors: Vec::new(),
             stream_id: 0,
+            prepared: Vec::new(),
+            decisions: Vec::new(),
         };
         if self.range == META_RANGE {
             data.descriptors = load_meta_index(view.as_ref())?.descriptors().cloned().collect();
         } else {
+            (data.prepared, data.decisions) = txn_state::snapshot_parts(view.as_ref(), self.range)?;
             let stream = VersionStream::new(view, &descriptor.start, descriptor.end.as_deref());
             data.stream_id = self.registry.register(stream);
         }
@@ -658,6 +864,8 @@ mod tests {
             next_range_id: 0,
             descriptors: Vec::new(),
             stream_id: 0,
+            prepared: Vec::new(),
+            decisions: Vec::new(),
         };
         Snapshot {
             metadata: SnapshotMetadata {
@@ -677,6 +885,215 @@ mod tests {
                 (String::from_utf8(key).unwrap(), String::from_utf8(version.value).unwrap())
             })
             .collect()
+    }
+
+    fn apply_command(
+        machine: &mut RangeStateMachine<meridian_storage::MemoryEngine>,
+        index: u64,
+        command: Vec<u8>,
+    ) -> Applied {
+        let entry =
+            Entry { index: LogIndex(index), term: Term(1), kind: EntryKind::Command(command) };
+        let mut batch = WriteBatch::new();
+        let applied = machine.apply(&entry, &mut batch).unwrap();
+        machine.stage_applied_state(&mut batch);
+        machine.mvcc.engine().write(batch, true).unwrap();
+        applied
+    }
+
+    fn prepare_record(
+        txn: u128,
+        prepare_ts: u64,
+        writes: &[(&str, Option<&str>)],
+    ) -> meridian_txn::PrepareRecord {
+        meridian_txn::PrepareRecord {
+            txn: TxnId(txn),
+            priority: meridian_txn::Priority {
+                start: Timestamp::from_nanos(1),
+                first_txn: TxnId(txn),
+                attempt: 0,
+            },
+            coordinator: meridian_txn::RangeId(9),
+            prepare_ts: Timestamp::from_nanos(prepare_ts),
+            locks: writes
+                .iter()
+                .map(|(key, _)| {
+                    (meridian_txn::LockMode::Exclusive, KeySpan::key(key.as_bytes().to_vec()))
+                })
+                .chain([(
+                    meridian_txn::LockMode::Shared,
+                    KeySpan::range(b"a".to_vec(), Some(b"c".to_vec())).unwrap(),
+                )])
+                .collect(),
+            writes: writes
+                .iter()
+                .map(|(key, value)| meridian_txn::Write {
+                    key: key.as_bytes().to_vec(),
+                    value: value.map(|value| value.as_bytes().to_vec()),
+                })
+                .collect(),
+        }
+    }
+
+    fn commit_at(participants: &[u64], commit_ts: u64) -> meridian_txn::TxnRecord {
+        meridian_txn::TxnRecord {
+            decision: Decision::Commit { commit_ts: Timestamp::from_nanos(commit_ts) },
+            participants: participants.iter().map(|id| meridian_txn::RangeId(*id)).collect(),
+        }
+    }
+
+    /// Prepare records survive a restart and block splits; the first decision applied
+    /// resolves the range's own part at the commit timestamp and survives a restart too; a
+    /// later, different decision changes nothing; outcomes for unknown transactions are
+    /// harmless.
+    #[test]
+    fn prepared_transactions_and_decisions_apply_and_persist() {
+        let (mvcc, mut machine) = data_state_machine(&["b"]);
+        let record = prepare_record(1, 20, &[("b", Some("new")), ("d", None)]);
+        let applied = apply_command(&mut machine, 2, encode_prepare(&record));
+        assert_eq!(applied, Applied::Prepared { txn: TxnId(1), prepare_ts: 20 });
+        assert_eq!(machine.applied().max_timestamp, 20);
+        // Applying it again changes nothing.
+        assert_eq!(apply_command(&mut machine, 3, encode_prepare(&record)), applied);
+
+        let mut reopened = RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap();
+        assert_eq!(reopened.txn.prepared.records().cloned().collect::<Vec<_>>(), vec![record]);
+        let split = encode_split(vec![b"f".to_vec()], vec![10], 0);
+        assert!(
+            matches!(apply_command(&mut reopened, 4, split), Applied::Rejected(reason) if reason.contains("prepared"))
+        );
+
+        // The decision commits the range's own part at 30.
+        let applied =
+            apply_command(&mut reopened, 5, encode_decision(TxnId(1), &commit_at(&[9], 30)));
+        let committed = Decision::Commit { commit_ts: Timestamp::from_nanos(30) };
+        assert_eq!(applied, Applied::Decided { txn: TxnId(1), decision: committed.clone() });
+        assert_eq!(mvcc.get(b"b", Timestamp::from_nanos(29)).unwrap().unwrap().value, b"old");
+        assert_eq!(mvcc.get(b"b", Timestamp::from_nanos(30)).unwrap().unwrap().value, b"new");
+        assert!(mvcc.get(b"d", Timestamp::from_nanos(30)).unwrap().is_none());
+        assert_eq!(reopened.applied().max_timestamp, 30);
+
+        // A later abort record for the same transaction is ignored, after a restart too.
+        let mut reopened = RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap();
+        assert!(reopened.txn.prepared.records().next().is_none());
+        let abort = meridian_txn::TxnRecord {
+            decision: Decision::Abort { reason: "late".into() },
+            participants: Default::default(),
+        };
+        let applied = apply_command(&mut reopened, 6, encode_decision(TxnId(1), &abort));
+        assert_eq!(applied, Applied::Decided { txn: TxnId(1), decision: committed });
+        assert_eq!(
+            apply_command(
+                &mut reopened,
+                7,
+                encode_outcome(TxnId(5), &Decision::Abort { reason: String::new() })
+            ),
+            Applied::Resolved { txn: TxnId(5) }
+        );
+        // With nothing prepared, the range splits again.
+        let split = encode_split(vec![b"f".to_vec()], vec![10], 0);
+        assert!(matches!(apply_command(&mut reopened, 8, split), Applied::Split(_)));
+    }
+
+    /// An outcome resolves a participant's part: a commit writes at its timestamp, an abort
+    /// writes nothing; records outside the span or malformed are refused alike everywhere.
+    #[test]
+    fn outcomes_resolve_prepared_parts_and_bad_records_are_refused() {
+        let (mvcc, mut machine) = data_state_machine(&[]);
+        apply_command(
+            &mut machine,
+            2,
+            encode_prepare(&prepare_record(1, 20, &[("b", Some("one"))])),
+        );
+        apply_command(
+            &mut machine,
+            3,
+            encode_prepare(&prepare_record(2, 21, &[("c", Some("two"))])),
+        );
+        let commit = Decision::Commit { commit_ts: Timestamp::from_nanos(40) };
+        assert_eq!(
+            apply_command(&mut machine, 4, encode_outcome(TxnId(1), &commit)),
+            Applied::Resolved { txn: TxnId(1) }
+        );
+        let abort = Decision::Abort { reason: "wounded".into() };
+        apply_command(&mut machine, 5, encode_outcome(TxnId(2), &abort));
+        assert_eq!(contents(&mvcc), vec![("b".to_string(), "one".to_string())]);
+        assert!(machine.txn.prepared.records().next().is_none());
+
+        // Outside the span [a, m): nothing prepared.
+        let outside = prepare_record(3, 22, &[("x", Some("no"))]);
+        assert_eq!(
+            apply_command(&mut machine, 6, encode_prepare(&outside)),
+            Applied::KeyNotInRange
+        );
+        assert!(machine.txn.prepared.records().next().is_none());
+        // Malformed: an id of the wrong length.
+        let mut malformed = txn_state::prepare_to_wire(&prepare_record(4, 23, &[("b", None)]));
+        malformed.txn = vec![1];
+        let command = encode_command(23, wire::range_command::Operation::Prepare(malformed));
+        assert!(matches!(apply_command(&mut machine, 7, command), Applied::Rejected(_)));
+    }
+
+    /// A one-range commit applies all its writes at its timestamp, or none.
+    #[test]
+    fn one_phase_commits_apply_all_or_nothing() {
+        let (mvcc, mut machine) = data_state_machine(&[]);
+        let write = |key: &str, value: Option<&str>| meridian_txn::Write {
+            key: key.as_bytes().to_vec(),
+            value: value.map(|value| value.as_bytes().to_vec()),
+        };
+        let commit =
+            encode_one_phase_commit(TxnId(1), &[write("b", Some("1")), write("c", Some("2"))], 50);
+        assert_eq!(apply_command(&mut machine, 2, commit), Applied::Write(50));
+        let straddling =
+            encode_one_phase_commit(TxnId(2), &[write("d", Some("3")), write("z", Some("4"))], 60);
+        assert_eq!(apply_command(&mut machine, 3, straddling), Applied::KeyNotInRange);
+        let deleting = encode_one_phase_commit(TxnId(3), &[write("b", None)], 70);
+        assert_eq!(apply_command(&mut machine, 4, deleting), Applied::Write(70));
+        assert_eq!(contents(&mvcc), vec![("c".to_string(), "2".to_string())]);
+        assert_eq!(mvcc.get(b"b", Timestamp::from_nanos(69)).unwrap().unwrap().value, b"1");
+        assert_eq!(machine.applied().max_timestamp, 70);
+    }
+
+    /// Snapshots carry prepared transactions and decisions, and installing one replaces the
+    /// replica's.
+    #[test]
+    fn snapshots_carry_the_transaction_state() {
+        let (mvcc, mut machine) = data_state_machine(&[]);
+        apply_command(&mut machine, 2, encode_prepare(&prepare_record(1, 20, &[("b", Some("x"))])));
+        apply_command(&mut machine, 3, encode_decision(TxnId(7), &commit_at(&[4], 25)));
+        let (prepared, decisions) =
+            txn_state::snapshot_parts(mvcc.engine().as_ref(), RangeId(9)).unwrap();
+        assert_eq!(prepared.len(), 1);
+        assert_eq!(decisions.len(), 1);
+
+        // Another replica with its own (stale) prepared transaction installs the snapshot.
+        let (other_mvcc, mut other) = data_state_machine(&[]);
+        apply_command(&mut other, 2, encode_prepare(&prepare_record(9, 10, &[("c", Some("y"))])));
+        let mut data =
+            wire::RangeSnapshot::decode(snapshot_of(span("a", Some("m")), &[]).data.as_slice())
+                .unwrap();
+        data.prepared = prepared;
+        data.decisions = decisions;
+        let snapshot = Snapshot {
+            metadata: SnapshotMetadata {
+                index: LogIndex(20),
+                term: Term(3),
+                config: Configuration::default(),
+            },
+            data: data.encode_to_vec(),
+        };
+        let mut batch = WriteBatch::new();
+        other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
+        other_mvcc.engine().write(batch, true).unwrap();
+        let txns = |machine: &RangeStateMachine<meridian_storage::MemoryEngine>| -> Vec<TxnId> {
+            machine.txn.prepared.records().map(|record| record.txn).collect()
+        };
+        assert_eq!(txns(&other), vec![TxnId(1)]);
+        assert!(other.txn.coordinator.decision(TxnId(7)).is_some());
+        let reopened = RangeStateMachine::open(RangeId(9), other_mvcc).unwrap();
+        assert_eq!(txns(&reopened), vec![TxnId(1)]);
+        assert!(reopened.txn.coordinator.decision(TxnId(7)).is_some());
     }
 
     /// Installing a snapshot replaces its span's data — what the replica had there and the

@@ -89,10 +89,15 @@ impl PreparedSet {
         PreparedSet::default()
     }
 
-    /// Applies a logged prepare record at local time `now`. Applying it again changes nothing.
-    pub fn apply_prepare(&mut self, record: PrepareRecord, now: Timestamp) {
-        self.last_contact.entry(record.txn).or_insert(now);
-        self.prepared.entry(record.txn).or_insert(record);
+    /// Applies a logged prepare record, the same way on every replica; returns whether it
+    /// prepared the transaction (false when it was prepared already: nothing changes). The
+    /// leader's status-query timer for it starts at the next [`PreparedSet::due_queries`].
+    pub fn apply_prepare(&mut self, record: PrepareRecord) -> bool {
+        if self.prepared.contains_key(&record.txn) {
+            return false;
+        }
+        self.prepared.insert(record.txn, record);
+        true
     }
 
     /// Applies a logged outcome and returns what it does to the data.
@@ -114,7 +119,9 @@ impl PreparedSet {
     }
 
     /// Returns the prepared transactions that heard nothing for `query_after` before `now`,
-    /// with their coordinator and prepare timestamp, and records that they ask now.
+    /// with their coordinator and prepare timestamp, and records that they ask now. A
+    /// transaction this replica has not timed yet (newly prepared, or prepared before it
+    /// became leader) starts its timer at `now`.
     pub fn due_queries(
         &mut self,
         now: Timestamp,
@@ -164,10 +171,9 @@ mod tests {
     #[test]
     fn outcomes_apply_once() {
         let mut set = PreparedSet::new();
-        let now = Timestamp::from_nanos(0);
-        set.apply_prepare(record(1, 10), now);
-        set.apply_prepare(record(1, 10), now);
-        set.apply_prepare(record(2, 20), now);
+        assert!(set.apply_prepare(record(1, 10)));
+        assert!(!set.apply_prepare(record(1, 10)));
+        assert!(set.apply_prepare(record(2, 20)));
         assert_eq!(set.records().count(), 2);
         assert_eq!(set.max_prepare_ts(), Some(Timestamp::from_nanos(20)));
         let commit = Decision::Commit { commit_ts: Timestamp::from_nanos(15) };
@@ -188,7 +194,7 @@ mod tests {
     #[should_panic(expected = "below its prepare timestamp")]
     fn commit_below_the_prepare_timestamp_is_a_broken_invariant() {
         let mut set = PreparedSet::new();
-        set.apply_prepare(record(1, 10), Timestamp::from_nanos(0));
+        set.apply_prepare(record(1, 10));
         set.apply_outcome(TxnId(1), &Decision::Commit { commit_ts: Timestamp::from_nanos(9) });
     }
 
@@ -197,8 +203,10 @@ mod tests {
         let mut set = PreparedSet::new();
         let ms = |ms: u64| Timestamp::from_nanos(ms * 1_000_000);
         let after = Duration::from_millis(100);
-        set.apply_prepare(record(1, 10), ms(0));
-        set.apply_prepare(record(2, 10), ms(50));
+        set.apply_prepare(record(1, 10));
+        assert!(set.due_queries(ms(0), after).is_empty());
+        set.apply_prepare(record(2, 10));
+        assert!(set.due_queries(ms(50), after).is_empty());
         assert!(set.due_queries(ms(100), after).is_empty());
         assert_eq!(
             set.due_queries(ms(101), after),

@@ -465,8 +465,7 @@ impl Sim {
             Record::Prepare(record) => {
                 let (txn, coordinator, prepare_ts) =
                     (record.txn, record.coordinator.0 as usize, record.prepare_ts);
-                let local = self.local(range);
-                self.ranges[range].prepared.apply_prepare(record, local);
+                self.ranges[range].prepared.apply_prepare(record);
                 self.send(Message::Vote {
                     to: coordinator,
                     txn,

@@ -97,6 +97,15 @@ impl<E: Engine> Driver<E> {
                             *size += data.len() as u64;
                         }
                     }
+                    Applied::Prepared { txn, prepare_ts } => {
+                        debug!(range = range.0, %txn, prepare_ts, "transaction prepared");
+                    }
+                    Applied::Decided { txn, decision } => {
+                        debug!(range = range.0, %txn, ?decision, "transaction decided");
+                    }
+                    Applied::Resolved { txn } => {
+                        debug!(range = range.0, %txn, "transaction outcome applied");
+                    }
                     Applied::RangeIds(first) => {
                         debug!(
                             index = entry.index.0,

@@ -460,6 +460,21 @@ impl Coordinator {
         self.outputs.clear();
     }
 
+    /// Restores a decision logged earlier (from the range's persisted state or a snapshot),
+    /// telling no one: on every replica, alike.
+    pub fn restore(&mut self, txn: TxnId, record: TxnRecord) {
+        self.decisions.entry(txn).or_insert(record);
+    }
+
+    /// Forgets every decision and what a leader holds in memory (a snapshot replaces the
+    /// range's state); the leadership role stays.
+    pub fn clear(&mut self) {
+        let is_leader = self.is_leader;
+        self.become_follower();
+        self.decisions.clear();
+        self.is_leader = is_leader;
+    }
+
     /// The logged decision of a transaction, if any.
     pub fn decision(&self, txn: TxnId) -> Option<&Decision> {
         self.decisions.get(&txn).map(|record| &record.decision)
