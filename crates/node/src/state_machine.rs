@@ -311,6 +311,11 @@ impl<E: Engine> RangeStateMachine<E> {
         self.meta.as_ref()
     }
 
+    /// Whether transactions are prepared at this range (it does not split meanwhile).
+    pub fn has_prepared(&self) -> bool {
+        !self.txn.prepared.is_empty()
+    }
+
     /// Stages the deletion of the meta range's index (on the meta range; nothing elsewhere).
     pub fn stage_clear_meta_index(&mut self, batch: &mut WriteBatch) {
         if let Some(meta) = self.meta.as_mut() {
@@ -356,18 +361,18 @@ impl<E: Engine> RangeStateMachine<E> {
             Some(Operation::Delete(key)) if !is_meta => {
                 self.apply_write(batch, key, None, command.timestamp)
             }
-            Some(Operation::Split(_)) if self.txn.prepared.records().next().is_some() => {
-                Ok(Applied::Rejected(
-                    "the range has prepared transactions; split once they are resolved".into(),
-                ))
-            }
+            Some(Operation::Split(_)) if self.has_prepared() => Ok(Applied::Rejected(
+                "the range has prepared transactions; split once they are resolved".into(),
+            )),
             Some(Operation::Prepare(record)) if !is_meta => self.apply_prepare(batch, &record),
             Some(Operation::Decide(record)) if !is_meta => self.apply_decision(batch, &record),
             Some(Operation::Outcome(record)) if !is_meta => {
                 let parsed = txn_state::txn_id_from_wire(&record.txn).and_then(|txn| {
                     Ok((txn, txn_state::decision_from_wire(record.decision.as_ref())?))
                 });
-                match parsed {
+                match parsed.and_then(|(txn, decision)| {
+                    self.check_resolvable(txn, &decision).map(|()| (txn, decision))
+                }) {
                     Ok((txn, decision)) => {
                         self.resolve(batch, txn, &decision)?;
                         Ok(Applied::Resolved { txn })
@@ -458,11 +463,21 @@ impl<E: Engine> RangeStateMachine<E> {
         if !inside {
             return Ok(Applied::KeyNotInRange);
         }
-        let (txn, prepare_ts) = (record.txn, record.prepare_ts.as_nanos());
-        if self.txn.prepared.apply_prepare(record.clone()) {
-            TxnState::stage_prepared(self.range, &record, batch);
-            self.applied.max_timestamp = self.applied.max_timestamp.max(prepare_ts);
+        let txn = record.txn;
+        if self.txn.coordinator.decision(txn).is_some() {
+            // This range coordinated the transaction and decided it already: a late prepare
+            // of its own part must not prepare it again.
+            return Ok(Applied::Rejected(format!("transaction {txn} is decided already")));
         }
+        if let Some(prepared) = self.txn.prepared.get(txn) {
+            // Prepared already: the recorded timestamp stands, whatever this copy says.
+            let prepare_ts = prepared.prepare_ts.as_nanos();
+            return Ok(Applied::Prepared { txn, prepare_ts });
+        }
+        let prepare_ts = record.prepare_ts.as_nanos();
+        TxnState::stage_prepared(self.range, &record, batch);
+        self.txn.prepared.apply_prepare(record);
+        self.applied.max_timestamp = self.applied.max_timestamp.max(prepare_ts);
         Ok(Applied::Prepared { txn, prepare_ts })
     }
 
@@ -478,6 +493,9 @@ impl<E: Engine> RangeStateMachine<E> {
             Err(reason) => return Ok(Applied::Rejected(reason)),
         };
         let first = self.txn.coordinator.decision(txn).is_none();
+        if first && let Err(reason) = self.check_resolvable(txn, &record.decision) {
+            return Ok(Applied::Rejected(reason));
+        }
         let decision = self.txn.coordinator.apply(txn, record.clone());
         if first {
             TxnState::stage_decision(self.range, txn, &record, batch);
@@ -487,6 +505,22 @@ impl<E: Engine> RangeStateMachine<E> {
         }
         self.resolve(batch, txn, &decision)?;
         Ok(Applied::Decided { txn, decision })
+    }
+
+    /// Fails, the same way on every replica, when a decision cannot resolve the
+    /// transaction's prepared part here: a commit below its prepare timestamp (a coordinator
+    /// bug; the part stays prepared rather than commit at a timestamp it never voted for).
+    fn check_resolvable(&self, txn: TxnId, decision: &Decision) -> Result<(), String> {
+        match (decision, self.txn.prepared.get(txn)) {
+            (Decision::Commit { commit_ts }, Some(record)) if *commit_ts < record.prepare_ts => {
+                Err(format!(
+                    "commit timestamp {} of {txn} is below its prepare timestamp {}",
+                    commit_ts.as_nanos(),
+                    record.prepare_ts.as_nanos()
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Applies a decision to the transaction's prepared part here, if it has one: its writes
@@ -953,8 +987,12 @@ mod tests {
         let applied = apply_command(&mut machine, 2, encode_prepare(&record));
         assert_eq!(applied, Applied::Prepared { txn: TxnId(1), prepare_ts: 20 });
         assert_eq!(machine.applied().max_timestamp, 20);
-        // Applying it again changes nothing.
-        assert_eq!(apply_command(&mut machine, 3, encode_prepare(&record)), applied);
+        // Applying it again, even with another timestamp (a new leader's copy), changes
+        // nothing and reports the recorded timestamp.
+        let mut copy = record.clone();
+        copy.prepare_ts = Timestamp::from_nanos(15);
+        assert_eq!(apply_command(&mut machine, 3, encode_prepare(&copy)), applied);
+        assert_eq!(machine.applied().max_timestamp, 20);
 
         let mut reopened = RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap();
         assert_eq!(reopened.txn.prepared.records().cloned().collect::<Vec<_>>(), vec![record]);
@@ -1016,7 +1054,10 @@ mod tests {
             Applied::Resolved { txn: TxnId(1) }
         );
         let abort = Decision::Abort { reason: "wounded".into() };
-        apply_command(&mut machine, 5, encode_outcome(TxnId(2), &abort));
+        assert_eq!(
+            apply_command(&mut machine, 5, encode_outcome(TxnId(2), &abort)),
+            Applied::Resolved { txn: TxnId(2) }
+        );
         assert_eq!(contents(&mvcc), vec![("b".to_string(), "one".to_string())]);
         assert!(machine.txn.prepared.records().next().is_none());
 
@@ -1055,6 +1096,47 @@ mod tests {
         assert_eq!(machine.applied().max_timestamp, 70);
     }
 
+    /// A decision or outcome that would commit below the prepare timestamp is refused alike
+    /// on every replica (never a panic on a committed entry), and changes nothing; a late
+    /// prepare of a transaction this range already decided prepares nothing.
+    #[test]
+    fn commits_below_the_prepare_timestamp_and_late_prepares_are_refused() {
+        let (mvcc, mut machine) = data_state_machine(&[]);
+        let record = prepare_record(1, 20, &[("b", Some("x"))]);
+        apply_command(&mut machine, 2, encode_prepare(&record));
+        let too_early = Decision::Commit { commit_ts: Timestamp::from_nanos(19) };
+        assert!(matches!(
+            apply_command(&mut machine, 3, encode_outcome(TxnId(1), &too_early)),
+            Applied::Rejected(reason) if reason.contains("below its prepare timestamp")
+        ));
+        assert!(matches!(
+            apply_command(&mut machine, 4, encode_decision(TxnId(1), &commit_at(&[9], 19))),
+            Applied::Rejected(_)
+        ));
+        assert!(machine.txn.coordinator.decision(TxnId(1)).is_none());
+        assert_eq!(machine.txn.prepared.records().count(), 1);
+        assert!(contents(&mvcc).is_empty());
+
+        // Decided here at 25 (resolving its part), then a late copy of its prepare.
+        apply_command(&mut machine, 5, encode_decision(TxnId(1), &commit_at(&[9], 25)));
+        assert!(matches!(
+            apply_command(&mut machine, 6, encode_prepare(&record)),
+            Applied::Rejected(reason) if reason.contains("decided already")
+        ));
+        assert!(!machine.has_prepared());
+    }
+
+    /// A one-range commit at or below the GC horizon is refused as a whole.
+    #[test]
+    fn one_phase_commits_at_or_below_the_gc_horizon_are_refused() {
+        let (mvcc, mut machine) = data_state_machine(&[]);
+        mvcc.gc(Timestamp::from_nanos(100)).unwrap();
+        let write = meridian_txn::Write { key: b"b".to_vec(), value: Some(b"1".to_vec()) };
+        let commit = encode_one_phase_commit(TxnId(1), &[write], 100);
+        assert!(matches!(apply_command(&mut machine, 2, commit), Applied::Rejected(_)));
+        assert!(contents(&mvcc).is_empty());
+    }
+
     /// Snapshots carry prepared transactions and decisions, and installing one replaces the
     /// replica's.
     #[test]
@@ -1062,38 +1144,30 @@ mod tests {
         let (mvcc, mut machine) = data_state_machine(&[]);
         apply_command(&mut machine, 2, encode_prepare(&prepare_record(1, 20, &[("b", Some("x"))])));
         apply_command(&mut machine, 3, encode_decision(TxnId(7), &commit_at(&[4], 25)));
-        let (prepared, decisions) =
-            txn_state::snapshot_parts(mvcc.engine().as_ref(), RangeId(9)).unwrap();
-        assert_eq!(prepared.len(), 1);
-        assert_eq!(decisions.len(), 1);
-
-        // Another replica with its own (stale) prepared transaction installs the snapshot.
-        let (other_mvcc, mut other) = data_state_machine(&[]);
-        apply_command(&mut other, 2, encode_prepare(&prepare_record(9, 10, &[("c", Some("y"))])));
-        let mut data =
-            wire::RangeSnapshot::decode(snapshot_of(span("a", Some("m")), &[]).data.as_slice())
-                .unwrap();
-        data.prepared = prepared;
-        data.decisions = decisions;
-        let snapshot = Snapshot {
-            metadata: SnapshotMetadata {
-                index: LogIndex(20),
-                term: Term(3),
-                config: Configuration::default(),
-            },
-            data: data.encode_to_vec(),
+        let source = RangeSnapshotSource {
+            range: RangeId(9),
+            mvcc: mvcc.clone(),
+            registry: Arc::new(SnapshotRegistry::default()),
         };
+        let snapshot = source.snapshot().unwrap();
+        let data = wire::RangeSnapshot::decode(snapshot.data.as_slice()).unwrap();
+        assert_eq!((data.prepared.len(), data.decisions.len()), (1, 1));
+
+        // Another replica holds the same transaction prepared with other writes, and a stale
+        // decision of its own; installing the snapshot replaces both, on disk too.
+        let (other_mvcc, mut other) = data_state_machine(&[]);
+        apply_command(&mut other, 2, encode_prepare(&prepare_record(1, 10, &[("c", Some("y"))])));
+        apply_command(&mut other, 3, encode_decision(TxnId(8), &commit_at(&[4], 12)));
         let mut batch = WriteBatch::new();
         other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
         other_mvcc.engine().write(batch, true).unwrap();
-        let txns = |machine: &RangeStateMachine<meridian_storage::MemoryEngine>| -> Vec<TxnId> {
-            machine.txn.prepared.records().map(|record| record.txn).collect()
-        };
-        assert_eq!(txns(&other), vec![TxnId(1)]);
-        assert!(other.txn.coordinator.decision(TxnId(7)).is_some());
         let reopened = RangeStateMachine::open(RangeId(9), other_mvcc).unwrap();
-        assert_eq!(txns(&reopened), vec![TxnId(1)]);
-        assert!(reopened.txn.coordinator.decision(TxnId(7)).is_some());
+        for machine in [&other, &reopened] {
+            let records: Vec<_> = machine.txn.prepared.records().cloned().collect();
+            assert_eq!(records, vec![prepare_record(1, 20, &[("b", Some("x"))])]);
+            assert!(machine.txn.coordinator.decision(TxnId(7)).is_some());
+            assert!(machine.txn.coordinator.decision(TxnId(8)).is_none());
+        }
     }
 
     /// Installing a snapshot replaces its span's data — what the replica had there and the

@@ -319,13 +319,13 @@ impl TxnState {
                 batch.delete(key);
             }
         }
-        self.restore(prepared.clone(), decisions.clone()).map_err(RaftError::Storage)?;
+        self.restore(prepared, decisions).map_err(RaftError::Storage)?;
+        // What is staged is what is in memory (a duplicate in the snapshot counts once).
         for record in self.prepared.records() {
             TxnState::stage_prepared(range, record, batch);
         }
-        for record in &decisions {
-            let (txn, record) = decision_record_from_wire(record).map_err(RaftError::Storage)?;
-            TxnState::stage_decision(range, txn, &record, batch);
+        for (txn, record) in self.coordinator.decisions() {
+            TxnState::stage_decision(range, *txn, record, batch);
         }
         Ok(())
     }
@@ -365,6 +365,9 @@ mod tests {
         let mut bad = prepare_to_wire(&record);
         bad.locks[0].end = b"0".to_vec();
         assert!(prepare_from_wire(&bad).is_err());
+        let mut bad = prepare_to_wire(&record);
+        bad.locks[1].end = Vec::new();
+        assert!(prepare_from_wire(&bad).unwrap_err().contains("without an end"));
         let mut bad = prepare_to_wire(&record);
         bad.locks[1].end = b"a".to_vec();
         assert!(prepare_from_wire(&bad).unwrap_err().contains("empty key span"));

@@ -138,6 +138,16 @@ impl PreparedSet {
         due
     }
 
+    /// The prepare record of a transaction prepared here, if any.
+    pub fn get(&self, txn: TxnId) -> Option<&PrepareRecord> {
+        self.prepared.get(&txn)
+    }
+
+    /// Returns whether any transaction is prepared here.
+    pub fn is_empty(&self) -> bool {
+        self.prepared.is_empty()
+    }
+
     /// The prepared transactions, for a new leader's lock table and queries.
     pub fn records(&self) -> impl Iterator<Item = &PrepareRecord> {
         self.prepared.values()

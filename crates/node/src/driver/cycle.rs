@@ -90,15 +90,16 @@ impl<E: Engine> Driver<E> {
                 let outcome = replica.state.apply(entry, &mut applied_batch).map_err(internal)?;
                 let mut split_descriptors = Vec::new();
                 match &outcome {
-                    Applied::Write(_) => {
+                    Applied::Write(_) | Applied::Prepared { .. } => {
+                        if let Applied::Prepared { txn, prepare_ts } = &outcome {
+                            debug!(range = range.0, %txn, prepare_ts, "transaction prepared");
+                        }
+                        // A prepare record carries the writes its outcome applies.
                         if let (Some(size), EntryKind::Command(data)) =
                             (replica.size_bytes.as_mut(), &entry.kind)
                         {
                             *size += data.len() as u64;
                         }
-                    }
-                    Applied::Prepared { txn, prepare_ts } => {
-                        debug!(range = range.0, %txn, prepare_ts, "transaction prepared");
                     }
                     Applied::Decided { txn, decision } => {
                         debug!(range = range.0, %txn, ?decision, "transaction decided");

@@ -426,6 +426,14 @@ impl<E: Engine> Driver<E> {
             Event::CheckSplit { range, keys, reply } => {
                 let result = self.leader_replica(range, keys.first().map(Vec::as_slice)).and_then(
                     |replica| {
+                        if replica.state.has_prepared() {
+                            // Retryable: prepared transactions resolve within seconds.
+                            return Err(NodeError::Unavailable(
+                                "the range has prepared transactions; split once they are \
+                                 resolved"
+                                    .into(),
+                            ));
+                        }
                         let applied = replica.state.applied();
                         check_split_keys(&applied.descriptor, &applied.config, &keys)
                             .map_err(NodeError::InvalidArgument)

@@ -475,6 +475,11 @@ impl Coordinator {
         self.is_leader = is_leader;
     }
 
+    /// Every logged decision, in transaction order.
+    pub fn decisions(&self) -> impl Iterator<Item = (&TxnId, &TxnRecord)> {
+        self.decisions.iter()
+    }
+
     /// The logged decision of a transaction, if any.
     pub fn decision(&self, txn: TxnId) -> Option<&Decision> {
         self.decisions.get(&txn).map(|record| &record.decision)
