@@ -37,6 +37,8 @@ mod coordinator;
 mod error;
 mod lock_table;
 mod participant;
+#[cfg(test)]
+mod script_support;
 mod span;
 
 use std::fmt;

@@ -45,7 +45,10 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 
-use common::{Committed, Observed, Op, check_serial_replay, random_program, read_rows, read_value};
+use common::{
+    Committed, Observed, Op, check_serial_replay, random_program, read_rows, read_value, run_all,
+    run_caught,
+};
 
 /// Seeds run by default.
 const DEFAULT_SEEDS: u64 = 200;
@@ -1073,62 +1076,33 @@ fn run_seed(
     sim: SimSwitches,
     coordinator: CoordinatorSwitches,
 ) -> Result<Stats, String> {
-    // A broken invariant asserted inside a core (a commit below a prepare timestamp, say) is
-    // a finding like any other: report it with the seed instead of unwinding the test.
-    let run = std::panic::catch_unwind(|| {
+    run_caught(seed, || {
         let mut simulation = Sim::new(seed, sim, coordinator);
         simulation.run().map(|()| simulation.stats)
-    });
-    match run {
-        Ok(result) => result.map_err(|failure| format!("seed {seed}: {failure}")),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
-                .unwrap_or_default();
-            Err(format!("seed {seed}: invariant asserted: {message}"))
-        }
-    }
-}
-
-fn seeds() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("MERIDIAN_TXN_SIM_SEED") {
-        return vec![seed.parse().expect("MERIDIAN_TXN_SIM_SEED is a number")];
-    }
-    let count = std::env::var("MERIDIAN_TXN_SIM_SEEDS")
-        .map_or(DEFAULT_SEEDS, |count| count.parse().expect("MERIDIAN_TXN_SIM_SEEDS is a number"));
-    (0..count).collect()
+    })
 }
 
 fn first_catch(sim: SimSwitches, coordinator: CoordinatorSwitches) -> Option<(u64, String)> {
-    seeds()
-        .into_iter()
-        .find_map(|seed| run_seed(seed, sim, coordinator).err().map(|failure| (seed, failure)))
+    common::first_catch(DEFAULT_SEEDS, |seed| run_seed(seed, sim, coordinator))
 }
 
 #[test]
 fn transactions_across_ranges_are_strictly_serializable() {
-    let mut totals = Stats::default();
-    for seed in seeds() {
-        match run_seed(seed, SimSwitches::default(), CoordinatorSwitches::default()) {
-            Ok(stats) => {
-                totals.commits += stats.commits;
-                totals.multi_range_commits += stats.multi_range_commits;
-                totals.aborts += stats.aborts;
-                totals.leader_changes += stats.leader_changes;
-                totals.lost_records += stats.lost_records;
-                totals.lost_messages += stats.lost_messages;
-                totals.queries += stats.queries;
-                totals.client_aborts += stats.client_aborts;
-                totals.records_overruled += stats.records_overruled;
-                totals.refused_proposals += stats.refused_proposals;
-            }
-            Err(failure) => panic!("{failure}\nreplay with MERIDIAN_TXN_SIM_SEED={seed}"),
-        }
-    }
-    println!("{} seeds passed: {totals:?}", seeds().len());
-    if seeds().len() >= 50 {
+    let run = |seed| run_seed(seed, SimSwitches::default(), CoordinatorSwitches::default());
+    let (totals, seeds) = run_all(DEFAULT_SEEDS, run, |totals: &mut Stats, stats| {
+        totals.commits += stats.commits;
+        totals.multi_range_commits += stats.multi_range_commits;
+        totals.aborts += stats.aborts;
+        totals.leader_changes += stats.leader_changes;
+        totals.lost_records += stats.lost_records;
+        totals.lost_messages += stats.lost_messages;
+        totals.queries += stats.queries;
+        totals.client_aborts += stats.client_aborts;
+        totals.records_overruled += stats.records_overruled;
+        totals.refused_proposals += stats.refused_proposals;
+    });
+    println!("{seeds} seeds passed: {totals:?}");
+    if seeds >= 50 {
         assert!(totals.multi_range_commits > 0 && totals.lost_records > 0 && totals.queries > 0);
     }
 }

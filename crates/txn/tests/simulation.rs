@@ -33,7 +33,10 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 
-use common::{Committed, Observed, Op, check_serial_replay, random_program, read_rows, read_value};
+use common::{
+    Committed, Observed, Op, check_serial_replay, random_program, read_rows, read_value, run_all,
+    run_caught,
+};
 
 /// Seeds run by default.
 const DEFAULT_SEEDS: u64 = 300;
@@ -604,55 +607,38 @@ impl Sim {
     }
 }
 
-/// Runs one seed and returns its failure, printing the seed with it.
+/// Runs one seed and returns its failure, with the seed.
 fn run_seed(
     seed: u64,
     switches: LockSwitches,
     client_switches: ClientSwitches,
 ) -> Result<Stats, String> {
-    let mut sim = Sim::new(seed, switches, client_switches);
-    sim.run().map_err(|failure| format!("seed {seed}: {failure}"))?;
-    Ok(sim.stats)
-}
-
-/// The seeds to run: one from `MERIDIAN_TXN_SIM_SEED`, or `MERIDIAN_TXN_SIM_SEEDS` (default
-/// [`DEFAULT_SEEDS`]) starting at zero.
-fn seeds() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("MERIDIAN_TXN_SIM_SEED") {
-        return vec![seed.parse().expect("MERIDIAN_TXN_SIM_SEED is a number")];
-    }
-    let count = std::env::var("MERIDIAN_TXN_SIM_SEEDS")
-        .map_or(DEFAULT_SEEDS, |count| count.parse().expect("MERIDIAN_TXN_SIM_SEEDS is a number"));
-    (0..count).collect()
+    run_caught(seed, || {
+        let mut sim = Sim::new(seed, switches, client_switches);
+        sim.run().map(|()| sim.stats)
+    })
 }
 
 /// Returns the first seed of the default set that fails with the switches on, with its failure.
 fn first_catch(switches: LockSwitches, client_switches: ClientSwitches) -> Option<(u64, String)> {
-    seeds().into_iter().find_map(|seed| {
-        run_seed(seed, switches, client_switches).err().map(|failure| (seed, failure))
-    })
+    common::first_catch(DEFAULT_SEEDS, |seed| run_seed(seed, switches, client_switches))
 }
 
 #[test]
 fn transactions_are_serializable_without_deadlock_or_starvation() {
-    let mut totals = Stats::default();
-    for seed in seeds() {
-        match run_seed(seed, LockSwitches::default(), ClientSwitches::default()) {
-            Ok(stats) => {
-                totals.wounds += stats.wounds;
-                totals.abandoned += stats.abandoned;
-                totals.lost_locks += stats.lost_locks;
-                totals.leader_changes += stats.leader_changes;
-                totals.waits += stats.waits;
-                totals.retries += stats.retries;
-                totals.lost_rollbacks += stats.lost_rollbacks;
-            }
-            Err(failure) => panic!("{failure}\nreplay with MERIDIAN_TXN_SIM_SEED={seed}"),
-        }
-    }
-    println!("{} seeds passed: {totals:?}", seeds().len());
+    let run = |seed| run_seed(seed, LockSwitches::default(), ClientSwitches::default());
+    let (totals, seeds) = run_all(DEFAULT_SEEDS, run, |totals: &mut Stats, stats| {
+        totals.wounds += stats.wounds;
+        totals.abandoned += stats.abandoned;
+        totals.lost_locks += stats.lost_locks;
+        totals.leader_changes += stats.leader_changes;
+        totals.waits += stats.waits;
+        totals.retries += stats.retries;
+        totals.lost_rollbacks += stats.lost_rollbacks;
+    });
+    println!("{seeds} seeds passed: {totals:?}");
     // The faults the simulation exists for did happen.
-    if seeds().len() >= 50 {
+    if seeds >= 50 {
         assert!(totals.wounds > 0 && totals.abandoned > 0 && totals.lost_locks > 0);
         assert!(totals.leader_changes > 0 && totals.waits > 0 && totals.lost_rollbacks > 0);
     }

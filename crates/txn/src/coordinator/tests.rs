@@ -1,15 +1,12 @@
 //! Coordinator golden scripts: one behaviour per file in `testscripts/coordinator/`.
 
 use std::collections::VecDeque;
-use std::error::Error as StdError;
 use std::fmt::Write as _;
 
 use test_each_file::test_each_path;
 
 use super::*;
-
-/// The result type of the script runner.
-type ScriptResult<T> = std::result::Result<T, Box<dyn StdError>>;
+use crate::script_support::{ScriptResult, parse_range, parse_txn, take_u64};
 
 /// Runs coordinator commands from a goldenscript and prints every output. Timestamps are
 /// plain nanoseconds; transactions are `tN`, ranges `rN`. Proposed records queue up like
@@ -28,21 +25,6 @@ struct CoordinatorRunner {
     coordinator: Coordinator,
     log: VecDeque<(TxnId, TxnRecord)>,
     floor: Timestamp,
-}
-
-fn take_u64(args: &mut goldenscript::ArgumentConsumer<'_>, key: &str) -> ScriptResult<Option<u64>> {
-    Ok(match args.take_key(key) {
-        Some(value) => Some(value.parse()?),
-        None => None,
-    })
-}
-
-fn parse_txn(text: &str) -> ScriptResult<TxnId> {
-    Ok(TxnId(text.strip_prefix('t').ok_or("expected tN")?.parse()?))
-}
-
-fn parse_range(text: &str) -> ScriptResult<RangeId> {
-    Ok(RangeId(text.strip_prefix('r').ok_or("expected rN")?.parse()?))
 }
 
 fn show_decision(decision: &Decision) -> String {

@@ -2,16 +2,13 @@
 //! property test that random calls keep the invariants and answer every request exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::error::Error as StdError;
 use std::fmt::Write as _;
 
 use proptest::prelude::*;
 use test_each_file::test_each_path;
 
 use super::*;
-
-/// The result type of the script runner.
-type ScriptResult<T> = std::result::Result<T, Box<dyn StdError>>;
+use crate::script_support::{ScriptResult, parse_txn, show_txn, take_u64};
 
 const MS: u64 = 1_000_000;
 
@@ -51,22 +48,6 @@ impl LockTableRunner {
             priorities: BTreeMap::new(),
         }
     }
-}
-
-fn take_u64(args: &mut goldenscript::ArgumentConsumer<'_>, key: &str) -> ScriptResult<Option<u64>> {
-    Ok(match args.take_key(key) {
-        Some(value) => Some(value.parse()?),
-        None => None,
-    })
-}
-
-fn parse_txn(text: &str) -> ScriptResult<TxnId> {
-    let number = text.strip_prefix('t').ok_or_else(|| format!("expected tN, got {text}"))?;
-    Ok(TxnId(number.parse()?))
-}
-
-fn show_txn(txn: TxnId) -> String {
-    format!("t{}", txn.0)
 }
 
 /// Parses `START[/FIRST[/ATTEMPT]]`; FIRST defaults to START, ATTEMPT to 0.

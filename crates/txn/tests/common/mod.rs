@@ -137,3 +137,56 @@ pub fn check_serial_replay(
     }
     Ok(())
 }
+
+/// The seeds to run: the one in `MERIDIAN_TXN_SIM_SEED`, or `MERIDIAN_TXN_SIM_SEEDS` of them
+/// (`default_count` when unset) from zero.
+pub fn seeds(default_count: u64) -> Vec<u64> {
+    if let Ok(seed) = std::env::var("MERIDIAN_TXN_SIM_SEED") {
+        return vec![seed.parse().expect("MERIDIAN_TXN_SIM_SEED is a number")];
+    }
+    let count = std::env::var("MERIDIAN_TXN_SIM_SEEDS")
+        .map_or(default_count, |count| count.parse().expect("MERIDIAN_TXN_SIM_SEEDS is a number"));
+    (0..count).collect()
+}
+
+/// Runs one seed; a panic inside (a core's assertion of a broken invariant) is a finding like
+/// any other, reported with the seed instead of unwinding the test.
+pub fn run_caught<S>(seed: u64, run: impl FnOnce() -> Result<S, String>) -> Result<S, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(result) => result.map_err(|failure| format!("seed {seed}: {failure}")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                .unwrap_or_default();
+            Err(format!("seed {seed}: invariant asserted: {message}"))
+        }
+    }
+}
+
+/// Runs every seed, folding their statistics; panics with the first failure and how to
+/// replay it. Returns the statistics and the number of seeds.
+pub fn run_all<S: Default>(
+    default_count: u64,
+    run: impl Fn(u64) -> Result<S, String>,
+    fold: impl Fn(&mut S, S),
+) -> (S, usize) {
+    let seeds = seeds(default_count);
+    let mut totals = S::default();
+    for &seed in &seeds {
+        match run(seed) {
+            Ok(stats) => fold(&mut totals, stats),
+            Err(failure) => panic!("{failure}\nreplay with MERIDIAN_TXN_SIM_SEED={seed}"),
+        }
+    }
+    (totals, seeds.len())
+}
+
+/// Returns the first seed whose run fails, with its failure.
+pub fn first_catch<S>(
+    default_count: u64,
+    run: impl Fn(u64) -> Result<S, String>,
+) -> Option<(u64, String)> {
+    seeds(default_count).into_iter().find_map(|seed| run(seed).err().map(|failure| (seed, failure)))
+}
