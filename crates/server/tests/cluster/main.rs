@@ -20,6 +20,7 @@ mod metrics;
 mod placement;
 mod refusals;
 mod splits;
+mod transactions;
 
 /// The `meridian` binary under test: the one Cargo built, unless `MERIDIAN_BINARY` names
 /// another (to loop the tests on a copy while rebuilding).
@@ -239,47 +240,62 @@ fn first_data_range(status: &StatusResponse) -> Option<&RangeStatus> {
     status.ranges.iter().find(|range| range.range_id == FIRST_DATA_RANGE.0)
 }
 
+/// The keys [`write_keys`] wrote: acknowledged, and ambiguous (the client reported the outcome
+/// unknown, as for a write in flight at a leader that was killed; never retried).
+#[derive(Debug, Default)]
+struct Written {
+    acknowledged: Vec<String>,
+    ambiguous: Vec<String>,
+}
+
 /// Writes `count` keys `{prefix}{i:05}` with `concurrency` writers, each retrying a refused key
 /// until it is acknowledged or 30 s pass (never after an ambiguous failure: that key's outcome
-/// stays unknown, and it is not counted); returns the acknowledged keys.
+/// stays unknown); returns the acknowledged and the ambiguous keys, sorted. A key in neither
+/// was refused for 30 s.
 async fn write_keys(
     client: &Arc<Client>,
     prefix: &str,
     count: usize,
     concurrency: usize,
-) -> Vec<String> {
+) -> Written {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (client, next, prefix) = (client.clone(), next.clone(), prefix.to_string());
         tasks.push(tokio::spawn(async move {
-            let mut acknowledged = Vec::new();
+            let mut written = Written::default();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= count {
-                    return acknowledged;
+                    return written;
                 }
                 let key = format!("{prefix}{i:05}");
                 let started = Instant::now();
                 while started.elapsed() < Duration::from_secs(30) {
                     match client.put(key.as_bytes(), value_of(&key).as_bytes()).await {
                         Ok(_) => {
-                            acknowledged.push(key);
+                            written.acknowledged.push(key);
                             break;
                         }
-                        Err(error) if error.is_ambiguous() => break,
+                        Err(error) if error.is_ambiguous() => {
+                            written.ambiguous.push(key);
+                            break;
+                        }
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
             }
         }));
     }
-    let mut acknowledged = Vec::new();
+    let mut written = Written::default();
     for task in tasks {
-        acknowledged.extend(task.await.unwrap());
+        let part = task.await.unwrap();
+        written.acknowledged.extend(part.acknowledged);
+        written.ambiguous.extend(part.ambiguous);
     }
-    acknowledged.sort();
-    acknowledged
+    written.acknowledged.sort();
+    written.ambiguous.sort();
+    written
 }
 
 fn value_of(key: &str) -> String {

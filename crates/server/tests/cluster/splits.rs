@@ -10,7 +10,13 @@ async fn ranges_split_and_survive_killing_a_leader_mid_split() {
 
     // 20,000 keys; ranges split by size as they grow.
     let started = Instant::now();
-    let mut written = write_keys(&client, "k", 20_000, 64).await;
+    let healthy = write_keys(&client, "k", 20_000, 64).await;
+    assert!(
+        healthy.ambiguous.is_empty(),
+        "ambiguous on a healthy cluster: {:?}",
+        healthy.ambiguous
+    );
+    let mut written = healthy.acknowledged;
     assert_eq!(written.len(), 20_000, "writes failed on a healthy cluster\n{}", cluster.logs());
     println!("20,000 keys written in {:?}", started.elapsed());
 
@@ -48,9 +54,21 @@ async fn ranges_split_and_survive_killing_a_leader_mid_split() {
     cluster.kill(victim - 1);
     let killed_at = Instant::now();
     let more = writers.await.unwrap();
-    assert_eq!(more.len(), 3_000, "writes did not resume after the kill\n{}", cluster.logs());
-    println!("3,000 more writes done {:?} after killing node {victim}", killed_at.elapsed());
-    written.extend(more);
+    // Writes in flight at the killed leader may be reported ambiguous (never retried); every
+    // other write is acknowledged: writes resume.
+    assert!(more.ambiguous.len() <= 32, "more ambiguous writes than writers: {:?}", more.ambiguous);
+    assert_eq!(
+        more.acknowledged.len() + more.ambiguous.len(),
+        3_000,
+        "writes did not resume after the kill\n{}",
+        cluster.logs()
+    );
+    println!(
+        "3,000 more writes done {:?} after killing node {victim} ({} ambiguous)",
+        killed_at.elapsed(),
+        more.ambiguous.len()
+    );
+    written.extend(more.acknowledged);
     let survivors: Vec<String> = (0..3)
         .filter(|index| *index != victim - 1)
         .map(|index| cluster.addresses[index].clone())
