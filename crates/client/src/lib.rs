@@ -26,8 +26,12 @@
 //! write, giving up means that no attempt took effect. Each attempt carries its timeout to the
 //! node (`grpc-timeout`), which never starts a request whose caller stopped waiting. Scans
 //! continue range by range at the resume key each range returns.
+//!
+//! Read-write transactions ([`Client::begin`], [`Transaction`]) lock at the ranges' leaders and
+//! commit with commit-wait; see the `txn` module.
 
 mod routes;
+mod txn;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -48,6 +52,7 @@ use tonic::{Code, Response, Status};
 use tracing::debug;
 
 use crate::routes::Routes;
+pub use crate::txn::{Transaction, TxnError};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]

@@ -43,6 +43,10 @@ pub enum NodeError {
     /// proposal: it did not and will not take effect, so a retry is safe.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The transaction must abort and retry with its priority: it was wounded by an older
+    /// one, or lost its locks here (SQLSTATE 40001 at the SQL edge). It had no effect.
+    #[error("transaction aborted, retry it: {0}")]
+    TxnRetry(String),
     /// The request is invalid.
     #[error("invalid request: {0}")]
     InvalidArgument(String),
@@ -63,6 +67,16 @@ pub enum NodeError {
     /// The node failed internally (storage); it stops.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<meridian_txn::Error> for NodeError {
+    fn from(error: meridian_txn::Error) -> Self {
+        if error.is_retryable() {
+            NodeError::TxnRetry(error.to_string())
+        } else {
+            NodeError::InvalidArgument(error.to_string())
+        }
+    }
 }
 
 /// Returns the leader's address a `NotLeader` status carries, if any: where a client should
@@ -108,6 +122,7 @@ fn status_of(error: NodeError) -> tonic::Status {
             status
         }
         NodeError::Unavailable(_) => tonic::Status::unavailable(message),
+        NodeError::TxnRetry(_) => kind(tonic::Status::aborted(message), metadata::TXN_RETRY),
         NodeError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
         NodeError::NotInitialized => {
             kind(tonic::Status::failed_precondition(message), metadata::NOT_INITIALIZED)

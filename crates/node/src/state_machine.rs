@@ -311,6 +311,11 @@ impl<E: Engine> RangeStateMachine<E> {
         self.meta.as_ref()
     }
 
+    /// The transactions prepared at this range, for a new leader's lock table.
+    pub fn prepared_records(&self) -> impl Iterator<Item = &meridian_txn::PrepareRecord> {
+        self.txn.prepared.records()
+    }
+
     /// Whether transactions are prepared at this range (it does not split meanwhile).
     pub fn has_prepared(&self) -> bool {
         !self.txn.prepared.is_empty()

@@ -25,6 +25,8 @@ pub mod metadata {
     pub const RANGE_NOT_FOUND: &str = "range-not-found";
     /// The range no longer holds the key.
     pub const KEY_NOT_IN_RANGE: &str = "key-not-in-range";
+    /// A transaction must abort and retry: it was wounded by an older one, or lost its locks.
+    pub const TXN_RETRY: &str = "txn-retry";
     /// A write may or may not have taken effect.
     pub const AMBIGUOUS: &str = "ambiguous";
     /// The node does not belong to an initialized cluster (yet).

@@ -48,6 +48,19 @@ enum Command {
         #[command(subcommand)]
         operation: KvOperation,
     },
+    /// Runs one read-write transaction (for tests and debugging): the operations in order,
+    /// reads under locks, writes buffered, then the commit, printed with its timestamp. An
+    /// aborted attempt (wounded, locks lost) is retried with the same priority, up to 10 times.
+    /// Operations: `get KEY`, `get-for-update KEY`, `scan START END` (END `-` for no bound),
+    /// `put KEY VALUE`, `delete KEY`. Every key and lock must lie in one range for now.
+    Txn {
+        /// The RPC address of any node (HOST:PORT).
+        #[arg(long)]
+        host: String,
+        /// The operations, e.g. `get a put a 1 put b 2`.
+        #[arg(required = true, allow_hyphen_values = true)]
+        operations: Vec<String>,
+    },
     /// Splits the ranges holding the given keys so that each key starts a range.
     Split {
         /// The RPC address of any node (HOST:PORT).
@@ -151,6 +164,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init { host } => init(&host).await,
         Command::Status { host } => status(&host).await,
         Command::Kv { host, operation } => kv(&host, operation).await,
+        Command::Txn { host, operations } => txn(&host, &operations).await,
         Command::Split { host, keys } => split(&host, keys).await,
         Command::Ranges { host } => ranges(&host).await,
         Command::Decommission { host, node_id } => decommission(&host, node_id).await,
@@ -416,6 +430,122 @@ async fn kv(host: &str, operation: KvOperation) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One operation of `meridian txn`.
+#[derive(Debug)]
+enum TxnOperation {
+    Get { key: String, for_update: bool },
+    Scan { start: String, end: Option<String> },
+    Put { key: String, value: String },
+    Delete { key: String },
+}
+
+/// Parses `meridian txn`'s operations.
+fn parse_txn_operations(words: &[String]) -> Result<Vec<TxnOperation>> {
+    let mut operations = Vec::new();
+    let mut words = words.iter();
+    let mut next = |what: &str, operation: &str| {
+        words.next().cloned().with_context(|| format!("`{operation}` needs {what}"))
+    };
+    loop {
+        let Ok(word) = next("", "") else { break };
+        let operation = match word.as_str() {
+            "get" => TxnOperation::Get { key: next("a key", "get")?, for_update: false },
+            "get-for-update" => {
+                TxnOperation::Get { key: next("a key", "get-for-update")?, for_update: true }
+            }
+            "scan" => {
+                let start = next("a start key", "scan")?;
+                let end = next("an end key (or -)", "scan")?;
+                TxnOperation::Scan { start, end: (end != "-").then_some(end) }
+            }
+            "put" => {
+                TxnOperation::Put { key: next("a key", "put")?, value: next("a value", "put")? }
+            }
+            "delete" => TxnOperation::Delete { key: next("a key", "delete")? },
+            other => bail!(
+                "unknown transaction operation `{other}` (expected get, get-for-update, scan, \
+                 put or delete)"
+            ),
+        };
+        operations.push(operation);
+    }
+    Ok(operations)
+}
+
+/// Runs `meridian txn`: the operations in one transaction, retried while aborted.
+async fn txn(host: &str, words: &[String]) -> Result<()> {
+    let operations = parse_txn_operations(words)?;
+    let client = client(host)?;
+    let mut txn = client.begin();
+    for attempt in 1..=10 {
+        let mut output = Vec::new();
+        let result: Result<(), meridian_client::TxnError> = async {
+            for operation in &operations {
+                match operation {
+                    TxnOperation::Get { key, for_update } => {
+                        let value = if *for_update {
+                            txn.get_for_update(key.as_bytes()).await?
+                        } else {
+                            txn.get(key.as_bytes()).await?
+                        };
+                        output.push(match value {
+                            Some(value) => format!("{key} = {}", String::from_utf8_lossy(&value)),
+                            None => format!("{key}: (not found)"),
+                        });
+                    }
+                    TxnOperation::Scan { start, end } => {
+                        let end = end.as_ref().map(String::as_bytes);
+                        for (key, value) in txn.scan(start.as_bytes(), end, 1_000).await? {
+                            output.push(format!(
+                                "{} = {}",
+                                show_key(&key),
+                                String::from_utf8_lossy(&value)
+                            ));
+                        }
+                    }
+                    TxnOperation::Put { key, value } => {
+                        txn.put(key.as_bytes(), value.as_bytes())?
+                    }
+                    TxnOperation::Delete { key } => txn.delete(key.as_bytes())?,
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let outcome = txn.commit().await;
+                match outcome {
+                    Ok(timestamp) => {
+                        for line in output {
+                            println!("{line}");
+                        }
+                        match timestamp {
+                            Some(timestamp) => println!("committed at {timestamp}"),
+                            None => println!("committed (nothing written)"),
+                        }
+                        return Ok(());
+                    }
+                    Err(error) if error.is_retryable() => {
+                        eprintln!("attempt {attempt} aborted: {error}");
+                        txn = txn.retry().await;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            Err(error) if error.is_retryable() => {
+                eprintln!("attempt {attempt} aborted: {error}");
+                txn = txn.retry().await;
+            }
+            Err(error) => {
+                let _ = txn.rollback().await;
+                return Err(error.into());
+            }
+        }
+    }
+    bail!("the transaction was aborted 10 times; giving up")
 }
 
 async fn split(host: &str, keys: Vec<String>) -> Result<()> {

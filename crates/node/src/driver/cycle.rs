@@ -162,6 +162,27 @@ impl<E: Engine> Driver<E> {
                     {
                         acknowledgements.push((reply, timestamp));
                     }
+                    (Pending::TxnCommit { txn, timestamp, reply }, Applied::Write(applied))
+                        if applied == timestamp =>
+                    {
+                        // Spanner holds the locks through commit-wait.
+                        let commit_ts = Timestamp::from_nanos(timestamp);
+                        replica.leadership.txns.release_after_commit_wait(txn, commit_ts);
+                        acknowledgements.push((reply, timestamp));
+                    }
+                    (Pending::TxnCommit { txn, reply, .. }, outcome) => {
+                        // Refused alike everywhere (a split applied first): nothing was
+                        // written, and its locks go.
+                        replica.leadership.txns.release(txn);
+                        let error = match outcome {
+                            Applied::KeyNotInRange => key_not_in_range(replica),
+                            Applied::Rejected(reason) => NodeError::InvalidArgument(reason),
+                            _ => NodeError::Ambiguous(
+                                "the commit applied with an unexpected outcome".into(),
+                            ),
+                        };
+                        let _ = reply.send(Err(error));
+                    }
                     (Pending::Split { reply }, Applied::Split(_)) => {
                         own_split_applied = true;
                         let _ = reply.send(Ok(split_descriptors));
@@ -259,6 +280,7 @@ impl<E: Engine> Driver<E> {
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
         self.admit_all();
+        self.settle_all_txn_events();
         self.forget_quiet_replicas();
         Ok(())
     }

@@ -69,6 +69,39 @@ impl ReadRequest {
     }
 }
 
+/// A transaction's lock request, as a service hands it to the driver.
+#[derive(Clone, Debug)]
+pub struct TxnLock {
+    /// The transaction.
+    pub txn: meridian_txn::TxnId,
+    /// Its priority.
+    pub priority: meridian_txn::Priority,
+    /// The epoch of its earlier locks at the range, if any.
+    pub held_since: Option<u64>,
+    /// The mode asked for.
+    pub mode: meridian_txn::LockMode,
+    /// A key, or a span `[start, end)` (`end: None` up to the range's end), which the leader
+    /// clamps to its range.
+    pub start: Vec<u8>,
+    /// The span's end, or `None` for a key when `is_key`.
+    pub end: Option<Vec<u8>>,
+    /// Whether the lock is on the key `start` alone.
+    pub is_key: bool,
+}
+
+/// A one-range commit, as a service hands it to the driver.
+#[derive(Clone, Debug)]
+pub struct TxnCommit {
+    /// The transaction.
+    pub txn: meridian_txn::TxnId,
+    /// Its priority.
+    pub priority: meridian_txn::Priority,
+    /// The epoch of its earlier locks at the range, if any.
+    pub held_since: Option<u64>,
+    /// Its writes, all at this range.
+    pub writes: Vec<meridian_txn::Write>,
+}
+
 /// A change to the meta range a node asked for.
 pub enum MetaWrite {
     /// Record these descriptors.
@@ -156,6 +189,16 @@ pub enum Event {
     },
     /// A linearizable read; the caller waits until `deadline`.
     Read { request: ReadRequest, deadline: Instant },
+    /// Take a transaction's lock at a range's leader; answers the leadership epoch it was
+    /// taken under once granted (see `txn.rs`).
+    TxnLock { range: RangeId, lock: TxnLock, deadline: Instant, reply: Reply<u64> },
+    /// Commit a transaction whose locks and writes are all at `range` (see `txn.rs`);
+    /// answers the commit timestamp after commit-wait.
+    TxnCommit { range: RangeId, commit: TxnCommit, deadline: Instant, reply: Reply<u64> },
+    /// Release what a transaction holds at `range`, unless it is prepared there.
+    TxnRollback { range: RangeId, txn: meridian_txn::TxnId, reply: Reply<()> },
+    /// Keep a transaction's locks at `range`.
+    TxnHeartbeat { range: RangeId, txn: meridian_txn::TxnId, epoch: u64, reply: Reply<()> },
     /// Split a range at `keys`, creating the ranges `ids`. Answers the range's descriptor after
     /// the split, then the new ranges'.
     Split {

@@ -31,12 +31,21 @@ pub(super) enum Waiting {
     Write { key: Vec<u8>, value: Option<Vec<u8>>, deadline: Instant, reply: Reply<u64> },
     /// A read.
     Read { request: ReadRequest, deadline: Instant },
+    /// A one-range commit holding its locks, waiting for a timestamp (see `txn.rs`).
+    TxnCommit {
+        txn: meridian_txn::TxnId,
+        writes: Vec<meridian_txn::Write>,
+        deadline: Instant,
+        reply: Reply<u64>,
+    },
 }
 
 impl Waiting {
     fn deadline(&self) -> Instant {
         match self {
-            Waiting::Write { deadline, .. } | Waiting::Read { deadline, .. } => *deadline,
+            Waiting::Write { deadline, .. }
+            | Waiting::Read { deadline, .. }
+            | Waiting::TxnCommit { deadline, .. } => *deadline,
         }
     }
 
@@ -44,13 +53,15 @@ impl Waiting {
         match self {
             Waiting::Write { key, .. } => Some(key),
             Waiting::Read { request, .. } => request.key(),
+            // Its keys were checked when it arrived; a split since shows when it applies.
+            Waiting::TxnCommit { .. } => None,
         }
     }
 
     /// Refuses the request; it had no effect.
     fn fail(self, error: NodeError) {
         match self {
-            Waiting::Write { reply, .. } => {
+            Waiting::Write { reply, .. } | Waiting::TxnCommit { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Waiting::Read { request, .. } => request.fail(error),
@@ -84,12 +95,17 @@ pub(super) struct Leadership {
     next_round_context: u64,
     /// When the last such round was started (one per tick interval is enough).
     round_started: Option<Instant>,
+    /// Transactions' locks and commits in progress (see `txn.rs`).
+    pub(super) txns: TxnLeadership,
 }
 
 impl Leadership {
     /// Whether anything waits here.
     pub(super) fn is_busy(&self) -> bool {
-        !self.waiting.is_empty() || !self.proposals.is_empty() || !self.confirmed.is_empty()
+        !self.waiting.is_empty()
+            || !self.proposals.is_empty()
+            || !self.confirmed.is_empty()
+            || self.txns.is_busy()
     }
 
     /// Whether a split proposed here has not applied yet.
@@ -103,6 +119,7 @@ impl Leadership {
         for waiting in std::mem::take(&mut self.waiting) {
             waiting.fail(refusal());
         }
+        self.txns.abandon(&refusal);
         for (_, request) in std::mem::take(&mut self.confirmed) {
             request.fail(refusal());
         }
@@ -210,6 +227,10 @@ impl<E: Engine> Driver<E> {
             }
             if request.deadline() <= now {
                 let request = replica.leadership.waiting.pop_front().expect("a front");
+                if let Waiting::TxnCommit { txn, .. } = &request {
+                    // Never proposed: its locks go.
+                    replica.leadership.txns.release(*txn);
+                }
                 request.fail(NodeError::Unavailable(
                     "the request's deadline passed before the leader could serve it".into(),
                 ));
@@ -232,7 +253,7 @@ impl<E: Engine> Driver<E> {
             };
             // What the lease allows now: a timestamp for a write, an index for a read.
             let granted = match request {
-                Waiting::Write { .. } => {
+                Waiting::Write { .. } | Waiting::TxnCommit { .. } => {
                     replica.raft.lease_timestamp(interval, floor).map(Granted::Timestamp)
                 }
                 Waiting::Read { .. } => {
@@ -251,6 +272,17 @@ impl<E: Engine> Driver<E> {
                     };
                     propose_tracked(replica, command, Pending::Write { timestamp, reply });
                 }
+                (Waiting::TxnCommit { txn, writes, reply, .. }, Granted::Timestamp(timestamp)) => {
+                    let command = encode_one_phase_commit(txn, &writes, timestamp);
+                    if !propose_tracked(
+                        replica,
+                        command,
+                        Pending::TxnCommit { txn, timestamp, reply },
+                    ) {
+                        // Refused before it entered the log: its locks go.
+                        replica.leadership.txns.release(txn);
+                    }
+                }
                 (Waiting::Read { request, .. }, Granted::ReadAt(index)) => {
                     if index <= replica.state.applied().index {
                         serve_read(mvcc, replica, request, switches);
@@ -258,7 +290,7 @@ impl<E: Engine> Driver<E> {
                         replica.leadership.confirmed.push((index, request));
                     }
                 }
-                _ => unreachable!("a write is granted a timestamp, a read an index"),
+                _ => unreachable!("a write or commit is granted a timestamp, a read an index"),
             }
         }
     }
@@ -322,15 +354,23 @@ impl<E: Engine> Driver<E> {
 }
 
 /// Proposes `command` and keeps `pending` to answer once its entry applies (or fails it at
-/// once: a refused proposal was never in the log).
-fn propose_tracked<E: Engine>(replica: &mut Replica<E>, command: Vec<u8>, pending: Pending) {
+/// once: a refused proposal was never in the log). Returns whether it was proposed.
+fn propose_tracked<E: Engine>(
+    replica: &mut Replica<E>,
+    command: Vec<u8>,
+    pending: Pending,
+) -> bool {
     match replica.raft.propose(command) {
         Ok(index) => {
             metrics::counter!("meridian_raft_proposals_total").increment(1);
             let term = replica.raft.term();
             replica.leadership.proposals.insert(index, Proposal { term, pending });
+            true
         }
-        Err(error) => pending.fail(NodeError::Unavailable(error.to_string())),
+        Err(error) => {
+            pending.fail(NodeError::Unavailable(error.to_string()));
+            false
+        }
     }
 }
 

@@ -47,8 +47,8 @@ use crate::raft_store::{
 };
 use crate::state_machine::{
     Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
-    encode_allocate_range_ids, encode_delete, encode_put, encode_split, encode_update_descriptors,
-    snapshot_descriptor, stage_initial_state, uncovered,
+    encode_allocate_range_ids, encode_delete, encode_one_phase_commit, encode_put, encode_split,
+    encode_update_descriptors, snapshot_descriptor, stage_initial_state, uncovered,
 };
 use crate::transport::Transport;
 use crate::{NodeError, RaftLogStore, RangeId};
@@ -58,11 +58,13 @@ mod events;
 mod leader;
 mod maintenance;
 mod replica;
+mod txn;
 
 pub use events::*;
 use leader::key_not_in_range;
 use leader::{Leadership, Waiting};
 use replica::{Pending, Proposal, Replica, maybe_quiesce, withholds_vote};
+use txn::TxnLeadership;
 
 /// Compact a range's log when this many applied entries sit above its truncation point.
 const COMPACTION_THRESHOLD: u64 = 1_000;
@@ -356,6 +358,7 @@ impl<E: Engine> Driver<E> {
                         };
                     }
                     self.admit_all();
+                    self.tick_txns();
                 }
             }
             self.cycle()?;
@@ -400,6 +403,16 @@ impl<E: Engine> Driver<E> {
             }
             Event::Write { range, key, value, deadline, reply } => {
                 self.enqueue(range, Waiting::Write { key, value, deadline, reply });
+            }
+            Event::TxnLock { range, lock, deadline, reply } => {
+                self.txn_lock(range, lock, deadline, reply);
+            }
+            Event::TxnCommit { range, commit, deadline, reply } => {
+                self.txn_commit(range, commit, deadline, reply);
+            }
+            Event::TxnRollback { range, txn, reply } => self.txn_rollback(range, txn, reply),
+            Event::TxnHeartbeat { range, txn, epoch, reply } => {
+                self.txn_heartbeat(range, txn, epoch, reply);
             }
             Event::Read { request, deadline } => {
                 self.enqueue(request.range(), Waiting::Read { request, deadline });

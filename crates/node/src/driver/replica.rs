@@ -6,16 +6,31 @@ use super::*;
 
 /// What a proposal's proposer waits for.
 pub(super) enum Pending {
-    Write { timestamp: u64, reply: Reply<u64> },
-    Split { reply: Reply<Vec<wire::RangeDescriptor>> },
-    UpdateDescriptors { reply: Reply<()> },
-    AllocateRangeIds { reply: Reply<u64> },
+    Write {
+        timestamp: u64,
+        reply: Reply<u64>,
+    },
+    /// A one-range commit: its locks go once commit-wait is over.
+    TxnCommit {
+        txn: meridian_txn::TxnId,
+        timestamp: u64,
+        reply: Reply<u64>,
+    },
+    Split {
+        reply: Reply<Vec<wire::RangeDescriptor>>,
+    },
+    UpdateDescriptors {
+        reply: Reply<()>,
+    },
+    AllocateRangeIds {
+        reply: Reply<u64>,
+    },
 }
 
 impl Pending {
     pub(super) fn fail(self, error: NodeError) {
         match self {
-            Pending::Write { reply, .. } => {
+            Pending::Write { reply, .. } | Pending::TxnCommit { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Pending::Split { reply } => {

@@ -36,6 +36,34 @@ pub(super) fn deadline_of<T>(request: &Request<T>) -> Instant {
 
 #[tonic::async_trait]
 impl Kv for KvApi {
+    async fn txn_read(
+        &self,
+        request: Request<meridian_rpc::kv::TxnReadRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnReadResponse>, Status> {
+        self.txn_read_call(request).await
+    }
+
+    async fn txn_commit(
+        &self,
+        request: Request<meridian_rpc::kv::TxnCommitRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnCommitResponse>, Status> {
+        self.txn_commit_call(request).await
+    }
+
+    async fn txn_rollback(
+        &self,
+        request: Request<meridian_rpc::kv::TxnRollbackRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnRollbackResponse>, Status> {
+        self.txn_rollback_call(request).await
+    }
+
+    async fn txn_heartbeat(
+        &self,
+        request: Request<meridian_rpc::kv::TxnHeartbeatRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnHeartbeatResponse>, Status> {
+        self.txn_heartbeat_call(request).await
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let deadline = deadline_of(&request);
         let request = request.into_inner();

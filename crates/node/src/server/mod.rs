@@ -51,6 +51,7 @@ mod hello;
 mod kv_service;
 mod node_service;
 mod shared;
+mod txn_service;
 
 use background::background_loop;
 use hello::hello_loop;

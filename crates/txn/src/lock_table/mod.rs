@@ -426,6 +426,27 @@ impl LockTable {
         self.grant_and_report();
     }
 
+    /// The transaction's queued request, if it has one.
+    pub fn queued_request(&self, txn: TxnId) -> Option<RequestId> {
+        let key = self.txns.get(&txn)?.waiting?;
+        Some(self.queue[&key].id)
+    }
+
+    /// Withdraws a queued request (its caller stopped waiting): the transaction keeps the
+    /// locks it holds; requests it blocked may be granted (events). Returns whether the
+    /// request was queued.
+    pub fn cancel(&mut self, txn: TxnId, request: RequestId) -> bool {
+        let Some(entry) = self.txns.get_mut(&txn) else { return false };
+        let Some(key) = entry.waiting else { return false };
+        if self.queue[&key].id != request {
+            return false;
+        }
+        entry.waiting = None;
+        self.queue.remove(&key);
+        self.grant_and_report();
+        true
+    }
+
     /// A client's rollback: releases the transaction unless it is prepared here, where only
     /// its coordinator's decision may end it.
     ///
@@ -537,6 +558,11 @@ impl LockTable {
             }
         }
         blockers
+    }
+
+    /// Returns whether events wait to be taken.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Takes the events that happened since the last call, in order.

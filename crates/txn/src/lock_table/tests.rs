@@ -22,6 +22,7 @@ const MS: u64 = 1_000_000;
 /// - `acquire TXN MODE SPAN [prio=P] [since=E|none] [at=MS]`: ask for a lock; `prio`
 ///   defaults to the transaction's first one, `since` to the epoch of its first grant.
 /// - `heartbeat TXN [since=E] [at=MS]`, `prepare TXN [since=E] [at=MS]`, `release TXN`.
+/// - `cancel TXN rN`: withdraw a queued request.
 /// - `expire at=MS`: release abandoned transactions.
 /// - `restore TXN MODE=SPAN... [prio=P]`: restore a prepared transaction's locks.
 /// - `blockers TXN`, `state`: show what a transaction waits for, or the whole table.
@@ -177,6 +178,12 @@ impl goldenscript::Runner for LockTableRunner {
                 let epoch = since(self, txn)?.ok_or("no epoch to prepare under")?;
                 self.table.prepare(txn, epoch, now)?;
                 writeln!(output, "prepared")?;
+            }
+            "cancel" => {
+                let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;
+                let request = args.next_pos().ok_or("missing request")?;
+                let request = RequestId(request.trim_start_matches('r').parse()?);
+                writeln!(output, "cancelled: {}", self.table.cancel(txn, request))?;
             }
             "release" => {
                 let txn = parse_txn(args.next_pos().ok_or("missing txn")?)?;

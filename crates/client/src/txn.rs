@@ -1,0 +1,423 @@
+//! Read-write transactions, as the transaction layer's clients (SQL gateways) use them.
+//!
+//! A [`Transaction`] reads under locks at the leaders of the ranges it touches (shared locks,
+//! exclusive ones for reads for update, span locks for scans), buffers its writes, and
+//! commits them. Locks are held until the transaction ends, so transactions are serializable;
+//! the commit timestamp is acknowledged only after commit-wait, so they are externally
+//! consistent. Reads see the transaction's own buffered writes.
+//!
+//! - **Priority.** Wound-wait orders transactions by their first start: a retry made with
+//!   [`Transaction::retry`] keeps its transaction's priority (with the next attempt number), so
+//!   it ages and eventually wins.
+//! - **Errors.** [`TxnError::Retry`] means the transaction was aborted (wounded by an older
+//!   one, or its locks were lost to a leader change or to inactivity): roll back and retry it.
+//!   A commit whose outcome is unknown fails with [`ClientError::Ambiguous`] inside
+//!   [`TxnError::Client`]; it is never retried blindly.
+//! - **Epochs.** Each range's answers carry the leadership epoch the lock was taken under; the
+//!   transaction names it in its later requests there, so that a leader whose table no longer
+//!   holds its locks refuses it instead of letting it commit on reads it no longer protects.
+//!
+//! Not yet: commits across several ranges (two-phase commit is built in the transaction layer
+//! and the ranges' state machines, not yet in the leaders' request path; such a commit is
+//! refused with [`TxnError::Unsupported`] and rolled back), heartbeats (a transaction idle for
+//! longer than the leaders' abandonment timeout, 5 s, loses its locks and must retry), and
+//! read-only and stale reads at a timestamp.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use meridian_rpc::kv::{
+    RangeDescriptor, TxnCommitRequest, TxnHeader, TxnHeartbeatRequest, TxnPriority, TxnReadRequest,
+    TxnReadResponse, TxnRollbackRequest, TxnScan, TxnWrite, txn_read_request,
+};
+use meridian_rpc::metadata;
+use tonic::Status;
+
+/// The most rows a node returns for one scan request.
+const MAX_ROWS_PER_REQUEST: usize = 100_000;
+
+/// A retryable refusal made here, before anything is sent (it had no effect).
+fn retry_status(message: String) -> Status {
+    let mut status = Status::aborted(message);
+    status.metadata_mut().insert(metadata::ERROR_KIND, metadata::TXN_RETRY.parse().expect("ascii"));
+    metadata::not_applied(status)
+}
+
+use crate::{Client, ClientError, Kind, error_kind};
+
+/// Why a transaction's operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// The transaction was aborted and may be retried (SQLSTATE 40001): wounded by an older
+    /// transaction, or its locks were lost. The message names the reason.
+    #[error("transaction aborted, retry it: {0}")]
+    Retry(String),
+    /// The cluster refused the request, or its outcome is unknown ([`ClientError`]).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The transaction needs what is not built yet.
+    #[error("not supported yet: {0}")]
+    Unsupported(String),
+    /// The transaction committed or rolled back already; begin or retry another.
+    #[error("the transaction is finished")]
+    Finished,
+}
+
+impl TxnError {
+    /// Whether the transaction may be retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, TxnError::Retry(_))
+    }
+
+    fn from_client(error: ClientError) -> TxnError {
+        match &error {
+            ClientError::Status(status) if error_kind(status) == Some(metadata::TXN_RETRY) => {
+                TxnError::Retry(status.message().to_string())
+            }
+            _ => TxnError::Client(error),
+        }
+    }
+}
+
+/// A read-write transaction (see the module documentation). Dropping one without committing
+/// or rolling back leaves its locks until the leaders time them out.
+pub struct Transaction<'a> {
+    client: &'a Client,
+    id: u128,
+    priority: TxnPriority,
+    /// The ranges it holds locks at: their descriptor, and the epoch of the locks.
+    ranges: BTreeMap<u64, (RangeDescriptor, u64)>,
+    /// Buffered writes: a value, or `None` for a delete.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Whether it committed or rolled back (or tried to).
+    finished: bool,
+}
+
+/// A new transaction id: random, so that gateways need no coordination.
+fn new_txn_id() -> u128 {
+    rand::random::<u128>()
+}
+
+impl Client {
+    /// Begins a read-write transaction.
+    pub fn begin(&self) -> Transaction<'_> {
+        let id = new_txn_id();
+        let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let priority = TxnPriority { start, first_txn: id.to_be_bytes().to_vec(), attempt: 0 };
+        Transaction {
+            client: self,
+            id,
+            priority,
+            ranges: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            finished: false,
+        }
+    }
+}
+
+impl<'a> Transaction<'a> {
+    /// The transaction's id (each attempt has its own).
+    pub fn id(&self) -> u128 {
+        self.id
+    }
+
+    /// Rolls this attempt back (unless it finished already) and begins the next one with the
+    /// same priority: call it after [`TxnError::Retry`], from an operation or from the commit.
+    pub async fn retry(mut self) -> Transaction<'a> {
+        if !self.finished {
+            let _ = self.rollback().await;
+        }
+        let mut priority = self.priority.clone();
+        priority.attempt += 1;
+        Transaction {
+            client: self.client,
+            id: new_txn_id(),
+            priority,
+            ranges: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            finished: false,
+        }
+    }
+
+    fn check_open(&self) -> Result<(), TxnError> {
+        if self.finished { Err(TxnError::Finished) } else { Ok(()) }
+    }
+
+    fn header(&self, range_id: u64) -> TxnHeader {
+        TxnHeader {
+            txn: self.id.to_be_bytes().to_vec(),
+            priority: Some(self.priority.clone()),
+            held_since: self.ranges.get(&range_id).map(|(_, epoch)| *epoch),
+        }
+    }
+
+    /// Locks and reads at the range holding `key`; records the range's epoch.
+    async fn locked_read(
+        &mut self,
+        key: &[u8],
+        for_update: bool,
+        read: txn_read_request::Read,
+    ) -> Result<TxnReadResponse, TxnError> {
+        self.check_open()?;
+        let used = AtomicU64::new(0);
+        let this = &*self;
+        // Asking again for a lock already held is harmless, so lock requests retry like reads.
+        let response = this
+            .client
+            .on_range(key, Kind::Idempotent, |mut node, range_id| {
+                used.store(range_id, Ordering::Relaxed);
+                let request = TxnReadRequest {
+                    range_id,
+                    header: Some(this.header(range_id)),
+                    for_update,
+                    read: Some(read.clone()),
+                };
+                async move { node.txn_read(request).await }
+            })
+            .await
+            .map_err(TxnError::from_client)?;
+        let range_id = used.load(Ordering::Relaxed);
+        if !self.ranges.contains_key(&range_id) {
+            let descriptor = self.client.route(key).await?;
+            self.ranges.insert(range_id, (descriptor, response.epoch));
+        }
+        Ok(response)
+    }
+
+    /// Reads `key` under a shared lock (its own buffered write, if any).
+    ///
+    /// # Errors
+    ///
+    /// [`TxnError::Retry`] when the transaction must retry, [`TxnError::Client`] otherwise.
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, TxnError> {
+        self.get_locked(key, false).await
+    }
+
+    /// Reads `key` under an exclusive lock, as before updating it (`SELECT ... FOR UPDATE`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Transaction::get`].
+    pub async fn get_for_update(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, TxnError> {
+        self.get_locked(key, true).await
+    }
+
+    async fn get_locked(
+        &mut self,
+        key: &[u8],
+        for_update: bool,
+    ) -> Result<Option<Vec<u8>>, TxnError> {
+        let response =
+            self.locked_read(key, for_update, txn_read_request::Read::Key(key.to_vec())).await?;
+        Ok(match self.writes.get(key) {
+            Some(buffered) => buffered.clone(),
+            None => response.value,
+        })
+    }
+
+    /// Returns up to `limit` keys in `[start, end)` (no upper bound if `end` is `None`) with
+    /// their values, under shared span locks (no row can appear in the span before the
+    /// transaction ends), including its own buffered writes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Transaction::get`].
+    pub async fn scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TxnError> {
+        let in_span = |key: &[u8]| key >= start && end.is_none_or(|end| key < end);
+        // Buffered deletes may hide stored rows: fetch enough to fill the limit anyway.
+        let hidden =
+            self.writes.iter().filter(|(key, value)| value.is_none() && in_span(key)).count();
+        let fetch = limit.saturating_add(hidden);
+        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut from = start.to_vec();
+        loop {
+            let remaining = fetch.saturating_sub(rows.len()).min(MAX_ROWS_PER_REQUEST);
+            if remaining == 0 {
+                break;
+            }
+            let scan = TxnScan {
+                start: from.clone(),
+                end: end.map(<[u8]>::to_vec).unwrap_or_default(),
+                limit: remaining as u32,
+            };
+            let response =
+                self.locked_read(&from, false, txn_read_request::Read::Scan(scan)).await?;
+            let full_page = response.rows.len() == remaining;
+            let last_key = response.rows.last().map(|row| row.key.clone());
+            rows.extend(response.rows.into_iter().map(|row| (row.key, row.value)));
+            match (response.resume_key, last_key) {
+                // The range's end: go on in the next range.
+                (Some(next), _) if end.is_none_or(|end| next.as_slice() < end) => from = next,
+                // A full page within the range (under the same span lock): go on after it.
+                (None, Some(mut last)) if full_page => {
+                    last.push(0);
+                    from = last;
+                }
+                _ => break,
+            }
+        }
+        for (key, value) in self.writes.iter().filter(|(key, _)| in_span(key)) {
+            match value {
+                Some(value) => rows.insert(key.clone(), value.clone()),
+                None => rows.remove(key),
+            };
+        }
+        Ok(rows.into_iter().take(limit).collect())
+    }
+
+    /// Buffers a write of `value` under `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`TxnError::Finished`] after a commit or rollback.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), TxnError> {
+        self.check_open()?;
+        self.writes.insert(key.to_vec(), Some(value.to_vec()));
+        Ok(())
+    }
+
+    /// Buffers a delete of `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`TxnError::Finished`] after a commit or rollback.
+    pub fn delete(&mut self, key: &[u8]) -> Result<(), TxnError> {
+        self.check_open()?;
+        self.writes.insert(key.to_vec(), None);
+        Ok(())
+    }
+
+    /// Commits: the writes apply at one timestamp, returned after commit-wait (`None` for a
+    /// transaction that wrote nothing: it checks that it still held every lock, then releases
+    /// them). The transaction is finished
+    /// either way; after [`TxnError::Retry`], [`Transaction::retry`] begins the next attempt.
+    ///
+    /// # Errors
+    ///
+    /// [`TxnError::Retry`] when the transaction must retry; [`TxnError::Unsupported`] for
+    /// writes or locks at several ranges (rolled back); [`TxnError::Client`] with
+    /// [`ClientError::Ambiguous`] when the outcome is unknown.
+    pub async fn commit(&mut self) -> Result<Option<u64>, TxnError> {
+        self.check_open()?;
+        if self.writes.is_empty() {
+            // Its reads are serializable only if it still held every lock when it ended: a
+            // wound or a lost leadership since its last read would have released one.
+            let validated = self.validate_locks().await;
+            self.rollback().await?;
+            return validated.map(|()| None);
+        }
+        let mut ranges: BTreeSet<u64> = self.ranges.keys().copied().collect();
+        for key in self.writes.keys() {
+            ranges.insert(self.client.route(key).await?.range_id);
+        }
+        if ranges.len() > 1 {
+            let list: Vec<String> = ranges.iter().map(u64::to_string).collect();
+            let _ = self.rollback().await;
+            return Err(TxnError::Unsupported(format!(
+                "a transaction over several ranges (ranges {}); commit across ranges is not \
+                 wired into the leaders yet",
+                list.join(", ")
+            )));
+        }
+        let writes: Vec<TxnWrite> = self
+            .writes
+            .iter()
+            .map(|(key, value)| TxnWrite { key: key.clone(), value: value.clone() })
+            .collect();
+        let first_key = self.writes.keys().next().expect("not empty").clone();
+        let this = &*self;
+        let result = this
+            .client
+            .on_range(&first_key, Kind::Write, |mut node, range_id| {
+                // A range it never locked at, while it holds locks elsewhere: the keys moved
+                // (a split) since it read them, and fresh locks there would not protect those
+                // reads.
+                let moved = (!this.ranges.is_empty() && !this.ranges.contains_key(&range_id))
+                    .then(|| retry_status(format!("range {range_id} split since it was read")));
+                let request = TxnCommitRequest {
+                    range_id,
+                    header: Some(this.header(range_id)),
+                    writes: writes.clone(),
+                };
+                async move {
+                    match moved {
+                        Some(status) => Err(status),
+                        None => node.txn_commit(request).await,
+                    }
+                }
+            })
+            .await;
+        self.finished = true;
+        match result {
+            Ok(response) => Ok(Some(response.timestamp)),
+            Err(error) => {
+                let error = TxnError::from_client(error);
+                if !matches!(&error, TxnError::Client(ClientError::Ambiguous(_))) {
+                    // Refused: release whatever is still held.
+                    let _ = self.rollback().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Checks that every lock the transaction took is still held (a heartbeat under its
+    /// epoch at each range).
+    async fn validate_locks(&self) -> Result<(), TxnError> {
+        for (descriptor, epoch) in self.ranges.values() {
+            let txn = self.id.to_be_bytes().to_vec();
+            let epoch = *epoch;
+            let range_id = descriptor.range_id;
+            self.client
+                .on_range(&descriptor.start, Kind::Idempotent, |mut node, routed| {
+                    let moved = (routed != range_id)
+                        .then(|| retry_status(format!("range {range_id} split since it was read")));
+                    let request = TxnHeartbeatRequest { range_id: routed, txn: txn.clone(), epoch };
+                    async move {
+                        match moved {
+                            Some(status) => Err(status),
+                            None => node.txn_heartbeat(request).await,
+                        }
+                    }
+                })
+                .await
+                .map_err(TxnError::from_client)?;
+        }
+        Ok(())
+    }
+
+    /// Rolls back: releases the transaction's locks at every range it touched; the
+    /// transaction is finished.
+    ///
+    /// # Errors
+    ///
+    /// The first range that could not be told ([`TxnError::Client`]); its leader releases the
+    /// locks after its abandonment timeout anyway.
+    pub async fn rollback(&mut self) -> Result<(), TxnError> {
+        self.finished = true;
+        let mut first_error = None;
+        for (range_id, (descriptor, _)) in &self.ranges {
+            let txn = self.id.to_be_bytes().to_vec();
+            let result = self
+                .client
+                .on_range(&descriptor.start, Kind::Idempotent, |mut node, routed| {
+                    let request = TxnRollbackRequest { range_id: routed, txn: txn.clone() };
+                    async move { node.txn_rollback(request).await }
+                })
+                .await;
+            if let Err(error) = result
+                && first_error.is_none()
+            {
+                tracing::debug!(range = range_id, %error, "rollback failed");
+                first_error = Some(TxnError::from_client(error));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

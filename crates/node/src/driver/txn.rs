@@ -1,0 +1,522 @@
+//! What a range's leader does for read-write transactions: its lock table, locking reads, and
+//! commits of transactions whose every lock and write is at this range.
+//!
+//! - **The lock table** belongs to one leadership of one span: its epoch is made of the Raft
+//!   term and the range's generation ([`lock_epoch`]). It is created at the leader's first
+//!   transaction request (restoring the prepare records the range holds) and dropped with
+//!   everything waiting on it when leadership is lost. A request that finds a table of
+//!   another epoch replaces it: after leadership was lost and regained, or after a split
+//!   (whose moved keys' locks would otherwise stay here, protecting nothing), the locks are
+//!   gone, which the epoch check tells their transactions.
+//! - **A locking read** takes its lock here (waiting while the lock table queues it, at most
+//!   until the caller's deadline); the service then reads through the ordinary linearizable
+//!   read path, which sees every commit applied before the lock was granted, and answers the
+//!   epoch with the data. Retrying a lock request is harmless: a held lock is granted again.
+//! - **A one-range commit** takes exclusive locks on its writes one key at a time (each may
+//!   wait), then marks the transaction prepared in the table (no longer woundable), then
+//!   waits in the leader's admission queue for a timestamp from the lease, like a write, and
+//!   proposes all its writes in one entry. The reply comes after commit-wait; the locks are
+//!   released only once `after(commit_ts)` holds on this node's clock (Spanner holds locks
+//!   through commit-wait; releasing at apply is an optimization not adopted yet). If anything
+//!   fails before the proposal, its locks are released; after it, the outcome is ambiguous.
+//!
+//! Left for the next steps: prepares, decisions and outcomes of multi-range commits (the
+//! records apply already, see `txn_state.rs`), votes between leaders, and read-only reads.
+
+use std::collections::VecDeque;
+
+use meridian_txn::{
+    Acquired, Epoch, KeySpan, LockEvent, LockMode, LockRequest, LockTable, LockTableOptions,
+    PrepareRecord, RequestId, TxnId,
+};
+
+use super::leader::{Waiting, check_key};
+use super::*;
+
+/// A request waiting in the lock table.
+enum Waiter {
+    /// A locking read's lock: answer the epoch once granted.
+    Lock { txn: TxnId, deadline: Instant, reply: Reply<u64> },
+    /// One of a commit's write locks.
+    Commit { txn: TxnId },
+}
+
+/// A one-range commit taking its write locks.
+struct CommitInProgress {
+    commit: TxnCommit,
+    /// The write keys still to lock, in order.
+    remaining: VecDeque<Vec<u8>>,
+    held_since: Option<Epoch>,
+    deadline: Instant,
+    reply: Reply<u64>,
+}
+
+/// A leader's transaction state (leader memory: gone with the leadership).
+#[derive(Default)]
+pub(super) struct TxnLeadership {
+    table: Option<LockTable>,
+    waiters: BTreeMap<RequestId, Waiter>,
+    commits: BTreeMap<TxnId, CommitInProgress>,
+    /// Committed transactions whose locks go once commit-wait is over: `(commit_ts, txn)`.
+    releases: Vec<(Timestamp, TxnId)>,
+    next_request: u64,
+}
+
+impl TxnLeadership {
+    /// Whether transactions hold or wait for anything here (the range stays awake).
+    pub(super) fn is_busy(&self) -> bool {
+        self.table.as_ref().is_some_and(|table| !table.is_empty())
+            || !self.waiters.is_empty()
+            || !self.commits.is_empty()
+            || !self.releases.is_empty()
+    }
+
+    /// Fails everything waiting after the leadership was lost; the locks go with it.
+    pub(super) fn abandon(&mut self, refusal: impl Fn() -> NodeError) {
+        for (_, waiter) in std::mem::take(&mut self.waiters) {
+            if let Waiter::Lock { reply, .. } = waiter {
+                let _ = reply.send(Err(refusal()));
+            }
+        }
+        for (_, commit) in std::mem::take(&mut self.commits) {
+            let _ = commit.reply.send(Err(refusal()));
+        }
+        self.releases.clear();
+        self.table = None;
+    }
+
+    /// The lock table of `epoch`, created (or replaced, if it belongs to another epoch) with
+    /// the prepared transactions restored.
+    fn table<'a>(
+        &mut self,
+        epoch: u64,
+        prepared: impl Iterator<Item = &'a PrepareRecord>,
+        now: Timestamp,
+    ) -> Result<&mut LockTable, NodeError> {
+        if self.table.as_ref().is_none_or(|table| table.epoch() != Epoch(epoch)) {
+            let refusal =
+                || NodeError::Unavailable("the range's leadership or span changed".into());
+            self.abandon(refusal);
+            let mut table = LockTable::new(Epoch(epoch), LockTableOptions::default());
+            for record in prepared {
+                table.restore_prepared(record.txn, record.priority, record.locks.clone(), now)?;
+            }
+            self.table = Some(table);
+        }
+        Ok(self.table.as_mut().expect("created above"))
+    }
+
+    fn next_request(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    /// The table, if it belongs to `epoch` (a table of another epoch holds no valid lock).
+    fn current_table(&mut self, epoch: u64) -> Option<&mut LockTable> {
+        self.table.as_mut().filter(|table| table.epoch() == Epoch(epoch))
+    }
+
+    /// Fails a commit in progress and releases the transaction's locks here.
+    fn fail_commit(&mut self, txn: TxnId, error: NodeError) {
+        if let Some(commit) = self.commits.remove(&txn) {
+            let _ = commit.reply.send(Err(error));
+        }
+        if let Some(table) = self.table.as_mut() {
+            table.release(txn);
+        }
+    }
+
+    /// Releases a transaction whose commit failed before or while it was proposed.
+    pub(super) fn release(&mut self, txn: TxnId) {
+        if let Some(table) = self.table.as_mut() {
+            table.release(txn);
+        }
+    }
+
+    /// Releases a committed transaction's locks once `after(commit_ts)` holds.
+    pub(super) fn release_after_commit_wait(&mut self, txn: TxnId, commit_ts: Timestamp) {
+        self.releases.push((commit_ts, txn));
+    }
+}
+
+/// The lock epoch of a leadership in `term` over a range of `generation`: unique per range as
+/// long as a range's lineage splits fewer than 2^24 times within one term.
+pub(super) fn lock_epoch(term: u64, generation: u64) -> u64 {
+    term.saturating_mul(1 << 24).saturating_add(generation % (1 << 24))
+}
+
+/// The span a lock request names, clamped to the range.
+fn lock_span(lock: &TxnLock, descriptor: &RangeDescriptor) -> Result<KeySpan, NodeError> {
+    if lock.is_key {
+        return Ok(KeySpan::key(lock.start.clone()));
+    }
+    let end = match (&lock.end, &descriptor.end) {
+        (Some(end), Some(range_end)) => Some(end.clone().min(range_end.clone())),
+        (Some(end), None) => Some(end.clone()),
+        (None, range_end) => range_end.clone(),
+    };
+    Ok(KeySpan::range(lock.start.clone(), end)?)
+}
+
+/// The lock epoch of `replica`'s current leadership and span.
+fn epoch_of<E: Engine>(replica: &Replica<E>) -> u64 {
+    lock_epoch(replica.raft.term().0, replica.state.descriptor().generation)
+}
+
+impl<E: Engine> Driver<E> {
+    fn local_now(&self) -> Timestamp {
+        self.truetime.read().local
+    }
+
+    /// Takes a transaction's lock at `range`'s leader (see the module docs).
+    pub(super) fn txn_lock(
+        &mut self,
+        range: RangeId,
+        lock: TxnLock,
+        deadline: Instant,
+        reply: Reply<u64>,
+    ) {
+        let now = self.local_now();
+        if range == META_RANGE {
+            let error = NodeError::InvalidArgument("the meta range holds no user keys".into());
+            return drop(reply.send(Err(error)));
+        }
+        let replica = match self.leader_replica(range, Some(&lock.start)) {
+            Ok(replica) => replica,
+            Err(error) => return drop(reply.send(Err(error))),
+        };
+        replica.idle_ticks = 0;
+        let span = match lock_span(&lock, replica.state.descriptor()) {
+            Ok(span) => span,
+            Err(error) => return drop(reply.send(Err(error))),
+        };
+        let epoch = epoch_of(replica);
+        let txns = &mut replica.leadership.txns;
+        let id = txns.next_request();
+        let table = match txns.table(epoch, replica.state.prepared_records(), now) {
+            Ok(table) => table,
+            Err(error) => return drop(reply.send(Err(error))),
+        };
+        // A client retrying a request still queued here (its first attempt timed out on the
+        // way) replaces it.
+        if let Some(stale) = table.queued_request(lock.txn) {
+            table.cancel(lock.txn, stale);
+            if let Some(Waiter::Lock { reply, .. }) = txns.waiters.remove(&stale) {
+                let error = NodeError::Unavailable("superseded by a retry of the request".into());
+                let _ = reply.send(Err(error));
+            }
+        }
+        let table = txns.table.as_mut().expect("created above");
+        let request = LockRequest {
+            id,
+            txn: lock.txn,
+            priority: lock.priority,
+            mode: lock.mode,
+            span,
+            held_since: lock.held_since.map(Epoch),
+        };
+        match table.acquire(request, now) {
+            Ok(Acquired::Granted) => {
+                let _ = reply.send(Ok(epoch));
+            }
+            Ok(Acquired::Waiting) => {
+                txns.waiters.insert(id, Waiter::Lock { txn: lock.txn, deadline, reply });
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error.into()));
+            }
+        }
+        self.settle_txn_events(range);
+    }
+
+    /// Commits a transaction whose locks and writes are all at `range` (see the module docs).
+    pub(super) fn txn_commit(
+        &mut self,
+        range: RangeId,
+        commit: TxnCommit,
+        deadline: Instant,
+        reply: Reply<u64>,
+    ) {
+        if range == META_RANGE {
+            let error = NodeError::InvalidArgument("the meta range holds no user keys".into());
+            return drop(reply.send(Err(error)));
+        }
+        let replica = match self.leader_replica(range, None) {
+            Ok(replica) => replica,
+            Err(error) => return drop(reply.send(Err(error))),
+        };
+        replica.idle_ticks = 0;
+        if commit.writes.is_empty() {
+            let error = "a commit without writes: roll back a read-only transaction instead";
+            return drop(reply.send(Err(NodeError::InvalidArgument(error.into()))));
+        }
+        if let Some(error) =
+            commit.writes.iter().find_map(|write| check_key(replica, &write.key).err())
+        {
+            return drop(reply.send(Err(error)));
+        }
+        let epoch = epoch_of(replica);
+        let txns = &mut replica.leadership.txns;
+        let prepared = txns.current_table(epoch).is_some_and(|table| {
+            table.standing(commit.txn) == Some(&meridian_txn::TxnStanding::Prepared)
+        });
+        if txns.commits.contains_key(&commit.txn) || prepared {
+            // A repeated commit: the first one's locks stay.
+            let error = format!("transaction {} is already committing", commit.txn);
+            return drop(reply.send(Err(NodeError::InvalidArgument(error))));
+        }
+        let txn = commit.txn;
+        let mut keys: Vec<Vec<u8>> = commit.writes.iter().map(|write| write.key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        let held_since = commit.held_since.map(Epoch);
+        txns.commits.insert(
+            txn,
+            CommitInProgress { commit, remaining: keys.into(), held_since, deadline, reply },
+        );
+        self.continue_commit(range, txn);
+        self.settle_txn_events(range);
+    }
+
+    /// Takes a commit's next write locks; once all are held, marks the transaction prepared
+    /// and queues its proposal.
+    fn continue_commit(&mut self, range: RangeId, txn: TxnId) {
+        let now = self.local_now();
+        let Some(replica) = self.replicas.get_mut(&range) else { return };
+        let epoch = epoch_of(replica);
+        if let Err(error) =
+            replica.leadership.txns.table(epoch, replica.state.prepared_records(), now)
+        {
+            return replica.leadership.txns.fail_commit(txn, error);
+        }
+        let TxnLeadership { table, waiters, commits, next_request, .. } =
+            &mut replica.leadership.txns;
+        let table = table.as_mut().expect("created above");
+        let Some(commit) = commits.get_mut(&txn) else { return };
+        let mut failure = None;
+        while let Some(key) = commit.remaining.front().cloned() {
+            *next_request += 1;
+            let id = RequestId(*next_request);
+            let request = LockRequest {
+                id,
+                txn,
+                priority: commit.commit.priority,
+                mode: LockMode::Exclusive,
+                span: KeySpan::key(key),
+                held_since: commit.held_since,
+            };
+            match table.acquire(request, now) {
+                Ok(outcome) => {
+                    commit.held_since = Some(table.epoch());
+                    commit.remaining.pop_front();
+                    if outcome == Acquired::Waiting {
+                        waiters.insert(id, Waiter::Commit { txn });
+                        return;
+                    }
+                }
+                Err(error) => {
+                    failure = Some(NodeError::from(error));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let epoch = commit.held_since.expect("a commit locks at least one key");
+            failure = table.prepare(txn, epoch, now).err().map(NodeError::from);
+        }
+        if let Some(error) = failure {
+            return replica.leadership.txns.fail_commit(txn, error);
+        }
+        let commit = commits.remove(&txn).expect("found above");
+        replica.leadership.waiting.push_back(Waiting::TxnCommit {
+            txn,
+            writes: commit.commit.writes,
+            deadline: commit.deadline,
+            reply: commit.reply,
+        });
+        self.admit(range);
+    }
+
+    /// Releases what a transaction holds at `range`, unless it is prepared there.
+    pub(super) fn txn_rollback(&mut self, range: RangeId, txn: TxnId, reply: Reply<()>) {
+        let replica = match self.leader_replica(range, None) {
+            Ok(replica) => replica,
+            Err(error) => return drop(reply.send(Err(error))),
+        };
+        let epoch = epoch_of(replica);
+        let txns = &mut replica.leadership.txns;
+        if let Some(commit) = txns.commits.remove(&txn) {
+            let error = NodeError::TxnRetry(format!("transaction {txn} was rolled back"));
+            let _ = commit.reply.send(Err(error));
+        }
+        let result = match txns.current_table(epoch) {
+            Some(table) => table.rollback(txn).map_err(NodeError::from),
+            None => Ok(()),
+        };
+        let _ = reply.send(result);
+        self.settle_txn_events(range);
+    }
+
+    /// Keeps a transaction's locks at `range`.
+    pub(super) fn txn_heartbeat(
+        &mut self,
+        range: RangeId,
+        txn: TxnId,
+        epoch: u64,
+        reply: Reply<()>,
+    ) {
+        let now = self.local_now();
+        let replica = match self.leader_replica(range, None) {
+            Ok(replica) => replica,
+            Err(error) => return drop(reply.send(Err(error))),
+        };
+        let current = epoch_of(replica);
+        let result = match replica.leadership.txns.current_table(current) {
+            Some(table) => table.heartbeat(txn, Epoch(epoch), now).map_err(NodeError::from),
+            None => Err(NodeError::TxnRetry(format!(
+                "transaction {txn} lost its locks at this range: its leadership or span changed"
+            ))),
+        };
+        let _ = reply.send(result);
+    }
+
+    /// Answers the waiters the lock table's events concern: grants, wounds, abandonment.
+    fn settle_txn_events(&mut self, range: RangeId) {
+        let mut commits_to_continue = Vec::new();
+        {
+            let Some(replica) = self.replicas.get_mut(&range) else { return };
+            let txns = &mut replica.leadership.txns;
+            let Some(table) = txns.table.as_mut() else { return };
+            let epoch = table.epoch().0;
+            let events = table.take_events();
+            for event in events {
+                let (request, failure) = match event {
+                    LockEvent::Granted { request, .. } => (request, None),
+                    LockEvent::Wounded { txn, wound, cancelled: Some(request) } => {
+                        let error = meridian_txn::Error::Wounded {
+                            txn,
+                            by: wound.by,
+                            span: wound.span,
+                            requested: wound.requested.name(),
+                        };
+                        (request, Some(NodeError::from(error)))
+                    }
+                    LockEvent::Abandoned { txn, cancelled: Some(request) } => {
+                        let error = NodeError::TxnRetry(format!(
+                            "transaction {txn} lost its locks at this range: it sent nothing \
+                             for too long"
+                        ));
+                        (request, Some(error))
+                    }
+                    LockEvent::Cancelled { txn, request } => {
+                        let error =
+                            NodeError::TxnRetry(format!("transaction {txn} was rolled back"));
+                        (request, Some(error))
+                    }
+                    LockEvent::Wounded { .. } | LockEvent::Abandoned { .. } => continue,
+                };
+                match (txns.waiters.remove(&request), failure) {
+                    (Some(Waiter::Lock { reply, .. }), None) => {
+                        let _ = reply.send(Ok(epoch));
+                    }
+                    (Some(Waiter::Lock { reply, .. }), Some(error)) => {
+                        let _ = reply.send(Err(error));
+                    }
+                    (Some(Waiter::Commit { txn }), None) => commits_to_continue.push(txn),
+                    (Some(Waiter::Commit { txn }), Some(error)) => txns.fail_commit(txn, error),
+                    (None, _) => {}
+                }
+            }
+        }
+        for txn in commits_to_continue {
+            self.continue_commit(range, txn);
+        }
+        // Continuing may have produced more events.
+        let more = self
+            .replicas
+            .get_mut(&range)
+            .and_then(|replica| replica.leadership.txns.table.as_mut())
+            .is_some_and(|table| table.has_events());
+        if more {
+            self.settle_txn_events(range);
+        }
+    }
+
+    /// On ticks: withdraws lock requests whose callers' deadlines passed, releases abandoned
+    /// transactions and committed ones whose commit-wait is over.
+    pub(super) fn tick_txns(&mut self) {
+        let (now, interval) = (self.local_now(), self.truetime.now());
+        let instant = Instant::now();
+        let ranges: Vec<RangeId> = self
+            .awake
+            .iter()
+            .filter(|range| {
+                self.replicas.get(range).is_some_and(|replica| replica.leadership.txns.is_busy())
+            })
+            .copied()
+            .collect();
+        for range in ranges {
+            let replica = self.replicas.get_mut(&range).expect("listed above");
+            let txns = &mut replica.leadership.txns;
+            let late: Vec<TxnId> = txns
+                .commits
+                .iter()
+                .filter(|(_, commit)| commit.deadline <= instant)
+                .map(|(txn, _)| *txn)
+                .collect();
+            for txn in late {
+                let error = NodeError::Unavailable(
+                    "the commit's locks were not granted before its deadline".into(),
+                );
+                txns.fail_commit(txn, error);
+            }
+            let TxnLeadership { table, waiters, releases, .. } = txns;
+            let Some(table) = table.as_mut() else { continue };
+            let expired: Vec<RequestId> = waiters
+                .iter()
+                .filter(|(_, waiter)| {
+                    matches!(waiter, Waiter::Lock { deadline, .. } if *deadline <= instant)
+                })
+                .map(|(request, _)| *request)
+                .collect();
+            for request in expired {
+                let Some(Waiter::Lock { txn, .. }) = waiters.get(&request) else { continue };
+                // A request granted but not answered yet is answered by the grant instead.
+                if table.cancel(*txn, request)
+                    && let Some(Waiter::Lock { reply, .. }) = waiters.remove(&request)
+                {
+                    let error = NodeError::Unavailable(
+                        "the lock was not granted before the request's deadline".into(),
+                    );
+                    let _ = reply.send(Err(error));
+                }
+            }
+            table.expire(now);
+            let (done, waiting): (Vec<_>, Vec<_>) =
+                releases.drain(..).partition(|(commit_ts, _)| interval.after(*commit_ts));
+            *releases = waiting;
+            for (_, txn) in done {
+                table.release(txn);
+            }
+            self.settle_txn_events(range);
+        }
+    }
+
+    /// Answers what lock tables released outside a transaction call (a commit refused or
+    /// past its deadline in the admission queue, a commit refused at apply).
+    pub(super) fn settle_all_txn_events(&mut self) {
+        let ranges: Vec<RangeId> = self
+            .awake
+            .iter()
+            .filter(|range| {
+                self.replicas.get(range).is_some_and(|replica| {
+                    replica.leadership.txns.table.as_ref().is_some_and(LockTable::has_events)
+                })
+            })
+            .copied()
+            .collect();
+        for range in ranges {
+            self.settle_txn_events(range);
+        }
+    }
+}

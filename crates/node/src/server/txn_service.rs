@@ -1,0 +1,167 @@
+//! The `Kv` service's transaction calls: locking reads, one-range commits, rollbacks and
+//! heartbeats (see `driver/txn.rs` for what the leader does with them).
+
+use meridian_rpc::kv::{
+    TxnCommitRequest, TxnCommitResponse, TxnHeader, TxnHeartbeatRequest, TxnHeartbeatResponse,
+    TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnRollbackResponse, txn_read_request,
+};
+use meridian_txn::{LockMode, Priority, Timestamp, TxnId};
+
+use super::kv_service::{deadline_of, range_of};
+use super::*;
+use crate::driver::{ScanResult, TxnCommit, TxnLock};
+use crate::txn_state::{txn_id_from_wire, writes_from_wire};
+
+/// A refusal for a malformed request: it had no effect.
+fn invalid(message: impl Into<String>) -> Status {
+    metadata::not_applied(Status::invalid_argument(message.into()))
+}
+
+/// The transaction, priority and epoch a request names.
+fn header_of(header: Option<TxnHeader>) -> Result<(TxnId, Priority, Option<u64>), Status> {
+    let header = header.ok_or_else(|| invalid("the request names no transaction"))?;
+    let txn = txn_id_from_wire(&header.txn).map_err(invalid)?;
+    let priority = header.priority.ok_or_else(|| invalid("the request has no priority"))?;
+    let priority = Priority {
+        start: Timestamp::from_nanos(priority.start),
+        first_txn: txn_id_from_wire(&priority.first_txn).map_err(invalid)?,
+        attempt: priority.attempt,
+    };
+    Ok((txn, priority, header.held_since))
+}
+
+impl KvApi {
+    /// Locks and reads (see `TxnReadRequest`).
+    pub(super) async fn txn_read_call(
+        &self,
+        request: Request<TxnReadRequest>,
+    ) -> Result<Response<TxnReadResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let (txn, priority, held_since) = header_of(request.header)?;
+        let mode = if request.for_update { LockMode::Exclusive } else { LockMode::Shared };
+        let read = request.read.ok_or_else(|| invalid("the request names no key or span"))?;
+        let lock = match &read {
+            txn_read_request::Read::Key(key) => TxnLock {
+                txn,
+                priority,
+                held_since,
+                mode,
+                start: key.clone(),
+                end: None,
+                is_key: true,
+            },
+            txn_read_request::Read::Scan(scan) => {
+                let end = (!scan.end.is_empty()).then(|| scan.end.clone());
+                if end.as_ref().is_some_and(|end| *end <= scan.start) {
+                    return Err(invalid("the scan's end is not after its start"));
+                }
+                TxnLock {
+                    txn,
+                    priority,
+                    held_since,
+                    mode,
+                    start: scan.start.clone(),
+                    end,
+                    is_key: false,
+                }
+            }
+        };
+        let epoch = self
+            .0
+            .request("txn lock", deadline, |reply| Event::TxnLock { range, lock, deadline, reply })
+            .await?;
+        // The lock is held: the ordinary linearizable read sees every commit before it.
+        let mut response = TxnReadResponse { epoch, ..TxnReadResponse::default() };
+        match read {
+            txn_read_request::Read::Key(key) => {
+                let (value, timestamp) = self
+                    .0
+                    .request("txn get", deadline, |reply| {
+                        let request = ReadRequest::Get { range, key, reply };
+                        Event::Read { request, deadline }
+                    })
+                    .await?;
+                (response.value, response.timestamp) = (value, timestamp);
+            }
+            txn_read_request::Read::Scan(scan) => {
+                let end = (!scan.end.is_empty()).then_some(scan.end);
+                let limit = if scan.limit == 0 { 1_000 } else { scan.limit.min(100_000) as usize };
+                let ScanResult { rows, resume_key } = self
+                    .0
+                    .request("txn scan", deadline, |reply| {
+                        let request =
+                            ReadRequest::Scan { range, start: scan.start, end, limit, reply };
+                        Event::Read { request, deadline }
+                    })
+                    .await?;
+                response.rows = rows
+                    .into_iter()
+                    .map(|(key, value, timestamp)| KeyValue { key, value, timestamp })
+                    .collect();
+                response.resume_key = resume_key;
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    /// Commits a one-range transaction (see `TxnCommitRequest`).
+    pub(super) async fn txn_commit_call(
+        &self,
+        request: Request<TxnCommitRequest>,
+    ) -> Result<Response<TxnCommitResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let (txn, priority, held_since) = header_of(request.header)?;
+        let writes = writes_from_wire(&request.writes);
+        let commit = TxnCommit { txn, priority, held_since, writes };
+        let timestamp = self
+            .0
+            .request("txn commit", deadline, |reply| Event::TxnCommit {
+                range,
+                commit,
+                deadline,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnCommitResponse { timestamp }))
+    }
+
+    /// Rolls a transaction back at one range.
+    pub(super) async fn txn_rollback_call(
+        &self,
+        request: Request<TxnRollbackRequest>,
+    ) -> Result<Response<TxnRollbackResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let txn = txn_id_from_wire(&request.txn).map_err(invalid)?;
+        self.0
+            .request("txn rollback", deadline, |reply| Event::TxnRollback { range, txn, reply })
+            .await?;
+        Ok(Response::new(TxnRollbackResponse {}))
+    }
+
+    /// Keeps a transaction's locks at one range.
+    pub(super) async fn txn_heartbeat_call(
+        &self,
+        request: Request<TxnHeartbeatRequest>,
+    ) -> Result<Response<TxnHeartbeatResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let txn = txn_id_from_wire(&request.txn).map_err(invalid)?;
+        let epoch = request.epoch;
+        self.0
+            .request("txn heartbeat", deadline, |reply| Event::TxnHeartbeat {
+                range,
+                txn,
+                epoch,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnHeartbeatResponse {}))
+    }
+}
