@@ -222,3 +222,33 @@ async fn commits_over_several_ranges_are_refused_and_rolled_back() {
     next.put(b"a", b"3").unwrap();
     next.commit().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_txn_command_commits_and_refuses_bad_input() {
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    let host = &cluster.addresses[0];
+    let stdout = |output: &Output| String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = |output: &Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    let output = meridian(&["txn", "--host", host, "put", "x", "1", "put", "y", "2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("committed at"), "{}", stdout(&output));
+    let output = meridian(&["txn", "--host", host, "get", "x", "scan", "x", "-", "delete", "y"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("x = 1\nx = 1\ny = 2\ncommitted at"), "{}", stdout(&output));
+    let output = meridian(&["txn", "--host", host, "get", "y"]);
+    assert!(stdout(&output).contains("y: (not found)\ncommitted (nothing written)"));
+
+    for (words, message) in [
+        (&["frob", "x"][..], "unknown transaction operation `frob`"),
+        (&["put", "x"][..], "`put` needs a value"),
+        (&["scan", "a"][..], "`scan` needs an end key"),
+    ] {
+        let mut args = vec!["txn", "--host", host.as_str()];
+        args.extend_from_slice(words);
+        let output = meridian(&args);
+        assert!(!output.status.success(), "{words:?} succeeded");
+        assert!(stderr(&output).contains(message), "{words:?}: {}", stderr(&output));
+    }
+}
