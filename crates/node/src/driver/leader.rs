@@ -18,8 +18,9 @@
 //! deadline; one that expires, or that reaches a node that lost leadership, is refused, never
 //! proposed. A proposal's outcome is reported once it applies: a write after commit-wait. If
 //! leadership moves, a snapshot replaces the log, or the replica is destroyed first, the
-//! outcome is *ambiguous* and is reported as such. The lock table of the transaction layer will
-//! live beside these queues.
+//! outcome is *ambiguous* and is reported as such. Transactions' lock tables and commits live
+//! beside these queues (`txn.rs`); a one-range commit waits in the same queue for its
+//! timestamp.
 
 use std::collections::VecDeque;
 
