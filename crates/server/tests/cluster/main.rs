@@ -28,9 +28,19 @@ fn binary() -> String {
     std::env::var("MERIDIAN_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meridian").to_string())
 }
 
-/// Returns a port that was free a moment ago.
+/// Returns a port that was free a moment ago and that no other test of this process was
+/// given: the kernel may hand a port it just released to the next `bind(0)`, and two nodes
+/// given the same port fail to start (seen in CI).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+    panic!("no fresh free port after 1,000 tries");
 }
 
 /// A cluster of `meridian start` processes; kills them all when dropped.
