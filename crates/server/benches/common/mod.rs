@@ -64,10 +64,11 @@ impl Drop for LocalCluster {
 fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
+    for _ in 0..1_000 {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         if GIVEN.lock().unwrap().insert(port) {
             return port;
         }
     }
+    panic!("no fresh free port after 1,000 tries");
 }
