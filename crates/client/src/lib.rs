@@ -52,7 +52,7 @@ use tonic::{Code, Response, Status};
 use tracing::debug;
 
 use crate::routes::Routes;
-pub use crate::txn::{Transaction, TxnError};
+pub use crate::txn::{Transaction, TxnError, TxnOutcome};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -525,6 +525,58 @@ impl Client {
                 Verdict::Fail => return Err(ClientError::Status(status)),
             }
         }
+    }
+
+    /// Runs `call(client)` against the leader of the range `range_id` (found by its start
+    /// key, which never changes for an id; a cache that maps the key to another range is
+    /// corrected first).
+    async fn on_range_id<T, F, Fut>(
+        &self,
+        range_id: u64,
+        kind: Kind,
+        mut call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(Node) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let start = self.start_of(range_id).await?;
+        self.on_range(&start, kind, |node, routed| {
+            let attempt = (routed == range_id).then(|| call(node));
+            async move {
+                match attempt {
+                    Some(call) => call.await,
+                    // The cached range holding the key is an older one: look it up again.
+                    None => {
+                        let mut status = Status::out_of_range(format!(
+                            "range {routed} was cached for the start of range {range_id}"
+                        ));
+                        let kind = metadata::KEY_NOT_IN_RANGE.parse().expect("ascii");
+                        status.metadata_mut().insert(metadata::ERROR_KIND, kind);
+                        Err(metadata::not_applied(status))
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Returns the start key of range `range_id`, from the cache or a listing of the meta
+    /// range.
+    async fn start_of(&self, range_id: u64) -> Result<Vec<u8>, ClientError> {
+        if let Some(start) = self.routes.lock().starts.get(&range_id) {
+            return Ok(start.clone());
+        }
+        let (descriptors, _) = self.ranges().await?;
+        let mut routes = self.routes.lock();
+        for descriptor in descriptors {
+            routes.starts.insert(descriptor.range_id, descriptor.start);
+        }
+        routes.starts.get(&range_id).cloned().ok_or_else(|| {
+            ClientError::Status(Status::not_found(format!(
+                "the meta range knows no range {range_id}"
+            )))
+        })
     }
 
     /// Reads the latest value of `key` and its commit timestamp (linearizable).

@@ -18,6 +18,9 @@ pub(crate) struct Routes {
     pub addresses: HashMap<u64, String>,
     /// The meta range's leader, as last seen.
     pub meta_leader: Option<String>,
+    /// Each range's start key: it never changes for a range id (a split keeps its left part's
+    /// id and start), so it finds the range of an id in the key-ordered cache.
+    pub starts: HashMap<u64, Vec<u8>>,
 }
 
 impl Routes {
@@ -45,6 +48,7 @@ impl Routes {
                 self.leaders.remove(&old.range_id);
             }
         }
+        self.starts.insert(descriptor.range_id, descriptor.start.clone());
         self.by_end.insert(EndKey::of(&descriptor.end), descriptor);
     }
 

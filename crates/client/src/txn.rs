@@ -23,13 +23,14 @@
 //! longer than the leaders' abandonment timeout, 5 s, loses its locks and must retry), and
 //! read-only and stale reads at a timestamp.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_rpc::kv::{
-    RangeDescriptor, TxnCommitRequest, TxnHeader, TxnHeartbeatRequest, TxnPriority, TxnReadRequest,
-    TxnReadResponse, TxnRollbackRequest, TxnScan, TxnWrite, txn_read_request,
+    RangeDescriptor, TxnAbortRequest, TxnCommitRequest, TxnDecision, TxnHeader,
+    TxnHeartbeatRequest, TxnOutcomeRequest, TxnPrepareRequest, TxnPriority, TxnReadRequest,
+    TxnReadResponse, TxnRollbackRequest, TxnScan, TxnVoteRequest, TxnWrite, txn_read_request,
 };
 use meridian_rpc::metadata;
 use tonic::Status;
@@ -112,6 +113,108 @@ impl Client {
             ranges: BTreeMap::new(),
             writes: BTreeMap::new(),
             finished: false,
+        }
+    }
+}
+
+/// How a transaction ended, as its coordinator logged it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Committed at this timestamp.
+    Committed(u64),
+    /// Aborted, for this reason.
+    Aborted(String),
+}
+
+impl Client {
+    /// Sends a participant's vote — or, with `query`, a prepared participant's status query —
+    /// to the leader of the coordinating range `coordinator` (nodes use this; retried until
+    /// it arrives or the deadline passes: a vote counts once).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn txn_vote(
+        &self,
+        coordinator: u64,
+        txn: u128,
+        participant: u64,
+        prepare_ts: u64,
+        query: bool,
+    ) -> Result<(), ClientError> {
+        self.on_range_id(coordinator, Kind::Idempotent, |mut node| {
+            let request = TxnVoteRequest {
+                range_id: coordinator,
+                txn: txn.to_be_bytes().to_vec(),
+                participant,
+                prepare_ts,
+                query,
+            };
+            async move { node.txn_vote(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Sends a coordinator's decision to the leader of participant `participant`, which logs
+    /// it as the transaction's outcome (nodes use this; an outcome applies once).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn txn_outcome(
+        &self,
+        participant: u64,
+        txn: u128,
+        decision: TxnDecision,
+    ) -> Result<(), ClientError> {
+        self.on_range_id(participant, Kind::Idempotent, |mut node| {
+            let request = TxnOutcomeRequest {
+                range_id: participant,
+                txn: txn.to_be_bytes().to_vec(),
+                decision: Some(decision.clone()),
+            };
+            async move { node.txn_outcome(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Asks the coordinator `coordinator` of transaction `txn` to abort it, unless a decision
+    /// was logged first; returns the decision in effect (a commit only after commit-wait).
+    /// Asking again is harmless, so this also settles a commit whose outcome was unknown.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when no attempt succeeds in time.
+    pub async fn txn_abort(
+        &self,
+        coordinator: u64,
+        txn: u128,
+        participants: &[u64],
+        reason: &str,
+    ) -> Result<TxnOutcome, ClientError> {
+        let response = self
+            .on_range_id(coordinator, Kind::Idempotent, |mut node| {
+                let request = TxnAbortRequest {
+                    range_id: coordinator,
+                    txn: txn.to_be_bytes().to_vec(),
+                    participants: participants.to_vec(),
+                    reason: reason.to_string(),
+                };
+                async move { node.txn_abort(request).await }
+            })
+            .await?;
+        match response.decision {
+            Some(TxnDecision { commit: true, commit_ts, .. }) => {
+                Ok(TxnOutcome::Committed(commit_ts))
+            }
+            Some(TxnDecision { commit: false, abort_reason, .. }) => {
+                Ok(TxnOutcome::Aborted(abort_reason))
+            }
+            None => Err(ClientError::Status(Status::internal(
+                "the coordinator answered an abort without a decision",
+            ))),
         }
     }
 }
@@ -312,18 +415,23 @@ impl<'a> Transaction<'a> {
             self.rollback().await?;
             return validated.map(|()| None);
         }
-        let mut ranges: BTreeSet<u64> = self.ranges.keys().copied().collect();
-        for key in self.writes.keys() {
-            ranges.insert(self.client.route(key).await?.range_id);
+        // Each participant's writes, by range: the ranges holding the writes, and every
+        // range it locked at (whose locks the prepare checks).
+        let mut parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)> = BTreeMap::new();
+        for (key, value) in &self.writes {
+            let descriptor = self.client.route(key).await?;
+            let write = TxnWrite { key: key.clone(), value: value.clone() };
+            parts
+                .entry(descriptor.range_id)
+                .or_insert_with(|| (descriptor.start, Vec::new()))
+                .1
+                .push(write);
         }
-        if ranges.len() > 1 {
-            let list: Vec<String> = ranges.iter().map(u64::to_string).collect();
-            let _ = self.rollback().await;
-            return Err(TxnError::Unsupported(format!(
-                "a transaction over several ranges (ranges {}); commit across ranges is not \
-                 wired into the leaders yet",
-                list.join(", ")
-            )));
+        for (range_id, (descriptor, _)) in &self.ranges {
+            parts.entry(*range_id).or_insert_with(|| (descriptor.start.clone(), Vec::new()));
+        }
+        if parts.len() > 1 {
+            return self.commit_two_phase(parts).await;
         }
         let writes: Vec<TxnWrite> = self
             .writes
@@ -344,6 +452,7 @@ impl<'a> Transaction<'a> {
                     range_id,
                     header: Some(this.header(range_id)),
                     writes: writes.clone(),
+                    participants: Vec::new(),
                 };
                 async move {
                     match moved {
@@ -364,6 +473,109 @@ impl<'a> Transaction<'a> {
                 }
                 Err(error)
             }
+        }
+    }
+
+    /// Commits over several ranges by two-phase commit: the range of the first write
+    /// coordinates; every other participant is asked to prepare at the same time as the
+    /// coordinator is asked to commit. A participant that refuses makes the client ask the
+    /// coordinator to abort; the coordinator's answer is the outcome. If that answer is
+    /// unknown (a timeout, a leader change), the client asks the coordinator to abort, which
+    /// answers the decision logged first: the outcome is ambiguous only if that fails too.
+    async fn commit_two_phase(
+        &mut self,
+        parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
+    ) -> Result<Option<u64>, TxnError> {
+        self.finished = true;
+        let coordinator = parts
+            .iter()
+            .find(|(_, (_, writes))| !writes.is_empty())
+            .map(|(range_id, _)| *range_id)
+            .expect("a transaction with writes");
+        let participants: Vec<u64> = parts.keys().copied().collect();
+        let this = &*self;
+        // A request routed to another range than planned: the range split since the writes
+        // were routed (or since it was read); the transaction aborts and retries.
+        let moved = |planned: u64, routed: u64| {
+            (routed != planned).then(|| {
+                retry_status(format!("range {planned} split since the commit was planned"))
+            })
+        };
+        let commit = async {
+            let (start, writes) = &parts[&coordinator];
+            this.client
+                .on_range(start, Kind::Write, |mut node, routed| {
+                    let moved = moved(coordinator, routed);
+                    let request = TxnCommitRequest {
+                        range_id: routed,
+                        header: Some(this.header(routed)),
+                        writes: writes.clone(),
+                        participants: participants.clone(),
+                    };
+                    async move {
+                        match moved {
+                            Some(status) => Err(status),
+                            None => node.txn_commit(request).await,
+                        }
+                    }
+                })
+                .await
+        };
+        let prepares = async {
+            let prepares = parts.iter().filter(|(range_id, _)| **range_id != coordinator).map(
+                |(range_id, (start, writes))| {
+                    let range_id = *range_id;
+                    this.client.on_range(start, Kind::Write, move |mut node, routed| {
+                        let moved = moved(range_id, routed);
+                        let request = TxnPrepareRequest {
+                            range_id: routed,
+                            header: Some(this.header(routed)),
+                            coordinator,
+                            writes: writes.clone(),
+                        };
+                        async move {
+                            match moved {
+                                Some(status) => Err(status),
+                                None => node.txn_prepare(request).await,
+                            }
+                        }
+                    })
+                },
+            );
+            let refusal = futures_util::future::join_all(prepares)
+                .await
+                .into_iter()
+                .filter_map(Result::err)
+                .find(|error| !error.is_ambiguous());
+            if let Some(error) = refusal {
+                // A participant refused: the coordinator cannot commit without its vote.
+                let reason = format!("a participant could not prepare: {error}");
+                let _ = this.client.txn_abort(coordinator, this.id, &participants, &reason).await;
+            }
+        };
+        let (committed, ()) = tokio::join!(commit, prepares);
+        let error = match committed {
+            Ok(response) => return Ok(Some(response.timestamp)),
+            Err(error) => TxnError::from_client(error),
+        };
+        if !matches!(&error, TxnError::Client(ClientError::Ambiguous(_))) {
+            // Refused or aborted: release what is still held (prepared parts stay until
+            // their outcome, which their coordinator sends).
+            let _ = self.release_all().await;
+            return Err(error);
+        }
+        // The commit's answer was lost: the coordinator's log has the decision, or the
+        // transaction aborts now.
+        let reason = "its client lost track of the commit";
+        match self.client.txn_abort(coordinator, self.id, &participants, reason).await {
+            Ok(TxnOutcome::Committed(timestamp)) => Ok(Some(timestamp)),
+            Ok(TxnOutcome::Aborted(reason)) => {
+                let _ = self.release_all().await;
+                Err(TxnError::Retry(format!(
+                    "its coordinator aborted it: {reason} (the commit's answer was lost: {error})"
+                )))
+            }
+            Err(_) => Err(error),
         }
     }
 
@@ -401,6 +613,12 @@ impl<'a> Transaction<'a> {
     /// locks after its abandonment timeout anyway.
     pub async fn rollback(&mut self) -> Result<(), TxnError> {
         self.finished = true;
+        self.release_all().await
+    }
+
+    /// Releases the transaction's locks at every range it touched (not where it is
+    /// prepared: only its outcome ends it there).
+    async fn release_all(&self) -> Result<(), TxnError> {
         let mut first_error = None;
         for (range_id, (descriptor, _)) in &self.ranges {
             let txn = self.id.to_be_bytes().to_vec();

@@ -321,6 +321,29 @@ impl<E: Engine> RangeStateMachine<E> {
         !self.txn.prepared.is_empty()
     }
 
+    /// Whether two-phase commits need this range's leader to keep ticking: transactions
+    /// prepared here wait for outcomes, or commit requests coordinated here wait for votes.
+    pub fn has_txn_work(&self) -> bool {
+        self.has_prepared() || self.txn.coordinator.has_pending()
+    }
+
+    /// The prepare record of a transaction prepared here, if any.
+    pub fn prepared_record(&self, txn: TxnId) -> Option<&meridian_txn::PrepareRecord> {
+        self.txn.prepared.get(txn)
+    }
+
+    /// The prepared transactions' records and (leader memory) status-query timers.
+    pub fn prepared_mut(&mut self) -> &mut meridian_txn::PreparedSet {
+        &mut self.txn.prepared
+    }
+
+    /// The range's two-phase-commit coordinator: its logged decisions change only as entries
+    /// apply; the driver gives it requests, votes and the leadership role, and carries out
+    /// its outputs.
+    pub fn coordinator_mut(&mut self) -> &mut meridian_txn::Coordinator {
+        &mut self.txn.coordinator
+    }
+
     /// Stages the deletion of the meta range's index (on the meta range; nothing elsewhere).
     pub fn stage_clear_meta_index(&mut self, batch: &mut WriteBatch) {
         if let Some(meta) = self.meta.as_mut() {

@@ -82,6 +82,10 @@ impl<E: Engine> Driver<E> {
         let mut publish = Vec::new();
         // Whether a split this node proposed applied (fault injection aborts after it).
         let mut own_split_applied = false;
+        // Parts prepared here whose votes go to their coordinators: `(range, txn,
+        // coordinator, prepare_ts)`; and ranges whose coordinators have outputs.
+        let mut votes = Vec::new();
+        let mut coordinators = BTreeSet::new();
         for (range, ready) in readies {
             let replica = self.replicas.get_mut(&range).expect("replica exists");
             metrics::counter!("meridian_raft_entries_applied_total")
@@ -103,9 +107,23 @@ impl<E: Engine> Driver<E> {
                     }
                     Applied::Decided { txn, decision } => {
                         debug!(range = range.0, %txn, ?decision, "transaction decided");
+                        coordinators.insert(range);
+                        if replica.raft.role() == Role::Leader {
+                            // Its own part's locks go, a commit's after commit-wait.
+                            let commit_wait = match decision {
+                                meridian_txn::Decision::Commit { commit_ts } => Some(*commit_ts),
+                                meridian_txn::Decision::Abort { .. } => None,
+                            };
+                            replica.leadership.txns.on_decided(*txn, commit_wait);
+                        }
                     }
                     Applied::Resolved { txn } => {
                         debug!(range = range.0, %txn, "transaction outcome applied");
+                        if replica.raft.role() == Role::Leader {
+                            // Outcomes of commits are sent after the coordinator's
+                            // commit-wait: the locks go at once.
+                            replica.leadership.txns.on_decided(*txn, None);
+                        }
                     }
                     Applied::RangeIds(first) => {
                         debug!(
@@ -182,6 +200,39 @@ impl<E: Engine> Driver<E> {
                             ),
                         };
                         let _ = reply.send(Err(error));
+                    }
+                    (
+                        Pending::TxnPrepare { txn, coordinator, reply },
+                        Applied::Prepared { prepare_ts, .. },
+                    ) => {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(prepare_ts));
+                        }
+                        votes.push((range, txn, coordinator, Timestamp::from_nanos(prepare_ts)));
+                    }
+                    (Pending::TxnPrepare { txn, coordinator, reply }, outcome) => {
+                        // Refused alike everywhere (a split applied first, or the transaction
+                        // was decided already): nothing was prepared, and its locks go.
+                        replica.leadership.txns.release(txn);
+                        let error = match outcome {
+                            Applied::KeyNotInRange => key_not_in_range(replica),
+                            Applied::Rejected(reason) => NodeError::InvalidArgument(reason),
+                            _ => NodeError::Ambiguous(
+                                "the prepare applied with an unexpected outcome".into(),
+                            ),
+                        };
+                        match reply {
+                            Some(reply) => drop(reply.send(Err(error))),
+                            None if coordinator.0 == range.0 => {
+                                let reason = format!("its coordinator's own part failed: {error}");
+                                replica.leadership.txns.own_part_failures.push((txn, reason));
+                                coordinators.insert(range);
+                            }
+                            None => {}
+                        }
+                    }
+                    (Pending::TxnOutcome { reply }, Applied::Resolved { .. }) => {
+                        let _ = reply.send(Ok(()));
                     }
                     (Pending::Split { reply }, Applied::Split(_)) => {
                         own_split_applied = true;
@@ -279,6 +330,13 @@ impl<E: Engine> Driver<E> {
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();
+        for (range, txn, coordinator, prepare_ts) in votes {
+            coordinators.insert(range);
+            self.vote(range, txn, coordinator, prepare_ts);
+        }
+        for range in coordinators {
+            self.settle_coordinator(range);
+        }
         self.admit_all();
         self.settle_all_txn_events();
         self.forget_quiet_replicas();

@@ -89,7 +89,8 @@ pub struct TxnLock {
     pub is_key: bool,
 }
 
-/// A one-range commit, as a service hands it to the driver.
+/// A commit, as a service hands it to the driver: a one-range commit, or the coordinator's
+/// request of a two-phase commit (see `two_phase.rs`).
 #[derive(Clone, Debug)]
 pub struct TxnCommit {
     /// The transaction.
@@ -98,7 +99,25 @@ pub struct TxnCommit {
     pub priority: meridian_txn::Priority,
     /// The epoch of its earlier locks at the range, if any.
     pub held_since: Option<u64>,
-    /// Its writes, all at this range.
+    /// Its writes at this range.
+    pub writes: Vec<meridian_txn::Write>,
+    /// Empty for a one-range commit (every lock and write is here); otherwise every
+    /// participant of the two-phase commit this range coordinates, this range among them.
+    pub participants: BTreeSet<meridian_txn::RangeId>,
+}
+
+/// A participant's part of a two-phase commit, as a service hands it to the driver.
+#[derive(Clone, Debug)]
+pub struct TxnPrepare {
+    /// The transaction.
+    pub txn: meridian_txn::TxnId,
+    /// Its priority.
+    pub priority: meridian_txn::Priority,
+    /// The epoch of its earlier locks at the range, if any.
+    pub held_since: Option<u64>,
+    /// The range coordinating the commit.
+    pub coordinator: meridian_txn::RangeId,
+    /// Its writes at this range (none where it only read).
     pub writes: Vec<meridian_txn::Write>,
 }
 
@@ -121,6 +140,19 @@ pub enum Background {
     /// Ask the meta range whether this node still belongs to these ranges (see
     /// `check_membership`); answer with one [`Event::MembershipChecked`].
     CheckMembership(Vec<MembershipCheck>),
+    /// Send a participant's vote (or status query, `query`) to its coordinator's leader.
+    /// Nothing is answered: a lost vote is asked again by the participant's status queries.
+    TxnVote {
+        coordinator: RangeId,
+        txn: meridian_txn::TxnId,
+        participant: RangeId,
+        prepare_ts: Timestamp,
+        query: bool,
+    },
+    /// Send a coordinator's decision to a participant's leader; a commit only once
+    /// `after(commit_ts)` holds on this node's clock (commit-wait). Nothing is answered: a
+    /// participant that misses it asks again.
+    TxnOutcome { participant: RangeId, txn: meridian_txn::TxnId, decision: meridian_txn::Decision },
 }
 
 /// A replica whose node may have been removed from its range.
@@ -195,6 +227,34 @@ pub enum Event {
     /// Commit a transaction whose locks and writes are all at `range` (see `txn.rs`);
     /// answers the commit timestamp after commit-wait.
     TxnCommit { range: RangeId, commit: TxnCommit, deadline: Instant, reply: Reply<u64> },
+    /// Prepare a transaction's part at `range`, a participant of a two-phase commit; answers
+    /// the prepare timestamp once the prepare record applied (see `txn.rs`).
+    TxnPrepare { range: RangeId, prepare: TxnPrepare, deadline: Instant, reply: Reply<u64> },
+    /// At a coordinator: abort the transaction unless a decision was logged first; answers
+    /// the decision in effect (see `two_phase.rs`).
+    TxnAbort {
+        range: RangeId,
+        txn: meridian_txn::TxnId,
+        participants: BTreeSet<meridian_txn::RangeId>,
+        reason: String,
+        reply: Reply<meridian_txn::Decision>,
+    },
+    /// At a coordinator: a participant's vote, or a prepared participant's status query.
+    TxnVote {
+        range: RangeId,
+        txn: meridian_txn::TxnId,
+        participant: meridian_txn::RangeId,
+        prepare_ts: Timestamp,
+        query: bool,
+        reply: Reply<()>,
+    },
+    /// At a participant: the coordinator's decision, to log as the outcome.
+    TxnOutcome {
+        range: RangeId,
+        txn: meridian_txn::TxnId,
+        decision: meridian_txn::Decision,
+        reply: Reply<()>,
+    },
     /// Release what a transaction holds at `range`, unless it is prepared there.
     TxnRollback { range: RangeId, txn: meridian_txn::TxnId, reply: Reply<()> },
     /// Keep a transaction's locks at `range`.

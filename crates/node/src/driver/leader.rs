@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 
+use super::txn::{CommitPart, propose_part};
 use super::*;
 
 /// A client request waiting for the leader to be able to serve it.
@@ -32,13 +33,8 @@ pub(super) enum Waiting {
     Write { key: Vec<u8>, value: Option<Vec<u8>>, deadline: Instant, reply: Reply<u64> },
     /// A read.
     Read { request: ReadRequest, deadline: Instant },
-    /// A one-range commit holding its locks, waiting for a timestamp (see `txn.rs`).
-    TxnCommit {
-        txn: meridian_txn::TxnId,
-        writes: Vec<meridian_txn::Write>,
-        deadline: Instant,
-        reply: Reply<u64>,
-    },
+    /// A commit part holding its locks, waiting for a timestamp (see `txn.rs`).
+    TxnCommit(CommitPart),
 }
 
 impl Waiting {
@@ -46,7 +42,7 @@ impl Waiting {
         match self {
             Waiting::Write { deadline, .. }
             | Waiting::Read { deadline, .. }
-            | Waiting::TxnCommit { deadline, .. } => *deadline,
+            | Waiting::TxnCommit(CommitPart { deadline, .. }) => *deadline,
         }
     }
 
@@ -55,16 +51,19 @@ impl Waiting {
             Waiting::Write { key, .. } => Some(key),
             Waiting::Read { request, .. } => request.key(),
             // Its keys were checked when it arrived; a split since shows when it applies.
-            Waiting::TxnCommit { .. } => None,
+            Waiting::TxnCommit(_) => None,
         }
     }
 
-    /// Refuses the request; it had no effect.
+    /// Refuses the request; it had no effect. (A commit part's locks are the caller's to
+    /// release: this is for leaderships being abandoned.)
     fn fail(self, error: NodeError) {
         match self {
-            Waiting::Write { reply, .. } | Waiting::TxnCommit { reply, .. } => {
+            Waiting::Write { reply, .. }
+            | Waiting::TxnCommit(CommitPart { reply: Some(reply), .. }) => {
                 let _ = reply.send(Err(error));
             }
+            Waiting::TxnCommit(_) => {}
             Waiting::Read { request, .. } => request.fail(error),
         }
     }
@@ -228,13 +227,14 @@ impl<E: Engine> Driver<E> {
             }
             if request.deadline() <= now {
                 let request = replica.leadership.waiting.pop_front().expect("a front");
-                if let Waiting::TxnCommit { txn, .. } = &request {
-                    // Never proposed: its locks go.
-                    replica.leadership.txns.release(*txn);
-                }
-                request.fail(NodeError::Unavailable(
+                let error = NodeError::Unavailable(
                     "the request's deadline passed before the leader could serve it".into(),
-                ));
+                );
+                match request {
+                    // Never proposed: its locks go.
+                    Waiting::TxnCommit(part) => replica.leadership.txns.refuse_part(part, error),
+                    request => request.fail(error),
+                }
                 continue;
             }
             if replica.leadership.split_pending() {
@@ -254,7 +254,7 @@ impl<E: Engine> Driver<E> {
             };
             // What the lease allows now: a timestamp for a write, an index for a read.
             let granted = match request {
-                Waiting::Write { .. } | Waiting::TxnCommit { .. } => {
+                Waiting::Write { .. } | Waiting::TxnCommit(_) => {
                     replica.raft.lease_timestamp(interval, floor).map(Granted::Timestamp)
                 }
                 Waiting::Read { .. } => {
@@ -273,16 +273,8 @@ impl<E: Engine> Driver<E> {
                     };
                     propose_tracked(replica, command, Pending::Write { timestamp, reply });
                 }
-                (Waiting::TxnCommit { txn, writes, reply, .. }, Granted::Timestamp(timestamp)) => {
-                    let command = encode_one_phase_commit(txn, &writes, timestamp);
-                    if !propose_tracked(
-                        replica,
-                        command,
-                        Pending::TxnCommit { txn, timestamp, reply },
-                    ) {
-                        // Refused before it entered the log: its locks go.
-                        replica.leadership.txns.release(txn);
-                    }
+                (Waiting::TxnCommit(part), Granted::Timestamp(timestamp)) => {
+                    propose_part(replica, part, timestamp);
                 }
                 (Waiting::Read { request, .. }, Granted::ReadAt(index)) => {
                     if index <= replica.state.applied().index {
@@ -326,6 +318,7 @@ impl<E: Engine> Driver<E> {
             // A new leader must record its descriptor again (the meta range may have missed
             // an update of the old leader's).
             replica.published = None;
+            super::two_phase::sync_coordinator_role(replica);
             if replica.leadership.is_busy() {
                 let leader = replica.raft.leader();
                 let (transport, node_id) = (&self.transport, self.node_id);
@@ -356,7 +349,7 @@ impl<E: Engine> Driver<E> {
 
 /// Proposes `command` and keeps `pending` to answer once its entry applies (or fails it at
 /// once: a refused proposal was never in the log). Returns whether it was proposed.
-fn propose_tracked<E: Engine>(
+pub(super) fn propose_tracked<E: Engine>(
     replica: &mut Replica<E>,
     command: Vec<u8>,
     pending: Pending,

@@ -58,6 +58,7 @@ mod events;
 mod leader;
 mod maintenance;
 mod replica;
+mod two_phase;
 mod txn;
 
 pub use events::*;
@@ -73,7 +74,7 @@ const QUIESCED_PLACEMENT_EVERY: u64 = 10;
 /// Ticks between placement checks of the ranges this node leads.
 const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
-const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// Ticks a leader stays idle (no request, no proposal) before its range quiesces.
 const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
 /// Ticks without a known leader before a replica asks the meta range whether this node still
@@ -359,6 +360,7 @@ impl<E: Engine> Driver<E> {
                     }
                     self.admit_all();
                     self.tick_txns();
+                    self.tick_two_phase();
                 }
             }
             self.cycle()?;
@@ -409,6 +411,18 @@ impl<E: Engine> Driver<E> {
             }
             Event::TxnCommit { range, commit, deadline, reply } => {
                 self.txn_commit(range, commit, deadline, reply);
+            }
+            Event::TxnPrepare { range, prepare, deadline, reply } => {
+                self.txn_prepare(range, prepare, deadline, reply);
+            }
+            Event::TxnAbort { range, txn, participants, reason, reply } => {
+                self.txn_abort(range, txn, participants, reason, reply);
+            }
+            Event::TxnVote { range, txn, participant, prepare_ts, query, reply } => {
+                self.txn_vote(range, txn, participant, prepare_ts, query, reply);
+            }
+            Event::TxnOutcome { range, txn, decision, reply } => {
+                self.txn_outcome(range, txn, decision, reply);
             }
             Event::TxnRollback { range, txn, reply } => self.txn_rollback(range, txn, reply),
             Event::TxnHeartbeat { range, txn, epoch, reply } => {

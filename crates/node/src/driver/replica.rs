@@ -16,6 +16,17 @@ pub(super) enum Pending {
         timestamp: u64,
         reply: Reply<u64>,
     },
+    /// A commit part's prepare record: its caller (if any) gets the prepare timestamp, and
+    /// the coordinator the vote.
+    TxnPrepare {
+        txn: meridian_txn::TxnId,
+        coordinator: meridian_txn::RangeId,
+        reply: Option<Reply<u64>>,
+    },
+    /// A participant's outcome record.
+    TxnOutcome {
+        reply: Reply<()>,
+    },
     Split {
         reply: Reply<Vec<wire::RangeDescriptor>>,
     },
@@ -31,6 +42,14 @@ impl Pending {
     pub(super) fn fail(self, error: NodeError) {
         match self {
             Pending::Write { reply, .. } | Pending::TxnCommit { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::TxnPrepare { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            Pending::TxnOutcome { reply } => {
                 let _ = reply.send(Err(error));
             }
             Pending::Split { reply } => {
@@ -270,6 +289,7 @@ impl<E: Engine> Driver<E> {
                     || replica.raft.has_ready()
                     || replica.compaction.is_some()
                     || replica.leadership.is_busy()
+                    || (replica.raft.role() == Role::Leader && replica.state.has_txn_work())
             })
         });
     }
@@ -325,6 +345,7 @@ pub(super) fn maybe_quiesce<E: Engine>(replica: &mut Replica<E>) {
     replica.idle_ticks += 1;
     let idle = replica.idle_ticks >= QUIESCE_AFTER_IDLE_TICKS
         && !replica.leadership.is_busy()
+        && !replica.state.has_txn_work()
         && !replica.publishing
         && !replica.splitting;
     if idle && replica.raft.quiesce() {

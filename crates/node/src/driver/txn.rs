@@ -1,10 +1,15 @@
 //! What a range's leader does for read-write transactions: its lock table, locking reads, and
-//! commits of transactions whose every lock and write is at this range.
+//! the parts of commits that take locks here — one-range commits, and the parts a two-phase
+//! commit prepares here (as a participant, or as the coordinator's own part; the
+//! coordinator's side is in `two_phase.rs`).
 //!
 //! - **The lock table** belongs to one leadership of one span: its epoch is made of the Raft
 //!   term and the range's generation ([`lock_epoch`]). It is created at the leader's first
 //!   transaction request (restoring the prepare records the range holds) and dropped with
-//!   everything waiting on it when leadership is lost. A request that finds a table of
+//!   everything waiting on it when leadership is lost. A leader serves transactions only
+//!   once it applied an entry of its own term (`two_phase::txn_ready`): before that, its
+//!   predecessor's prepare records may not be applied yet, and a table built without them
+//!   would grant locks that prepared transactions hold. A request that finds a table of
 //!   another epoch replaces it: after leadership was lost and regained, or after a split
 //!   (whose moved keys' locks would otherwise stay here, protecting nothing), the locks are
 //!   gone, which the epoch check tells their transactions.
@@ -12,43 +17,71 @@
 //!   until the caller's deadline); the service then reads through the ordinary linearizable
 //!   read path, which sees every commit applied before the lock was granted, and answers the
 //!   epoch with the data. Retrying a lock request is harmless: a held lock is granted again.
-//! - **A one-range commit** takes exclusive locks on its writes one key at a time (each may
-//!   wait), then marks the transaction prepared in the table (no longer woundable), then
-//!   waits in the leader's admission queue for a timestamp from the lease, like a write, and
-//!   proposes all its writes in one entry. The reply comes after commit-wait; the locks are
-//!   released only once `after(commit_ts)` holds on this node's clock (Spanner holds locks
-//!   through commit-wait; releasing at apply is an optimization not adopted yet). If anything
-//!   fails before the proposal, its locks are released; after it, the outcome is ambiguous.
-//!
-//! Left for the next steps: prepares, decisions and outcomes of multi-range commits (the
-//! records apply already, see `txn_state.rs`), votes between leaders, and read-only reads.
+//! - **A commit's part** ([`PartKind`]) takes exclusive locks on its writes one key at a time
+//!   (each may wait), then marks the transaction prepared in the table (no longer woundable;
+//!   a part without writes only checks that its earlier locks are still held), then waits in
+//!   the leader's admission queue for a timestamp from the lease, like a write, and proposes
+//!   one entry: all the writes of a one-range commit, or a prepare record (its writes and
+//!   every lock it holds here) at that timestamp, the prepare timestamp. A one-range commit
+//!   is answered after commit-wait, and its locks are released once `after(commit_ts)` holds
+//!   on this node's clock (Spanner holds locks through commit-wait; releasing at apply is an
+//!   optimization not adopted yet). A prepared participant answers its caller with the
+//!   prepare timestamp and votes to the coordinator; its locks go when the outcome applies
+//!   (outcomes of commits are sent only after the coordinator's commit-wait). If anything
+//!   fails before the proposal, the part's locks are released (and a coordinator's own part
+//!   aborts the transaction); after it, the outcome is ambiguous.
 
 use std::collections::VecDeque;
 
 use meridian_txn::{
     Acquired, Epoch, KeySpan, LockEvent, LockMode, LockRequest, LockTable, LockTableOptions,
-    PrepareRecord, RequestId, TxnId,
+    PrepareRecord, Priority, RangeId as TxnRangeId, RequestId, TxnId, Write,
 };
 
-use super::leader::{Waiting, check_key};
+use super::leader::{Waiting, check_key, propose_tracked};
+use super::two_phase::{DecisionWaiter, txn_ready};
 use super::*;
+use crate::state_machine::encode_prepare;
 
 /// A request waiting in the lock table.
 enum Waiter {
     /// A locking read's lock: answer the epoch once granted.
     Lock { txn: TxnId, deadline: Instant, reply: Reply<u64> },
-    /// One of a commit's write locks.
+    /// One of a commit part's write locks.
     Commit { txn: TxnId },
 }
 
-/// A one-range commit taking its write locks.
+/// What a transaction's part at this range commits as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum PartKind {
+    /// Every lock and write of the transaction is here: one entry commits it.
+    OnePhase,
+    /// A participant of a two-phase commit coordinated by this range: it logs a prepare
+    /// record and votes.
+    Participant { coordinator: TxnRangeId },
+    /// The coordinator's own part: it prepares and votes like every participant, and its
+    /// failure aborts the transaction (the client waits for the decision, not for it).
+    Coordinator,
+}
+
+/// A commit part: its writes here and who waits for it.
+pub(super) struct CommitPart {
+    pub(super) txn: TxnId,
+    pub(super) priority: Priority,
+    pub(super) writes: Vec<Write>,
+    pub(super) kind: PartKind,
+    pub(super) deadline: Instant,
+    /// The caller, for a one-range commit (the commit timestamp) and a participant (the
+    /// prepare timestamp); none for a coordinator's own part.
+    pub(super) reply: Option<Reply<u64>>,
+}
+
+/// A commit part taking its write locks.
 struct CommitInProgress {
-    commit: TxnCommit,
+    part: CommitPart,
     /// The write keys still to lock, in order.
     remaining: VecDeque<Vec<u8>>,
     held_since: Option<Epoch>,
-    deadline: Instant,
-    reply: Reply<u64>,
 }
 
 /// A leader's transaction state (leader memory: gone with the leadership).
@@ -60,6 +93,11 @@ pub(super) struct TxnLeadership {
     /// Committed transactions whose locks go once commit-wait is over: `(commit_ts, txn)`.
     releases: Vec<(Timestamp, TxnId)>,
     next_request: u64,
+    /// Callers waiting for the decision of a transaction this range coordinates.
+    pub(super) decision_waiters: BTreeMap<TxnId, Vec<DecisionWaiter>>,
+    /// Transactions whose coordinator's own part failed before it was prepared, with why:
+    /// the coordinator aborts them at the next settling.
+    pub(super) own_part_failures: Vec<(TxnId, String)>,
 }
 
 impl TxnLeadership {
@@ -69,17 +107,34 @@ impl TxnLeadership {
             || !self.waiters.is_empty()
             || !self.commits.is_empty()
             || !self.releases.is_empty()
+            || !self.decision_waiters.is_empty()
+            || !self.own_part_failures.is_empty()
     }
 
     /// Fails everything waiting after the leadership was lost; the locks go with it.
+    /// Callers waiting for a decision are told it is unknown (one may have been logged).
     pub(super) fn abandon(&mut self, refusal: impl Fn() -> NodeError) {
         for (_, waiter) in std::mem::take(&mut self.waiters) {
             if let Waiter::Lock { reply, .. } = waiter {
                 let _ = reply.send(Err(refusal()));
             }
         }
+        self.own_part_failures.clear();
         for (_, commit) in std::mem::take(&mut self.commits) {
-            let _ = commit.reply.send(Err(refusal()));
+            match commit.part.reply {
+                Some(reply) => drop(reply.send(Err(refusal()))),
+                // A coordinator's own part: the transaction aborts (if this node still
+                // coordinates it).
+                None => self.own_part_failures.push((commit.part.txn, refusal().to_string())),
+            }
+        }
+        for (txn, waiters) in std::mem::take(&mut self.decision_waiters) {
+            for waiter in waiters {
+                waiter.fail(NodeError::Ambiguous(format!(
+                    "the coordinator's leadership changed before transaction {txn}'s decision \
+                     was known; ask its coordinator again"
+                )));
+            }
         }
         self.releases.clear();
         self.table = None;
@@ -96,7 +151,10 @@ impl TxnLeadership {
         if self.table.as_ref().is_none_or(|table| table.epoch() != Epoch(epoch)) {
             let refusal =
                 || NodeError::Unavailable("the range's leadership or span changed".into());
+            // Decisions waited for here stay valid: only the locks' epoch changed.
+            let decision_waiters = std::mem::take(&mut self.decision_waiters);
             self.abandon(refusal);
+            self.decision_waiters = decision_waiters;
             let mut table = LockTable::new(Epoch(epoch), LockTableOptions::default());
             for record in prepared {
                 table.restore_prepared(record.txn, record.priority, record.locks.clone(), now)?;
@@ -116,17 +174,37 @@ impl TxnLeadership {
         self.table.as_mut().filter(|table| table.epoch() == Epoch(epoch))
     }
 
-    /// Fails a commit in progress and releases the transaction's locks here.
-    fn fail_commit(&mut self, txn: TxnId, error: NodeError) {
-        if let Some(commit) = self.commits.remove(&txn) {
-            let _ = commit.reply.send(Err(error));
-        }
-        if let Some(table) = self.table.as_mut() {
-            table.release(txn);
+    /// Every lock a transaction holds here.
+    pub(super) fn held(&self, txn: TxnId) -> Vec<(LockMode, KeySpan)> {
+        self.table.as_ref().map(|table| table.held(txn).to_vec()).unwrap_or_default()
+    }
+
+    /// Whether a commit part of `txn` is taking its locks here.
+    pub(super) fn is_committing(&self, txn: TxnId) -> bool {
+        self.commits.contains_key(&txn)
+    }
+
+    /// Refuses a commit part that was not proposed and releases the transaction's locks
+    /// here: its caller is told why, or, for a coordinator's own part, the transaction aborts.
+    pub(super) fn refuse_part(&mut self, part: CommitPart, error: NodeError) {
+        debug!(txn = %part.txn, kind = ?part.kind, %error, "a commit part was refused");
+        self.release(part.txn);
+        match part.reply {
+            Some(reply) => drop(reply.send(Err(error))),
+            None => self.own_part_failures.push((part.txn, error.to_string())),
         }
     }
 
-    /// Releases a transaction whose commit failed before or while it was proposed.
+    /// Fails a commit part taking its locks and releases the transaction's locks here.
+    pub(super) fn fail_commit(&mut self, txn: TxnId, error: NodeError) {
+        match self.commits.remove(&txn) {
+            Some(commit) => self.refuse_part(commit.part, error),
+            None => self.release(txn),
+        }
+    }
+
+    /// Releases a transaction's locks here (its commit failed before or while it was
+    /// proposed, or its outcome applied).
     pub(super) fn release(&mut self, txn: TxnId) {
         if let Some(table) = self.table.as_mut() {
             table.release(txn);
@@ -136,6 +214,25 @@ impl TxnLeadership {
     /// Releases a committed transaction's locks once `after(commit_ts)` holds.
     pub(super) fn release_after_commit_wait(&mut self, txn: TxnId, commit_ts: Timestamp) {
         self.releases.push((commit_ts, txn));
+    }
+
+    /// The decision of `txn` applied here (its outcome at a participant, its decision record
+    /// at the coordinator): a part still taking its locks fails, and the locks go — once
+    /// `after(commit_wait)` holds, if given (a commit at its coordinator; outcomes of commits
+    /// reach participants only after the coordinator's commit-wait).
+    pub(super) fn on_decided(&mut self, txn: TxnId, commit_wait: Option<Timestamp>) {
+        if let Some(commit) = self.commits.remove(&txn)
+            && let Some(reply) = commit.part.reply
+        {
+            let error = NodeError::TxnRetry(format!(
+                "transaction {txn} was decided by its coordinator before this part prepared"
+            ));
+            let _ = reply.send(Err(error));
+        }
+        match commit_wait {
+            Some(commit_ts) => self.release_after_commit_wait(txn, commit_ts),
+            None => self.release(txn),
+        }
     }
 }
 
@@ -163,9 +260,67 @@ fn epoch_of<E: Engine>(replica: &Replica<E>) -> u64 {
     lock_epoch(replica.raft.term().0, replica.state.descriptor().generation)
 }
 
+/// Refuses a commit part that never reached a leader: its caller is told why. (A
+/// coordinator's own part always comes with a caller waiting for the decision, who is told by
+/// the coordinator's refusal instead.)
+fn refuse(part: CommitPart, error: NodeError) {
+    debug!(txn = %part.txn, kind = ?part.kind, %error, "a commit part was refused");
+    if let Some(reply) = part.reply {
+        let _ = reply.send(Err(error));
+    }
+}
+
+/// Proposes a commit part whose locks are held at the timestamp the lease granted: a
+/// one-range commit's writes, or a prepare record. If Raft refuses it, its locks go.
+pub(super) fn propose_part<E: Engine>(replica: &mut Replica<E>, part: CommitPart, timestamp: u64) {
+    let txn = part.txn;
+    let coordinator = match &part.kind {
+        PartKind::OnePhase => None,
+        PartKind::Participant { coordinator } => Some(*coordinator),
+        PartKind::Coordinator => Some(TxnRangeId(replica.range.0)),
+    };
+    let Some(coordinator) = coordinator else {
+        let reply = part.reply.expect("a one-range commit has a caller");
+        let command = encode_one_phase_commit(txn, &part.writes, timestamp);
+        if !propose_tracked(replica, command, Pending::TxnCommit { txn, timestamp, reply }) {
+            replica.leadership.txns.release(txn);
+        }
+        return;
+    };
+    let record = PrepareRecord {
+        txn,
+        priority: part.priority,
+        coordinator,
+        prepare_ts: Timestamp::from_nanos(timestamp),
+        locks: replica.leadership.txns.held(txn),
+        writes: part.writes,
+    };
+    let pending = Pending::TxnPrepare { txn, coordinator, reply: part.reply };
+    if !propose_tracked(replica, encode_prepare(&record), pending) {
+        replica.leadership.txns.release(txn);
+        if part.kind == PartKind::Coordinator {
+            let reason = "its coordinator could not propose its own prepare record".to_string();
+            replica.leadership.txns.own_part_failures.push((txn, reason));
+        }
+    }
+}
+
 impl<E: Engine> Driver<E> {
-    fn local_now(&self) -> Timestamp {
+    pub(super) fn local_now(&self) -> Timestamp {
         self.truetime.read().local
+    }
+
+    /// The replica of `range` if this node leads it and may serve transactions: it applied
+    /// an entry of its own term (see the module docs). Keeps the coordinator's role in step.
+    pub(super) fn txn_replica(&mut self, range: RangeId) -> Result<&mut Replica<E>, NodeError> {
+        let replica = self.leader_replica(range, None)?;
+        if !txn_ready(replica) {
+            return Err(NodeError::Unavailable(
+                "the range's new leader is still applying its predecessor's log".into(),
+            ));
+        }
+        super::two_phase::sync_coordinator_role(replica);
+        Ok(replica)
     }
 
     /// Takes a transaction's lock at `range`'s leader (see the module docs).
@@ -181,10 +336,13 @@ impl<E: Engine> Driver<E> {
             let error = NodeError::InvalidArgument("the meta range holds no user keys".into());
             return drop(reply.send(Err(error)));
         }
-        let replica = match self.leader_replica(range, Some(&lock.start)) {
+        let replica = match self.txn_replica(range) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
+        if let Err(error) = check_key(replica, &lock.start) {
+            return drop(reply.send(Err(error)));
+        }
         replica.idle_ticks = 0;
         let span = match lock_span(&lock, replica.state.descriptor()) {
             Ok(span) => span,
@@ -229,57 +387,61 @@ impl<E: Engine> Driver<E> {
         self.settle_txn_events(range);
     }
 
-    /// Commits a transaction whose locks and writes are all at `range` (see the module docs).
-    pub(super) fn txn_commit(
-        &mut self,
-        range: RangeId,
-        commit: TxnCommit,
-        deadline: Instant,
-        reply: Reply<u64>,
-    ) {
+    /// Starts a commit part at `range` (see the module docs): one-range commits and
+    /// participants' prepares come from their callers, a coordinator's own part from its
+    /// commit request (`two_phase.rs`).
+    pub(super) fn start_part(&mut self, range: RangeId, part: CommitPart, held_since: Option<u64>) {
+        let now = self.local_now();
         if range == META_RANGE {
             let error = NodeError::InvalidArgument("the meta range holds no user keys".into());
-            return drop(reply.send(Err(error)));
+            return refuse(part, error);
         }
-        let replica = match self.leader_replica(range, None) {
+        let replica = match self.txn_replica(range) {
             Ok(replica) => replica,
-            Err(error) => return drop(reply.send(Err(error))),
+            Err(error) => return refuse(part, error),
         };
         replica.idle_ticks = 0;
-        if commit.writes.is_empty() {
-            let error = "a commit without writes: roll back a read-only transaction instead";
-            return drop(reply.send(Err(NodeError::InvalidArgument(error.into()))));
+        if part.writes.is_empty() && (part.kind == PartKind::OnePhase || held_since.is_none()) {
+            let error = "a commit without writes or locks here: roll back a read-only transaction \
+                         instead";
+            return replica
+                .leadership
+                .txns
+                .refuse_part(part, NodeError::InvalidArgument(error.into()));
         }
         if let Some(error) =
-            commit.writes.iter().find_map(|write| check_key(replica, &write.key).err())
+            part.writes.iter().find_map(|write| check_key(replica, &write.key).err())
         {
-            return drop(reply.send(Err(error)));
+            return replica.leadership.txns.refuse_part(part, error);
         }
         let epoch = epoch_of(replica);
+        let txn = part.txn;
         let txns = &mut replica.leadership.txns;
-        let prepared = txns.current_table(epoch).is_some_and(|table| {
-            table.standing(commit.txn) == Some(&meridian_txn::TxnStanding::Prepared)
-        });
-        if txns.commits.contains_key(&commit.txn) || prepared {
+        // The table first: creating it drops what belonged to a table of another epoch.
+        let table = match txns.table(epoch, replica.state.prepared_records(), now) {
+            Ok(table) => table,
+            Err(error) => return txns.refuse_part(part, error),
+        };
+        let prepared = table.standing(txn) == Some(&meridian_txn::TxnStanding::Prepared);
+        if txns.commits.contains_key(&txn) || prepared {
             // A repeated commit: the first one's locks stay.
-            let error = format!("transaction {} is already committing", commit.txn);
-            return drop(reply.send(Err(NodeError::InvalidArgument(error))));
+            let error = format!("transaction {txn} is already committing here");
+            if let Some(reply) = part.reply {
+                let _ = reply.send(Err(NodeError::InvalidArgument(error)));
+            }
+            return;
         }
-        let txn = commit.txn;
-        let mut keys: Vec<Vec<u8>> = commit.writes.iter().map(|write| write.key.clone()).collect();
+        let mut keys: Vec<Vec<u8>> = part.writes.iter().map(|write| write.key.clone()).collect();
         keys.sort();
         keys.dedup();
-        let held_since = commit.held_since.map(Epoch);
-        txns.commits.insert(
-            txn,
-            CommitInProgress { commit, remaining: keys.into(), held_since, deadline, reply },
-        );
+        let held_since = held_since.map(Epoch);
+        txns.commits.insert(txn, CommitInProgress { part, remaining: keys.into(), held_since });
         self.continue_commit(range, txn);
         self.settle_txn_events(range);
     }
 
-    /// Takes a commit's next write locks; once all are held, marks the transaction prepared
-    /// and queues its proposal.
+    /// Takes a commit part's next write locks; once all are held, marks the transaction
+    /// prepared and queues its proposal.
     fn continue_commit(&mut self, range: RangeId, txn: TxnId) {
         let now = self.local_now();
         let Some(replica) = self.replicas.get_mut(&range) else { return };
@@ -300,7 +462,7 @@ impl<E: Engine> Driver<E> {
             let request = LockRequest {
                 id,
                 txn,
-                priority: commit.commit.priority,
+                priority: commit.part.priority,
                 mode: LockMode::Exclusive,
                 span: KeySpan::key(key),
                 held_since: commit.held_since,
@@ -321,25 +483,20 @@ impl<E: Engine> Driver<E> {
             }
         }
         if failure.is_none() {
-            let epoch = commit.held_since.expect("a commit locks at least one key");
+            let epoch = commit.held_since.expect("a part without writes names its locks' epoch");
             failure = table.prepare(txn, epoch, now).err().map(NodeError::from);
         }
         if let Some(error) = failure {
             return replica.leadership.txns.fail_commit(txn, error);
         }
         let commit = commits.remove(&txn).expect("found above");
-        replica.leadership.waiting.push_back(Waiting::TxnCommit {
-            txn,
-            writes: commit.commit.writes,
-            deadline: commit.deadline,
-            reply: commit.reply,
-        });
+        replica.leadership.waiting.push_back(Waiting::TxnCommit(commit.part));
         self.admit(range);
     }
 
     /// Releases what a transaction holds at `range`, unless it is prepared there.
     pub(super) fn txn_rollback(&mut self, range: RangeId, txn: TxnId, reply: Reply<()>) {
-        let replica = match self.leader_replica(range, None) {
+        let replica = match self.txn_replica(range) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
@@ -347,7 +504,7 @@ impl<E: Engine> Driver<E> {
         let txns = &mut replica.leadership.txns;
         if let Some(commit) = txns.commits.remove(&txn) {
             let error = NodeError::TxnRetry(format!("transaction {txn} was rolled back"));
-            let _ = commit.reply.send(Err(error));
+            txns.refuse_part(commit.part, error);
         }
         let result = match txns.current_table(epoch) {
             Some(table) => table.rollback(txn).map_err(NodeError::from),
@@ -366,7 +523,7 @@ impl<E: Engine> Driver<E> {
         reply: Reply<()>,
     ) {
         let now = self.local_now();
-        let replica = match self.leader_replica(range, None) {
+        let replica = match self.txn_replica(range) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
@@ -380,8 +537,20 @@ impl<E: Engine> Driver<E> {
         let _ = reply.send(result);
     }
 
-    /// Answers the waiters the lock table's events concern: grants, wounds, abandonment.
-    fn settle_txn_events(&mut self, range: RangeId) {
+    /// Answers the waiters the lock table's events concern: grants, wounds, abandonment; a
+    /// coordinator's own parts that failed abort their transactions.
+    pub(super) fn settle_txn_events(&mut self, range: RangeId) {
+        self.settle_lock_events(range);
+        let failures = self
+            .replicas
+            .get(&range)
+            .is_some_and(|replica| !replica.leadership.txns.own_part_failures.is_empty());
+        if failures {
+            self.settle_coordinator(range);
+        }
+    }
+
+    fn settle_lock_events(&mut self, range: RangeId) {
         let mut commits_to_continue = Vec::new();
         {
             let Some(replica) = self.replicas.get_mut(&range) else { return };
@@ -438,7 +607,7 @@ impl<E: Engine> Driver<E> {
             .and_then(|replica| replica.leadership.txns.table.as_mut())
             .is_some_and(|table| table.has_events());
         if more {
-            self.settle_txn_events(range);
+            self.settle_lock_events(range);
         }
     }
 
@@ -461,7 +630,7 @@ impl<E: Engine> Driver<E> {
             let late: Vec<TxnId> = txns
                 .commits
                 .iter()
-                .filter(|(_, commit)| commit.deadline <= instant)
+                .filter(|(_, commit)| commit.part.deadline <= instant)
                 .map(|(txn, _)| *txn)
                 .collect();
             for txn in late {
@@ -510,7 +679,9 @@ impl<E: Engine> Driver<E> {
             .iter()
             .filter(|range| {
                 self.replicas.get(range).is_some_and(|replica| {
-                    replica.leadership.txns.table.as_ref().is_some_and(LockTable::has_events)
+                    let txns = &replica.leadership.txns;
+                    txns.table.as_ref().is_some_and(LockTable::has_events)
+                        || !txns.own_part_failures.is_empty()
                 })
             })
             .copied()

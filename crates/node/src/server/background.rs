@@ -47,6 +47,32 @@ pub(super) async fn background_loop(
                     }
                     let _ = shared.events.send(Event::MembershipChecked { removed, kept }).await;
                 }
+                Background::TxnVote { coordinator, txn, participant, prepare_ts, query } => {
+                    let result = shared
+                        .client
+                        .txn_vote(coordinator.0, txn.0, participant.0, prepare_ts.as_nanos(), query)
+                        .await;
+                    if let Err(error) = result {
+                        // The participant asks again while it stays prepared.
+                        debug!(%txn, coordinator = coordinator.0, %error, "a vote was not delivered");
+                    }
+                }
+                Background::TxnOutcome { participant, txn, decision } => {
+                    if let meridian_txn::Decision::Commit { commit_ts } = &decision {
+                        // Commit-wait before the participants release their locks.
+                        let wait = shared.truetime.wait_until_after(*commit_ts, MAX_COMMIT_WAIT);
+                        if let Err(error) = wait.await {
+                            warn!(%txn, %error, "commit-wait failed; the outcome is sent when asked");
+                            return;
+                        }
+                    }
+                    let decision = crate::txn_state::decision_to_wire(&decision);
+                    let result = shared.client.txn_outcome(participant.0, txn.0, decision).await;
+                    if let Err(error) = result {
+                        // The participant asks again while it stays prepared.
+                        debug!(%txn, participant = participant.0, %error, "an outcome was not delivered");
+                    }
+                }
                 Background::Split { range, key } => {
                     if let Err(error) = shared.split(range, vec![key]).await {
                         warn!(range = range.0, %error, "size-triggered split failed");

@@ -64,6 +64,34 @@ impl Kv for KvApi {
         self.txn_heartbeat_call(request).await
     }
 
+    async fn txn_prepare(
+        &self,
+        request: Request<meridian_rpc::kv::TxnPrepareRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnPrepareResponse>, Status> {
+        self.txn_prepare_call(request).await
+    }
+
+    async fn txn_abort(
+        &self,
+        request: Request<meridian_rpc::kv::TxnAbortRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnAbortResponse>, Status> {
+        self.txn_abort_call(request).await
+    }
+
+    async fn txn_vote(
+        &self,
+        request: Request<meridian_rpc::kv::TxnVoteRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnVoteResponse>, Status> {
+        self.txn_vote_call(request).await
+    }
+
+    async fn txn_outcome(
+        &self,
+        request: Request<meridian_rpc::kv::TxnOutcomeRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnOutcomeResponse>, Status> {
+        self.txn_outcome_call(request).await
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let deadline = deadline_of(&request);
         let request = request.into_inner();

@@ -40,8 +40,8 @@ use tracing::{debug, info, warn};
 
 use crate::clock_monitor::ClockMonitor;
 use crate::driver::{
-    Background, Driver, DriverOptions, Event, MembershipCheck, MetaWrite, NodeLoad, NodeSwitches,
-    PeerLoad, RaftTiming, RangeReport, ReadRequest, log_fatal,
+    Background, Driver, DriverOptions, Event, MAX_COMMIT_WAIT, MembershipCheck, MetaWrite,
+    NodeLoad, NodeSwitches, PeerLoad, RaftTiming, RangeReport, ReadRequest, log_fatal,
 };
 use crate::transport::Transport;
 use crate::{META_RANGE, NodeError, RangeId};

@@ -1,16 +1,40 @@
-//! The `Kv` service's transaction calls: locking reads, one-range commits, rollbacks and
-//! heartbeats (see `driver/txn.rs` for what the leader does with them).
+//! The `Kv` service's transaction calls: locking reads, commits (one-range, or coordinated
+//! two-phase commits), participants' prepares, aborts, rollbacks and heartbeats, and the calls
+//! between range leaders — votes and outcomes (see `driver/txn.rs` and `driver/two_phase.rs`
+//! for what the leader does with them).
+
+use std::collections::BTreeSet;
 
 use meridian_rpc::kv::{
-    TxnCommitRequest, TxnCommitResponse, TxnHeader, TxnHeartbeatRequest, TxnHeartbeatResponse,
-    TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnRollbackResponse, txn_read_request,
+    TxnAbortRequest, TxnAbortResponse, TxnCommitRequest, TxnCommitResponse, TxnHeader,
+    TxnHeartbeatRequest, TxnHeartbeatResponse, TxnOutcomeRequest, TxnOutcomeResponse,
+    TxnPrepareRequest, TxnPrepareResponse, TxnReadRequest, TxnReadResponse, TxnRollbackRequest,
+    TxnRollbackResponse, TxnVoteRequest, TxnVoteResponse, txn_read_request,
 };
-use meridian_txn::{LockMode, Priority, Timestamp, TxnId};
+use meridian_txn::{LockMode, Priority, RangeId as TxnRangeId, Timestamp, TxnId};
 
 use super::kv_service::{deadline_of, range_of};
 use super::*;
-use crate::driver::{ScanResult, TxnCommit, TxnLock};
-use crate::txn_state::{txn_id_from_wire, writes_from_wire};
+use crate::driver::{ScanResult, TxnCommit, TxnLock, TxnPrepare};
+use crate::txn_state::{decision_from_wire, decision_to_wire, txn_id_from_wire, writes_from_wire};
+
+/// The most participants one transaction may name.
+const MAX_PARTICIPANTS: usize = 10_000;
+
+/// The participants a request names: ranges of user data, each once.
+fn participants_of(participants: &[u64]) -> Result<BTreeSet<TxnRangeId>, Status> {
+    if participants.len() > MAX_PARTICIPANTS {
+        return Err(invalid(format!("more than {MAX_PARTICIPANTS} participants")));
+    }
+    let set: BTreeSet<TxnRangeId> = participants.iter().map(|id| TxnRangeId(*id)).collect();
+    if set.len() != participants.len() {
+        return Err(invalid("a participant is named twice"));
+    }
+    if set.contains(&TxnRangeId(META_RANGE.0)) {
+        return Err(invalid("the meta range takes no part in transactions"));
+    }
+    Ok(set)
+}
 
 /// A refusal for a malformed request: it had no effect.
 fn invalid(message: impl Into<String>) -> Status {
@@ -116,7 +140,8 @@ impl KvApi {
         let range = range_of(request.range_id)?;
         let (txn, priority, held_since) = header_of(request.header)?;
         let writes = writes_from_wire(&request.writes);
-        let commit = TxnCommit { txn, priority, held_since, writes };
+        let participants = participants_of(&request.participants)?;
+        let commit = TxnCommit { txn, priority, held_since, writes, participants };
         let timestamp = self
             .0
             .request("txn commit", deadline, |reply| Event::TxnCommit {
@@ -163,5 +188,110 @@ impl KvApi {
             })
             .await?;
         Ok(Response::new(TxnHeartbeatResponse {}))
+    }
+
+    /// Prepares a participant's part (see `TxnPrepareRequest`).
+    pub(super) async fn txn_prepare_call(
+        &self,
+        request: Request<TxnPrepareRequest>,
+    ) -> Result<Response<TxnPrepareResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let (txn, priority, held_since) = header_of(request.header)?;
+        let coordinator = range_of(request.coordinator)?;
+        let prepare = TxnPrepare {
+            txn,
+            priority,
+            held_since,
+            coordinator: TxnRangeId(coordinator.0),
+            writes: writes_from_wire(&request.writes),
+        };
+        let prepare_ts = self
+            .0
+            .request("txn prepare", deadline, |reply| Event::TxnPrepare {
+                range,
+                prepare,
+                deadline,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnPrepareResponse { prepare_ts }))
+    }
+
+    /// Aborts a transaction at its coordinator unless it was decided (see `TxnAbortRequest`).
+    pub(super) async fn txn_abort_call(
+        &self,
+        request: Request<TxnAbortRequest>,
+    ) -> Result<Response<TxnAbortResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let txn = txn_id_from_wire(&request.txn).map_err(invalid)?;
+        let participants = participants_of(&request.participants)?;
+        let reason = if request.reason.is_empty() {
+            "its client asked to abort it".to_string()
+        } else {
+            request.reason.chars().take(1_000).collect()
+        };
+        let decision = self
+            .0
+            .request("txn abort", deadline, |reply| Event::TxnAbort {
+                range,
+                txn,
+                participants,
+                reason,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnAbortResponse { decision: Some(decision_to_wire(&decision)) }))
+    }
+
+    /// A participant's vote or status query, between leaders (see `TxnVoteRequest`).
+    pub(super) async fn txn_vote_call(
+        &self,
+        request: Request<TxnVoteRequest>,
+    ) -> Result<Response<TxnVoteResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let txn = txn_id_from_wire(&request.txn).map_err(invalid)?;
+        let participant = TxnRangeId(range_of(request.participant)?.0);
+        if request.prepare_ts == 0 {
+            return Err(invalid("a vote without a prepare timestamp"));
+        }
+        let (prepare_ts, query) = (Timestamp::from_nanos(request.prepare_ts), request.query);
+        self.0
+            .request("txn vote", deadline, |reply| Event::TxnVote {
+                range,
+                txn,
+                participant,
+                prepare_ts,
+                query,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnVoteResponse {}))
+    }
+
+    /// A coordinator's decision, between leaders (see `TxnOutcomeRequest`).
+    pub(super) async fn txn_outcome_call(
+        &self,
+        request: Request<TxnOutcomeRequest>,
+    ) -> Result<Response<TxnOutcomeResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let txn = txn_id_from_wire(&request.txn).map_err(invalid)?;
+        let decision = decision_from_wire(request.decision.as_ref()).map_err(invalid)?;
+        self.0
+            .request("txn outcome", deadline, |reply| Event::TxnOutcome {
+                range,
+                txn,
+                decision,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnOutcomeResponse {}))
     }
 }

@@ -1,8 +1,11 @@
-//! Read-write transactions through real nodes: concurrent transfers keep a bank's total, an
-//! older transaction wounds a younger one, a transaction whose locks died with their leader
-//! must retry, and a commit over several ranges is refused cleanly (not wired yet).
+//! Read-write transactions through real nodes: concurrent transfers keep a bank's total
+//! (within one range, and across three by two-phase commit), an older transaction wounds a
+//! younger one, a transaction whose locks died with their leader must retry, a commit over
+//! several ranges applies atomically, and a participant prepared for a commit its coordinator
+//! never heard of is aborted by its status query.
 
 use meridian_client::TxnError;
+use meridian_rpc::kv::{TxnHeader, TxnPrepareRequest, TxnPriority, TxnWrite};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -100,12 +103,29 @@ async fn transfer(client: &Client, from: usize, to: usize, amount: i64) -> Optio
 async fn concurrent_transfers_keep_the_total_and_reads_see_it_whole() {
     let cluster = Cluster::start(3);
     init(&cluster).await;
+    bank(&cluster).await;
+}
+
+#[tokio::test]
+async fn concurrent_transfers_across_ranges_keep_the_total() {
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    // Three ranges of accounts: most transfers and every full read span two or three.
+    let output = meridian(&["split", "--host", &cluster.addresses[0], "acct/03", "acct/06"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    bank(&cluster).await;
+}
+
+/// Runs concurrent transfers between the accounts while full reads check the total.
+async fn bank(cluster: &Cluster) {
     let client = client(&cluster.addresses);
     let mut setup = client.begin();
     for index in 0..ACCOUNTS {
         setup.put(&account(index), INITIAL_BALANCE.to_string().as_bytes()).unwrap();
     }
-    setup.commit().await.expect("the accounts are created");
+    if let Err(error) = setup.commit().await {
+        panic!("the accounts are not created: {error}\n{}", cluster.logs());
+    }
 
     let seed: u64 = std::env::var("MERIDIAN_TEST_SEED")
         .map_or_else(|_| rand::random(), |seed| seed.parse().unwrap());
@@ -201,26 +221,114 @@ async fn locks_lost_with_their_leader_force_a_retry() {
 }
 
 #[tokio::test]
-async fn commits_over_several_ranges_are_refused_and_rolled_back() {
+async fn commits_over_several_ranges_apply_atomically_and_release_their_locks() {
     let cluster = Cluster::start(3);
     init(&cluster).await;
     let output = meridian(&["split", "--host", &cluster.addresses[0], "m"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let client = client(&cluster.addresses);
     let mut txn = client.begin();
-    txn.get_for_update(b"a").await.unwrap();
+    assert_eq!(txn.get_for_update(b"a").await.unwrap(), None);
+    assert_eq!(txn.get(b"y").await.unwrap(), None);
     txn.put(b"a", b"1").unwrap();
     txn.put(b"z", b"2").unwrap();
-    let error = txn.commit().await.expect_err("two ranges");
-    assert!(matches!(error, TxnError::Unsupported(_)), "{error}");
-    // Its lock on `a` was released: another transaction takes it well before the 5 s after
-    // which an abandoned transaction's locks would go anyway.
+    let committed = txn.commit().await.expect("a commit over two ranges");
+    let committed = committed.expect("a commit timestamp");
+    // Both writes are visible at the one commit timestamp, and every lock was released: other
+    // transactions take them well before the 5 s after which abandoned locks would go.
     let options = ClientOptions { deadline: Duration::from_secs(2), ..ClientOptions::default() };
     let quick = Client::new(cluster.addresses.clone(), options).unwrap();
     let mut next = quick.begin();
-    next.get_for_update(b"a").await.expect("the lock was released");
+    assert_eq!(next.get_for_update(b"a").await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(next.get_for_update(b"y").await.unwrap(), None);
+    assert_eq!(next.get_for_update(b"z").await.unwrap().as_deref(), Some(&b"2"[..]));
     next.put(b"a", b"3").unwrap();
-    next.commit().await.unwrap();
+    next.put(b"z", b"4").unwrap();
+    let later = next.commit().await.unwrap().expect("a commit timestamp");
+    assert!(later > committed, "{later} after {committed}");
+    for (key, value) in [("a", "3"), ("z", "4")] {
+        let version = quick.get_version(key.as_bytes()).await.unwrap();
+        assert_eq!(version.value.as_deref(), Some(value.as_bytes()));
+        assert_eq!(version.timestamp, later, "{key} was written at the commit timestamp");
+    }
+    // A participant that cannot prepare (wounded by an older transaction) aborts the whole
+    // transaction: the coordinator's part is not written either, and its lock is released.
+    let mut older = client.begin();
+    let mut younger = client.begin();
+    younger.get(b"x").await.unwrap();
+    older.get_for_update(b"x").await.expect("the older wounds the younger reader");
+    younger.put(b"b", b"5").unwrap();
+    younger.put(b"x", b"6").unwrap();
+    let error = younger.commit().await.expect_err("a wounded participant");
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("wounded"), "{error}");
+    older.rollback().await.unwrap();
+    let mut next = quick.begin();
+    assert_eq!(next.get_for_update(b"b").await.unwrap(), None, "the aborted write applied");
+    assert_eq!(next.get_for_update(b"x").await.unwrap(), None);
+    next.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_participant_prepared_for_an_unknown_commit_is_aborted() {
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    let output = meridian(&["split", "--host", &cluster.addresses[0], "m"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let client = client(&cluster.addresses);
+    let coordinator = client.lookup_fresh(b"a").await.unwrap().range_id;
+    let participant = client.lookup_fresh(b"z").await.unwrap().range_id;
+    assert_ne!(coordinator, participant);
+    // A client prepares a part at `z` and dies before asking the coordinator to commit.
+    let txn = rand::random::<u128>().to_be_bytes().to_vec();
+    let request = TxnPrepareRequest {
+        range_id: participant,
+        header: Some(TxnHeader {
+            txn: txn.clone(),
+            priority: Some(TxnPriority { start: 1, first_txn: txn, attempt: 0 }),
+            held_since: None,
+        }),
+        coordinator,
+        writes: vec![TxnWrite { key: b"z".to_vec(), value: Some(b"orphan".to_vec()) }],
+    };
+    let prepared = eventually(Duration::from_secs(10), || async {
+        for address in &cluster.addresses {
+            let mut node = KvClient::connect(format!("http://{address}")).await.ok()?;
+            if let Ok(response) = node.txn_prepare(request.clone()).await {
+                return Some(response.into_inner().prepare_ts);
+            }
+        }
+        None
+    })
+    .await;
+    assert!(
+        prepared.is_some_and(|ts| ts > 0),
+        "the part was not prepared
+{}",
+        cluster.logs()
+    );
+    // Its locks hold `z` until the participant asks the coordinator, which knows nothing of
+    // the transaction and logs an abort; then the write is dropped and the lock released.
+    let started = Instant::now();
+    let mut txn = client.begin();
+    let value = loop {
+        match txn.get_for_update(b"z").await {
+            Ok(value) => break value,
+            Err(error) if started.elapsed() < Duration::from_secs(30) => {
+                assert!(!error.to_string().contains("orphan"), "{error}");
+                txn = txn.retry().await;
+            }
+            Err(error) => panic!(
+                "the prepared part was never resolved: {error}
+{}",
+                cluster.logs()
+            ),
+        }
+    };
+    assert_eq!(value, None, "the orphan's write was applied");
+    txn.put(b"z", b"mine").unwrap();
+    txn.commit().await.unwrap();
+    println!("resolved after {:?}", started.elapsed());
 }
 
 #[tokio::test]

@@ -475,6 +475,17 @@ impl Coordinator {
         self.is_leader = is_leader;
     }
 
+    /// Whether this replica acts as the range's leader (see [`Coordinator::become_leader`]).
+    pub fn is_leader(&self) -> bool {
+        self.is_leader
+    }
+
+    /// Whether commit requests wait here for votes or for their record (leader memory): the
+    /// range must keep ticking meanwhile.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Every logged decision, in transaction order.
     pub fn decisions(&self) -> impl Iterator<Item = (&TxnId, &TxnRecord)> {
         self.decisions.iter()
