@@ -35,6 +35,7 @@ mod txn;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_rpc::dial::Dialer;
@@ -124,6 +125,9 @@ pub struct ClientOptions {
     /// Whether this client works on behalf of other callers (a node's own client): its
     /// requests say so ([`metadata::FORWARDED`]), and nodes do not forward them again.
     pub forwarding: bool,
+    /// How often an open transaction tells the leaders holding its locks that it is alive
+    /// (they release the locks of a transaction silent for 5 s).
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for ClientOptions {
@@ -133,6 +137,7 @@ impl Default for ClientOptions {
             attempt_timeout: Duration::from_secs(5),
             dialer: Dialer::tcp(),
             forwarding: false,
+            heartbeat_interval: Duration::from_secs(1),
         }
     }
 }
@@ -277,14 +282,16 @@ where
     }
 }
 
-/// A client of a Meridian cluster. Cheap to share behind an `Arc`; all methods take `&self`.
+/// A client of a Meridian cluster. All methods take `&self`; clones share the route cache and
+/// the connections.
+#[derive(Clone)]
 pub struct Client {
     seeds: Vec<String>,
     options: ClientOptions,
-    routes: Mutex<Routes>,
+    routes: Arc<Mutex<Routes>>,
     /// Ordered, so that dropping the client closes its connections in a deterministic order
     /// (a simulation replays a seed exactly only if it does).
-    channels: Mutex<BTreeMap<String, Channel>>,
+    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
 }
 
 impl Client {
@@ -304,8 +311,8 @@ impl Client {
         let client = Client {
             seeds,
             options,
-            routes: Mutex::new(Routes::default()),
-            channels: Mutex::new(BTreeMap::new()),
+            routes: Arc::new(Mutex::new(Routes::default())),
+            channels: Arc::new(Mutex::new(BTreeMap::new())),
         };
         for seed in &client.seeds {
             client.channel(seed)?;

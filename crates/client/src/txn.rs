@@ -17,13 +17,20 @@
 //!   transaction names it in its later requests there, so that a leader whose table no longer
 //!   holds its locks refuses it instead of letting it commit on reads it no longer protects.
 //!
-//! Not yet: commits across several ranges (two-phase commit is built in the transaction layer
-//! and the ranges' state machines, not yet in the leaders' request path; such a commit is
-//! refused with [`TxnError::Unsupported`] and rolled back), heartbeats (a transaction idle for
-//! longer than the leaders' abandonment timeout, 5 s, loses its locks and must retry), and
-//! read-only and stale reads at a timestamp.
+//! - **Commits.** A transaction whose locks and writes are at one range commits in one Raft
+//!   write there; one over several ranges commits by two-phase commit, coordinated by the
+//!   range of its first write. If a two-phase commit's answer is lost, the client asks the
+//!   coordinator to abort, which answers the decision logged first: the commit is reported
+//!   ambiguous only if the coordinator cannot be reached either.
+//! - **Heartbeats.** While it is open, a task tells the leaders holding its locks that it is
+//!   alive every [`ClientOptions::heartbeat_interval`](crate::ClientOptions) (leaders
+//!   release the locks of a transaction silent for 5 s); it stops when the transaction
+//!   finishes or is dropped.
+//!
+//! Not yet: read-only and stale reads at a timestamp.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,6 +40,7 @@ use meridian_rpc::kv::{
     TxnReadResponse, TxnRollbackRequest, TxnScan, TxnVoteRequest, TxnWrite, txn_read_request,
 };
 use meridian_rpc::metadata;
+use parking_lot::Mutex;
 use tonic::Status;
 
 /// The most rows a node returns for one scan request.
@@ -57,9 +65,6 @@ pub enum TxnError {
     /// The cluster refused the request, or its outcome is unknown ([`ClientError`]).
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// The transaction needs what is not built yet.
-    #[error("not supported yet: {0}")]
-    Unsupported(String),
     /// The transaction committed or rolled back already; begin or retry another.
     #[error("the transaction is finished")]
     Finished,
@@ -93,6 +98,16 @@ pub struct Transaction<'a> {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Whether it committed or rolled back (or tried to).
     finished: bool,
+    /// What its heartbeat task keeps alive: each range's start key and lock epoch.
+    heartbeats: Arc<Mutex<BTreeMap<u64, (Vec<u8>, u64)>>>,
+    /// The heartbeat task, once it holds a lock somewhere; stopped when it finishes.
+    heartbeat_task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        self.stop_heartbeats();
+    }
 }
 
 /// A new transaction id: random, so that gateways need no coordination.
@@ -113,6 +128,8 @@ impl Client {
             ranges: BTreeMap::new(),
             writes: BTreeMap::new(),
             finished: false,
+            heartbeats: Arc::default(),
+            heartbeat_task: None,
         }
     }
 }
@@ -240,7 +257,60 @@ impl<'a> Transaction<'a> {
             ranges: BTreeMap::new(),
             writes: BTreeMap::new(),
             finished: false,
+            heartbeats: Arc::default(),
+            heartbeat_task: None,
         }
+    }
+
+    /// Marks the transaction finished: no more heartbeats (a prepared part never expires,
+    /// and a part that failed is released by its rollback or its leader's timeout).
+    fn finish(&mut self) {
+        self.finished = true;
+        self.stop_heartbeats();
+    }
+
+    fn stop_heartbeats(&mut self) {
+        if let Some(task) = self.heartbeat_task.take() {
+            task.abort();
+        }
+    }
+
+    /// Starts the task that keeps the transaction's locks from being released as abandoned
+    /// while it stays open (a client thinking between statements), once it holds one.
+    fn start_heartbeats(&mut self) {
+        if self.heartbeat_task.is_some() {
+            return;
+        }
+        let (client, ranges) = (self.client.clone(), self.heartbeats.clone());
+        let txn = self.id.to_be_bytes().to_vec();
+        let interval = client.options.heartbeat_interval;
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let targets: Vec<(u64, Vec<u8>, u64)> = ranges
+                    .lock()
+                    .iter()
+                    .map(|(range, (start, epoch))| (*range, start.clone(), *epoch))
+                    .collect();
+                for (range_id, start, epoch) in targets {
+                    let result = client
+                        .on_range(&start, Kind::Idempotent, |mut node, routed| {
+                            let request =
+                                TxnHeartbeatRequest { range_id: routed, txn: txn.clone(), epoch };
+                            async move { node.txn_heartbeat(request).await }
+                        })
+                        .await;
+                    if let Err(error) = result {
+                        // The transaction's next request there finds out what happened.
+                        tracing::debug!(range = range_id, %error, "a heartbeat failed");
+                    }
+                }
+            }
+        });
+        self.heartbeat_task = Some(task.abort_handle());
     }
 
     fn check_open(&self) -> Result<(), TxnError> {
@@ -283,7 +353,10 @@ impl<'a> Transaction<'a> {
         let range_id = used.load(Ordering::Relaxed);
         if !self.ranges.contains_key(&range_id) {
             let descriptor = self.client.route(key).await?;
+            let start = descriptor.start.clone();
             self.ranges.insert(range_id, (descriptor, response.epoch));
+            self.heartbeats.lock().insert(range_id, (start, response.epoch));
+            self.start_heartbeats();
         }
         Ok(response)
     }
@@ -403,9 +476,8 @@ impl<'a> Transaction<'a> {
     ///
     /// # Errors
     ///
-    /// [`TxnError::Retry`] when the transaction must retry; [`TxnError::Unsupported`] for
-    /// writes or locks at several ranges (rolled back); [`TxnError::Client`] with
-    /// [`ClientError::Ambiguous`] when the outcome is unknown.
+    /// [`TxnError::Retry`] when the transaction must retry (it was rolled back);
+    /// [`TxnError::Client`] with [`ClientError::Ambiguous`] when the outcome is unknown.
     pub async fn commit(&mut self) -> Result<Option<u64>, TxnError> {
         self.check_open()?;
         if self.writes.is_empty() {
@@ -462,7 +534,7 @@ impl<'a> Transaction<'a> {
                 }
             })
             .await;
-        self.finished = true;
+        self.finish();
         match result {
             Ok(response) => Ok(Some(response.timestamp)),
             Err(error) => {
@@ -486,7 +558,7 @@ impl<'a> Transaction<'a> {
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
     ) -> Result<Option<u64>, TxnError> {
-        self.finished = true;
+        self.finish();
         let coordinator = parts
             .iter()
             .find(|(_, (_, writes))| !writes.is_empty())
@@ -612,7 +684,7 @@ impl<'a> Transaction<'a> {
     /// The first range that could not be told ([`TxnError::Client`]); its leader releases the
     /// locks after its abandonment timeout anyway.
     pub async fn rollback(&mut self) -> Result<(), TxnError> {
-        self.finished = true;
+        self.finish();
         self.release_all().await
     }
 

@@ -168,7 +168,7 @@ pub fn client(dialer: &Dialer, deadline: Duration) -> Client {
         deadline,
         attempt_timeout: Duration::from_secs(1),
         dialer: dialer.clone(),
-        forwarding: false,
+        ..ClientOptions::default()
     };
     Client::new(seeds, options).expect("valid seeds")
 }

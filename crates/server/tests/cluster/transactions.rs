@@ -126,6 +126,7 @@ async fn bank(cluster: &Cluster) {
     if let Err(error) = setup.commit().await {
         panic!("the accounts are not created: {error}\n{}", cluster.logs());
     }
+    drop(setup);
 
     let seed: u64 = std::env::var("MERIDIAN_TEST_SEED")
         .map_or_else(|_| rand::random(), |seed| seed.parse().unwrap());
@@ -359,4 +360,33 @@ async fn the_txn_command_commits_and_refuses_bad_input() {
         assert!(!output.status.success(), "{words:?} succeeded");
         assert!(stderr(&output).contains(message), "{words:?}: {}", stderr(&output));
     }
+}
+
+#[tokio::test]
+async fn heartbeats_keep_an_idle_transactions_locks() {
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    let output = meridian(&["split", "--host", &cluster.addresses[0], "m"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let with_interval = |interval: Duration| {
+        let options = ClientOptions { heartbeat_interval: interval, ..ClientOptions::default() };
+        Client::new(cluster.addresses.clone(), options).unwrap()
+    };
+    // Idle for longer than the leaders' 5 s abandonment timeout, between reads at two ranges
+    // and the commit.
+    let (alive, silent) =
+        (with_interval(Duration::from_secs(1)), with_interval(Duration::from_secs(600)));
+    let (mut kept, mut lost) = (alive.begin(), silent.begin());
+    for txn in [&mut kept, &mut lost] {
+        txn.get(b"a").await.unwrap();
+        txn.get(b"z").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    kept.put(b"a", b"kept").unwrap();
+    kept.put(b"z", b"kept").unwrap();
+    kept.commit().await.expect("its heartbeats kept its locks");
+    lost.put(b"a", b"lost").unwrap();
+    let error = lost.commit().await.expect_err("a silent transaction's locks were released");
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("lost its locks"), "{error}");
 }
