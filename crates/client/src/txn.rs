@@ -34,6 +34,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use meridian_rpc::kv::{
     RangeDescriptor, TxnAbortRequest, TxnCommitRequest, TxnDecision, TxnHeader,
     TxnHeartbeatRequest, TxnOutcomeRequest, TxnPrepareRequest, TxnPriority, TxnReadRequest,
@@ -488,14 +490,15 @@ impl<'a> Transaction<'a> {
             return validated.map(|()| None);
         }
         // Each participant's writes, by range: the ranges holding the writes, and every
-        // range it locked at (whose locks the prepare checks).
+        // range it locked at (whose locks the prepare checks). A part is routed by its first
+        // write (a split since the route was cached then shows as another range).
         let mut parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)> = BTreeMap::new();
         for (key, value) in &self.writes {
             let descriptor = self.client.route(key).await?;
             let write = TxnWrite { key: key.clone(), value: value.clone() };
             parts
                 .entry(descriptor.range_id)
-                .or_insert_with(|| (descriptor.start, Vec::new()))
+                .or_insert_with(|| (key.clone(), Vec::new()))
                 .1
                 .push(write);
         }
@@ -558,7 +561,17 @@ impl<'a> Transaction<'a> {
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
     ) -> Result<Option<u64>, TxnError> {
-        self.finish();
+        // Heartbeats go on until the parts are prepared: a part may wait for locks.
+        self.finished = true;
+        let result = self.two_phase(parts).await;
+        self.stop_heartbeats();
+        result
+    }
+
+    async fn two_phase(
+        &mut self,
+        parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
+    ) -> Result<Option<u64>, TxnError> {
         let coordinator = parts
             .iter()
             .find(|(_, (_, writes))| !writes.is_empty())
@@ -614,15 +627,18 @@ impl<'a> Transaction<'a> {
                     })
                 },
             );
-            let refusal = futures_util::future::join_all(prepares)
-                .await
-                .into_iter()
-                .filter_map(Result::err)
-                .find(|error| !error.is_ambiguous());
-            if let Some(error) = refusal {
-                // A participant refused: the coordinator cannot commit without its vote.
-                let reason = format!("a participant could not prepare: {error}");
-                let _ = this.client.txn_abort(coordinator, this.id, &participants, &reason).await;
+            let mut prepares: FuturesUnordered<_> = prepares.collect();
+            while let Some(result) = prepares.next().await {
+                if let Err(error) = result
+                    && !error.is_ambiguous()
+                {
+                    // A participant refused: the coordinator cannot commit without its vote.
+                    // (The others learn the abort from the coordinator.)
+                    let reason = format!("a participant could not prepare: {error}");
+                    let _ =
+                        this.client.txn_abort(coordinator, this.id, &participants, &reason).await;
+                    break;
+                }
             }
         };
         let (committed, ()) = tokio::join!(commit, prepares);
@@ -631,8 +647,11 @@ impl<'a> Transaction<'a> {
             Err(error) => TxnError::from_client(error),
         };
         if !matches!(&error, TxnError::Client(ClientError::Ambiguous(_))) {
-            // Refused or aborted: release what is still held (prepared parts stay until
-            // their outcome, which their coordinator sends).
+            // Refused or aborted: no commit can be logged. Parts prepared meanwhile learn the
+            // abort from the coordinator (at once, rather than by their status queries), and
+            // what else is held is released.
+            let reason = format!("its commit request failed: {error}");
+            let _ = self.client.txn_abort(coordinator, self.id, &participants, &reason).await;
             let _ = self.release_all().await;
             return Err(error);
         }

@@ -399,6 +399,7 @@ impl<E: Engine> RangeStateMachine<E> {
                     Ok((txn, txn_state::decision_from_wire(record.decision.as_ref())?))
                 });
                 match parsed.and_then(|(txn, decision)| {
+                    self.check_coordinator(txn, false)?;
                     self.check_resolvable(txn, &decision).map(|()| (txn, decision))
                 }) {
                     Ok((txn, decision)) => {
@@ -520,6 +521,9 @@ impl<E: Engine> RangeStateMachine<E> {
             Ok(parsed) => parsed,
             Err(reason) => return Ok(Applied::Rejected(reason)),
         };
+        if let Err(reason) = self.check_coordinator(txn, true) {
+            return Ok(Applied::Rejected(reason));
+        }
         let first = self.txn.coordinator.decision(txn).is_none();
         if first && let Err(reason) = self.check_resolvable(txn, &record.decision) {
             return Ok(Applied::Rejected(reason));
@@ -533,6 +537,27 @@ impl<E: Engine> RangeStateMachine<E> {
         }
         self.resolve(batch, txn, &decision)?;
         Ok(Applied::Decided { txn, decision })
+    }
+
+    /// Fails, the same way on every replica, when a record would resolve a part prepared here
+    /// through the wrong path: a part this range coordinates ends only by its own decision
+    /// record (`by_decision`), any other part only by an outcome from its coordinator. (A
+    /// decision logged here for another coordinator's transaction would otherwise abort a
+    /// part that voted to commit there.)
+    fn check_coordinator(&self, txn: TxnId, by_decision: bool) -> Result<(), String> {
+        let Some(record) = self.txn.prepared.get(txn) else { return Ok(()) };
+        let here = record.coordinator.0 == self.range.0;
+        match (here, by_decision) {
+            (true, false) => Err(format!(
+                "transaction {txn} is coordinated here: only its decision record resolves it"
+            )),
+            (false, true) => Err(format!(
+                "transaction {txn} is prepared here for coordinator {}: only its outcome \
+                 resolves it",
+                record.coordinator
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Fails, the same way on every replica, when a decision cannot resolve the

@@ -426,7 +426,7 @@ impl Sim {
                 CoordinatorOutput::Propose { txn, .. } if self.rng.random_range(0..50) == 0 => {
                     // Raft refuses the proposal (a transfer under way); the leader stays.
                     self.stats.refused_proposals += 1;
-                    self.ranges[range].coordinator.on_proposal_refused(txn);
+                    let _ = self.ranges[range].coordinator.on_proposal_refused(txn);
                 }
                 CoordinatorOutput::Propose { txn, record } => {
                     if let Decision::Commit { commit_ts } = record.decision {

@@ -153,6 +153,9 @@ impl<E: Engine> Driver<E> {
             Err(error) => return drop(reply.send(Err(error))),
         };
         replica.idle_ticks = 0;
+        if let Err(error) = Self::check_coordinates(replica, txn) {
+            return drop(reply.send(Err(error)));
+        }
         let floor = floor_of(replica);
         let coordinator = replica.state.coordinator_mut();
         if let Err(error) =
@@ -176,6 +179,20 @@ impl<E: Engine> Driver<E> {
             self.start_part(range, part, held_since);
         }
         self.settle_coordinator(range);
+    }
+
+    /// Refuses a coordinator's request about `txn` at `replica`'s range if the transaction is
+    /// prepared there as a participant of another coordinator: only that one decides it.
+    fn check_coordinates(replica: &Replica<E>, txn: TxnId) -> Result<(), NodeError> {
+        match replica.state.prepared_record(txn) {
+            Some(record) if record.coordinator.0 != replica.range.0 => {
+                Err(NodeError::InvalidArgument(format!(
+                    "transaction {txn} is prepared here for coordinator {}, which alone decides it",
+                    record.coordinator
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A participant's part of a two-phase commit (see `txn.rs`).
@@ -211,6 +228,9 @@ impl<E: Engine> Driver<E> {
             Err(error) => return drop(reply.send(Err(error))),
         };
         replica.idle_ticks = 0;
+        if let Err(error) = Self::check_coordinates(replica, txn) {
+            return drop(reply.send(Err(error)));
+        }
         let txns = &mut replica.leadership.txns;
         if txns.is_committing(txn) {
             txns.fail_commit(txn, NodeError::TxnRetry(format!("transaction {txn} is aborting")));
@@ -235,6 +255,9 @@ impl<E: Engine> Driver<E> {
             Err(error) => return drop(reply.send(Err(error))),
         };
         replica.idle_ticks = 0;
+        if let Err(error) = Self::check_coordinates(replica, txn) {
+            return drop(reply.send(Err(error)));
+        }
         let floor = floor_of(replica);
         replica.state.coordinator_mut().on_prepared(txn, participant, prepare_ts, query, floor);
         let _ = reply.send(Ok(()));
@@ -254,6 +277,11 @@ impl<E: Engine> Driver<E> {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
+        if replica.state.prepared_record(txn).is_some_and(|record| record.coordinator.0 == range.0)
+        {
+            let error = format!("transaction {txn} is coordinated here: its decision resolves it");
+            return drop(reply.send(Err(NodeError::InvalidArgument(error))));
+        }
         if replica.state.prepared_record(txn).is_none() {
             // Resolved already, or its prepare has not applied yet (then it asks once it has).
             // A part still taking its locks stops on an abort.
@@ -289,7 +317,16 @@ impl<E: Engine> Driver<E> {
                         Ok(_) => metrics::counter!("meridian_raft_proposals_total").increment(1),
                         Err(error) => {
                             debug!(range = range.0, %txn, %error, "decision record refused");
-                            replica.state.coordinator_mut().on_proposal_refused(txn);
+                            if !replica.state.coordinator_mut().on_proposal_refused(txn) {
+                                // Not proposed again: nothing was logged, and the callers
+                                // may ask again.
+                                let waiters = replica.leadership.txns.decision_waiters.remove(&txn);
+                                for waiter in waiters.into_iter().flatten() {
+                                    waiter.fail(NodeError::Unavailable(format!(
+                                        "the coordinator could not log the abort: {error}"
+                                    )));
+                                }
+                            }
                         }
                     }
                 }

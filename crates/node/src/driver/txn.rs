@@ -141,7 +141,7 @@ impl TxnLeadership {
     }
 
     /// The lock table of `epoch`, created (or replaced, if it belongs to another epoch) with
-    /// the prepared transactions restored.
+    /// the prepared transactions restored. Call it through [`lock_table`].
     fn table<'a>(
         &mut self,
         epoch: u64,
@@ -229,11 +229,54 @@ impl TxnLeadership {
             ));
             let _ = reply.send(Err(error));
         }
+        let held = self.table.as_ref().is_some_and(|table| table.standing(txn).is_some());
         match commit_wait {
-            Some(commit_ts) => self.release_after_commit_wait(txn, commit_ts),
-            None => self.release(txn),
+            Some(commit_ts) if held => self.release_after_commit_wait(txn, commit_ts),
+            _ => self.release(txn),
         }
     }
+}
+
+/// Makes sure `replica`'s lock table belongs to its current epoch, creating it or replacing
+/// one of an earlier span. Within one leadership the span changes only by a split, which
+/// invalidates the old table's locks: a replacement first waits (refusing the request as
+/// retryable) until no commit part proposed under the old table is in flight and no
+/// committed transaction still holds its locks through commit-wait — the new table, built from
+/// the applied prepare records, would not know their locks — and refuses the parts waiting
+/// for a timestamp, whose locks it would not know either.
+fn lock_table<E: Engine>(replica: &mut Replica<E>, now: Timestamp) -> Result<(), NodeError> {
+    let epoch = epoch_of(replica);
+    let leadership = &mut replica.leadership;
+    let Some(old) = leadership.txns.table.as_ref() else {
+        leadership.txns.table(epoch, replica.state.prepared_records(), now)?;
+        return Ok(());
+    };
+    if old.epoch() == Epoch(epoch) {
+        return Ok(());
+    }
+    let in_flight = leadership.proposals.values().any(|proposal| {
+        matches!(proposal.pending, Pending::TxnCommit { .. } | Pending::TxnPrepare { .. })
+    });
+    if in_flight || !leadership.txns.releases.is_empty() {
+        return Err(NodeError::Unavailable(
+            "the range split while commits were finishing; retry".into(),
+        ));
+    }
+    let waiting = std::mem::take(&mut leadership.waiting);
+    for request in waiting {
+        match request {
+            Waiting::TxnCommit(part) => {
+                let error = NodeError::TxnRetry(format!(
+                    "transaction {} lost its locks at this range: it split",
+                    part.txn
+                ));
+                leadership.txns.refuse_part(part, error);
+            }
+            request => leadership.waiting.push_back(request),
+        }
+    }
+    leadership.txns.table(epoch, replica.state.prepared_records(), now)?;
+    Ok(())
 }
 
 /// The lock epoch of a leadership in `term` over a range of `generation`: unique per range as
@@ -313,6 +356,11 @@ impl<E: Engine> Driver<E> {
     /// The replica of `range` if this node leads it and may serve transactions: it applied
     /// an entry of its own term (see the module docs). Keeps the coordinator's role in step.
     pub(super) fn txn_replica(&mut self, range: RangeId) -> Result<&mut Replica<E>, NodeError> {
+        if range == META_RANGE {
+            return Err(NodeError::InvalidArgument(
+                "the meta range takes no part in transactions".into(),
+            ));
+        }
         let replica = self.leader_replica(range, None)?;
         if !txn_ready(replica) {
             return Err(NodeError::Unavailable(
@@ -349,12 +397,12 @@ impl<E: Engine> Driver<E> {
             Err(error) => return drop(reply.send(Err(error))),
         };
         let epoch = epoch_of(replica);
+        if let Err(error) = lock_table(replica, now) {
+            return drop(reply.send(Err(error)));
+        }
         let txns = &mut replica.leadership.txns;
         let id = txns.next_request();
-        let table = match txns.table(epoch, replica.state.prepared_records(), now) {
-            Ok(table) => table,
-            Err(error) => return drop(reply.send(Err(error))),
-        };
+        let table = txns.table.as_mut().expect("created above");
         // A client retrying a request still queued here (its first attempt timed out on the
         // way) replaces it.
         if let Some(stale) = table.queued_request(lock.txn) {
@@ -414,14 +462,13 @@ impl<E: Engine> Driver<E> {
         {
             return replica.leadership.txns.refuse_part(part, error);
         }
-        let epoch = epoch_of(replica);
         let txn = part.txn;
-        let txns = &mut replica.leadership.txns;
         // The table first: creating it drops what belonged to a table of another epoch.
-        let table = match txns.table(epoch, replica.state.prepared_records(), now) {
-            Ok(table) => table,
-            Err(error) => return txns.refuse_part(part, error),
-        };
+        if let Err(error) = lock_table(replica, now) {
+            return replica.leadership.txns.refuse_part(part, error);
+        }
+        let txns = &mut replica.leadership.txns;
+        let table = txns.table.as_mut().expect("created above");
         let prepared = table.standing(txn) == Some(&meridian_txn::TxnStanding::Prepared);
         if txns.commits.contains_key(&txn) || prepared {
             // A repeated commit: the first one's locks stay.
@@ -445,10 +492,7 @@ impl<E: Engine> Driver<E> {
     fn continue_commit(&mut self, range: RangeId, txn: TxnId) {
         let now = self.local_now();
         let Some(replica) = self.replicas.get_mut(&range) else { return };
-        let epoch = epoch_of(replica);
-        if let Err(error) =
-            replica.leadership.txns.table(epoch, replica.state.prepared_records(), now)
-        {
+        if let Err(error) = lock_table(replica, now) {
             return replica.leadership.txns.fail_commit(txn, error);
         }
         let TxnLeadership { table, waiters, commits, next_request, .. } =
@@ -640,7 +684,10 @@ impl<E: Engine> Driver<E> {
                 txns.fail_commit(txn, error);
             }
             let TxnLeadership { table, waiters, releases, .. } = txns;
-            let Some(table) = table.as_mut() else { continue };
+            let Some(table) = table.as_mut() else {
+                releases.clear();
+                continue;
+            };
             let expired: Vec<RequestId> = waiters
                 .iter()
                 .filter(|(_, waiter)| {

@@ -200,6 +200,12 @@ impl KvApi {
         let range = range_of(request.range_id)?;
         let (txn, priority, held_since) = header_of(request.header)?;
         let coordinator = range_of(request.coordinator)?;
+        if coordinator == META_RANGE || coordinator == range {
+            return Err(invalid(
+                "a participant's coordinator is another range of user data (the coordinator's \
+                 own part comes with its commit request)",
+            ));
+        }
         let prepare = TxnPrepare {
             txn,
             priority,
@@ -256,7 +262,12 @@ impl KvApi {
         let request = request.into_inner();
         let range = range_of(request.range_id)?;
         let txn = txn_id_from_wire(&request.txn).map_err(invalid)?;
-        let participant = TxnRangeId(range_of(request.participant)?.0);
+        let participant = range_of(request.participant)?;
+        if participant == range {
+            // A coordinator's own part votes inside its node, never through a call.
+            return Err(invalid("a vote names the coordinator's own range as participant"));
+        }
+        let participant = TxnRangeId(participant.0);
         if request.prepare_ts == 0 {
             return Err(invalid("a vote without a prepare timestamp"));
         }

@@ -169,6 +169,17 @@ fn prepare_record(
     }
 }
 
+/// A prepare record of a part coordinated by range 3 (the tests' machine is range 9).
+fn participant_record(
+    txn: u128,
+    prepare_ts: u64,
+    writes: &[(&str, Option<&str>)],
+) -> meridian_txn::PrepareRecord {
+    let mut record = prepare_record(txn, prepare_ts, writes);
+    record.coordinator = meridian_txn::RangeId(3);
+    record
+}
+
 fn commit_at(participants: &[u64], commit_ts: u64) -> meridian_txn::TxnRecord {
     meridian_txn::TxnRecord {
         decision: Decision::Commit { commit_ts: Timestamp::from_nanos(commit_ts) },
@@ -237,16 +248,34 @@ fn prepared_transactions_and_decisions_apply_and_persist() {
 #[test]
 fn outcomes_resolve_prepared_parts_and_bad_records_are_refused() {
     let (mvcc, mut machine) = data_state_machine(&[]);
-    apply_command(&mut machine, 2, encode_prepare(&prepare_record(1, 20, &[("b", Some("one"))])));
-    apply_command(&mut machine, 3, encode_prepare(&prepare_record(2, 21, &[("c", Some("two"))])));
+    apply_command(
+        &mut machine,
+        7,
+        encode_prepare(&participant_record(1, 20, &[("b", Some("one"))])),
+    );
+    apply_command(
+        &mut machine,
+        8,
+        encode_prepare(&participant_record(2, 21, &[("c", Some("two"))])),
+    );
     let commit = Decision::Commit { commit_ts: Timestamp::from_nanos(40) };
+    // A decision logged here (range 9) does not resolve another coordinator's part.
+    let abort_here = meridian_txn::TxnRecord {
+        decision: Decision::Abort { reason: "forged".into() },
+        participants: Default::default(),
+    };
+    assert!(matches!(
+        apply_command(&mut machine, 9, encode_decision(TxnId(1), &abort_here)),
+        Applied::Rejected(reason) if reason.contains("only its outcome resolves it")
+    ));
+    assert!(machine.txn.coordinator.decision(TxnId(1)).is_none());
     assert_eq!(
-        apply_command(&mut machine, 4, encode_outcome(TxnId(1), &commit)),
+        apply_command(&mut machine, 10, encode_outcome(TxnId(1), &commit)),
         Applied::Resolved { txn: TxnId(1) }
     );
     let abort = Decision::Abort { reason: "wounded".into() };
     assert_eq!(
-        apply_command(&mut machine, 5, encode_outcome(TxnId(2), &abort)),
+        apply_command(&mut machine, 11, encode_outcome(TxnId(2), &abort)),
         Applied::Resolved { txn: TxnId(2) }
     );
     assert_eq!(contents(&mvcc), vec![("b".to_string(), "one".to_string())]);
@@ -254,13 +283,13 @@ fn outcomes_resolve_prepared_parts_and_bad_records_are_refused() {
 
     // Outside the span [a, m): nothing prepared.
     let outside = prepare_record(3, 22, &[("x", Some("no"))]);
-    assert_eq!(apply_command(&mut machine, 6, encode_prepare(&outside)), Applied::KeyNotInRange);
+    assert_eq!(apply_command(&mut machine, 12, encode_prepare(&outside)), Applied::KeyNotInRange);
     assert!(machine.txn.prepared.records().next().is_none());
     // Malformed: an id of the wrong length.
     let mut malformed = txn_state::prepare_to_wire(&prepare_record(4, 23, &[("b", None)]));
     malformed.txn = vec![1];
     let command = encode_command(23, wire::range_command::Operation::Prepare(malformed));
-    assert!(matches!(apply_command(&mut machine, 7, command), Applied::Rejected(_)));
+    assert!(matches!(apply_command(&mut machine, 13, command), Applied::Rejected(_)));
 }
 
 /// A one-range commit applies all its writes at its timestamp, or none.
@@ -292,26 +321,33 @@ fn commits_below_the_prepare_timestamp_and_late_prepares_are_refused() {
     let (mvcc, mut machine) = data_state_machine(&[]);
     let record = prepare_record(1, 20, &[("b", Some("x"))]);
     apply_command(&mut machine, 2, encode_prepare(&record));
+    apply_command(&mut machine, 3, encode_prepare(&participant_record(2, 20, &[("c", None)])));
     let too_early = Decision::Commit { commit_ts: Timestamp::from_nanos(19) };
     assert!(matches!(
-        apply_command(&mut machine, 3, encode_outcome(TxnId(1), &too_early)),
+        apply_command(&mut machine, 4, encode_outcome(TxnId(2), &too_early)),
         Applied::Rejected(reason) if reason.contains("below its prepare timestamp")
     ));
+    // An outcome does not resolve a part this range coordinates: only its decision does.
+    let commit = Decision::Commit { commit_ts: Timestamp::from_nanos(25) };
     assert!(matches!(
-        apply_command(&mut machine, 4, encode_decision(TxnId(1), &commit_at(&[9], 19))),
+        apply_command(&mut machine, 5, encode_outcome(TxnId(1), &commit)),
+        Applied::Rejected(reason) if reason.contains("only its decision record resolves it")
+    ));
+    assert!(matches!(
+        apply_command(&mut machine, 6, encode_decision(TxnId(1), &commit_at(&[9], 19))),
         Applied::Rejected(_)
     ));
     assert!(machine.txn.coordinator.decision(TxnId(1)).is_none());
-    assert_eq!(machine.txn.prepared.records().count(), 1);
+    assert_eq!(machine.txn.prepared.records().count(), 2);
     assert!(contents(&mvcc).is_empty());
 
     // Decided here at 25 (resolving its part), then a late copy of its prepare.
-    apply_command(&mut machine, 5, encode_decision(TxnId(1), &commit_at(&[9], 25)));
+    apply_command(&mut machine, 7, encode_decision(TxnId(1), &commit_at(&[9], 25)));
     assert!(matches!(
-        apply_command(&mut machine, 6, encode_prepare(&record)),
+        apply_command(&mut machine, 8, encode_prepare(&record)),
         Applied::Rejected(reason) if reason.contains("decided already")
     ));
-    assert!(!machine.has_prepared());
+    assert_eq!(machine.txn.prepared.records().count(), 1);
 }
 
 /// A one-range commit at or below the GC horizon is refused as a whole.

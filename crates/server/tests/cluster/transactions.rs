@@ -390,3 +390,73 @@ async fn heartbeats_keep_an_idle_transactions_locks() {
     assert!(error.is_retryable(), "{error}");
     assert!(error.to_string().contains("lost its locks"), "{error}");
 }
+
+#[tokio::test]
+async fn malformed_two_phase_calls_are_refused() {
+    use meridian_rpc::kv::{
+        TxnAbortRequest, TxnCommitRequest, TxnDecision, TxnOutcomeRequest, TxnVoteRequest,
+    };
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    let data = FIRST_DATA_RANGE.0;
+    let txn = 7u128.to_be_bytes().to_vec();
+    let header = Some(TxnHeader {
+        txn: txn.clone(),
+        priority: Some(TxnPriority { start: 1, first_txn: txn.clone(), attempt: 0 }),
+        held_since: None,
+    });
+    let write = vec![TxnWrite { key: b"k".to_vec(), value: Some(b"v".to_vec()) }];
+    let mut node = KvClient::connect(format!("http://{}", cluster.addresses[0])).await.unwrap();
+    fn refused<T>(result: Result<tonic::Response<T>, tonic::Status>, message: &str) {
+        let status = result.err().expect("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(message), "{message}: {status:?}");
+        assert!(meridian_rpc::metadata::took_no_effect(&status), "{status:?}");
+    }
+    let prepare = |coordinator: u64| TxnPrepareRequest {
+        range_id: data,
+        header: header.clone(),
+        coordinator,
+        writes: write.clone(),
+    };
+    refused(node.txn_prepare(prepare(META_RANGE.0)).await, "another range");
+    refused(node.txn_prepare(prepare(data)).await, "another range");
+    let commit = |participants: Vec<u64>| TxnCommitRequest {
+        range_id: data,
+        header: header.clone(),
+        writes: write.clone(),
+        participants,
+    };
+    refused(node.txn_commit(commit(vec![data + 1, data + 2])).await, "not a participant");
+    refused(node.txn_commit(commit(vec![data, data])).await, "named twice");
+    refused(node.txn_commit(commit(vec![data, META_RANGE.0])).await, "meta range");
+    let vote = |participant: u64, prepare_ts: u64| TxnVoteRequest {
+        range_id: data,
+        txn: txn.clone(),
+        participant,
+        prepare_ts,
+        query: false,
+    };
+    refused(node.txn_vote(vote(data, 5)).await, "own range");
+    refused(node.txn_vote(vote(data + 1, 0)).await, "prepare timestamp");
+    let abort = TxnAbortRequest {
+        range_id: META_RANGE.0,
+        txn: txn.clone(),
+        participants: vec![],
+        reason: String::new(),
+    };
+    refused(node.txn_abort(abort).await, "meta range");
+    let abort = TxnAbortRequest {
+        range_id: data,
+        txn: vec![1, 2],
+        participants: vec![],
+        reason: String::new(),
+    };
+    refused(node.txn_abort(abort).await, "16 bytes");
+    let outcome = TxnOutcomeRequest {
+        range_id: data,
+        txn: txn.clone(),
+        decision: Some(TxnDecision { commit: true, commit_ts: 0, abort_reason: String::new() }),
+    };
+    refused(node.txn_outcome(outcome).await, "timestamp");
+}

@@ -70,8 +70,9 @@ pub struct TxnRecord {
 /// Something the node must do for the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CoordinatorOutput {
-    /// Propose this record through the range's Raft group. Proposing a commit record assigns
-    /// `commit_ts`: the node raises its timestamp floor to it.
+    /// Propose this record through the range's Raft group. The range's timestamp floor rises
+    /// to a commit record's `commit_ts` when it applies; until then the transaction's own
+    /// prepared part there (at or below `commit_ts`) holds its locks.
     Propose {
         /// The transaction.
         txn: TxnId,
@@ -360,13 +361,17 @@ impl Coordinator {
 
     /// Raft refused the last record proposed for `txn` (the leader is transferring its
     /// leadership, say) while this replica stays leader: the next [`Coordinator::tick`]
-    /// proposes it again, so that a commit is never stranded.
-    pub fn on_proposal_refused(&mut self, txn: TxnId) {
+    /// proposes it again, so that a commit is never stranded. Returns whether it will; if
+    /// not (an abort asked for outside a commit request, or for a status query), nothing was
+    /// logged: the caller tells whoever waits for it, who may ask again.
+    pub fn on_proposal_refused(&mut self, txn: TxnId) -> bool {
         if let Some(pending) = self.pending.get_mut(&txn)
             && pending.proposal.is_some()
         {
             pending.propose_again = true;
+            return true;
         }
+        false
     }
 
     /// Proposes again the records Raft refused, and aborts commit requests that have waited

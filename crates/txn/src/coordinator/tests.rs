@@ -97,7 +97,7 @@ impl goldenscript::Runner for CoordinatorRunner {
                     .rposition(|(logged, _)| *logged == txn)
                     .ok_or("no such record proposed")?;
                 self.log.remove(position);
-                self.coordinator.on_proposal_refused(txn);
+                let _ = self.coordinator.on_proposal_refused(txn);
             }
             "tick" => {
                 let at = take_u64(&mut args, "at")?.ok_or("missing at")?;
