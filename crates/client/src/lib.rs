@@ -28,8 +28,11 @@
 //! continue range by range at the resume key each range returns.
 //!
 //! Read-write transactions ([`Client::begin`], [`Transaction`]) lock at the ranges' leaders and
-//! commit with commit-wait; see the `txn` module.
+//! commit with commit-wait; see the `txn` module. Read-only transactions and stale reads
+//! ([`Client::read_only`], [`ReadOnlyTransaction`]) read one snapshot without locks; see the
+//! `read_only` module.
 
+mod read_only;
 mod routes;
 mod txn;
 
@@ -52,6 +55,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 use tracing::debug;
 
+pub use crate::read_only::{ReadOnlyTransaction, ReadTimestamp};
 use crate::routes::Routes;
 pub use crate::txn::{Transaction, TxnError, TxnOutcome};
 

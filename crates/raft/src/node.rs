@@ -269,6 +269,11 @@ impl<S: Storage> RawNode<S> {
         self.log.applied
     }
 
+    /// Returns the index of the last entry in this node's log (appended, perhaps not committed).
+    pub fn last_index(&self) -> LogIndex {
+        self.log.last_index()
+    }
+
     /// Returns the highest index known to be committed.
     pub fn commit_index(&self) -> LogIndex {
         self.log.committed

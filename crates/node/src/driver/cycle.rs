@@ -44,6 +44,7 @@ impl<E: Engine> Driver<E> {
         if readies.is_empty() && durable.is_empty() {
             // Lease reads of this cycle may be servable at once.
             self.serve_confirmed_reads();
+            self.advance_all_snapshot_reads();
             self.admit_all();
             self.forget_quiet_replicas();
             return Ok(());
@@ -338,6 +339,7 @@ impl<E: Engine> Driver<E> {
             self.settle_coordinator(range);
         }
         self.admit_all();
+        self.advance_all_snapshot_reads();
         self.settle_all_txn_events();
         self.forget_quiet_replicas();
         Ok(())

@@ -221,6 +221,15 @@ pub enum Event {
     },
     /// A linearizable read; the caller waits until `deadline`.
     Read { request: ReadRequest, deadline: Instant },
+    /// A read at a timestamp without locks (see `snapshot_reads.rs`); the caller waits until
+    /// `deadline`.
+    SnapshotRead {
+        range: RangeId,
+        target: SnapshotTarget,
+        at: ReadAt,
+        deadline: Instant,
+        reply: Reply<SnapshotResult>,
+    },
     /// Take a transaction's lock at a range's leader; answers the leadership epoch it was
     /// taken under once granted (see `txn.rs`).
     TxnLock { range: RangeId, lock: TxnLock, deadline: Instant, reply: Reply<u64> },

@@ -97,6 +97,8 @@ pub(super) struct Leadership {
     round_started: Option<Instant>,
     /// Transactions' locks and commits in progress (see `txn.rs`).
     pub(super) txns: TxnLeadership,
+    /// Reads at a timestamp waiting to be served (see `snapshot_reads.rs`).
+    pub(super) snapshot_reads: Vec<WaitingSnapshotRead>,
 }
 
 impl Leadership {
@@ -105,6 +107,7 @@ impl Leadership {
         !self.waiting.is_empty()
             || !self.proposals.is_empty()
             || !self.confirmed.is_empty()
+            || !self.snapshot_reads.is_empty()
             || self.txns.is_busy()
     }
 
@@ -120,6 +123,9 @@ impl Leadership {
             waiting.fail(refusal());
         }
         self.txns.abandon(&refusal);
+        for read in std::mem::take(&mut self.snapshot_reads) {
+            read.fail(refusal());
+        }
         for (_, request) in std::mem::take(&mut self.confirmed) {
             request.fail(refusal());
         }
@@ -370,7 +376,11 @@ pub(super) fn propose_tracked<E: Engine>(
 
 /// Starts a heartbeat round, which grants a lease once a quorum answers (at most one per tick
 /// interval).
-fn request_lease_round<E: Engine>(replica: &mut Replica<E>, now: Instant, interval: Duration) {
+pub(super) fn request_lease_round<E: Engine>(
+    replica: &mut Replica<E>,
+    now: Instant,
+    interval: Duration,
+) {
     let leadership = &mut replica.leadership;
     if leadership.round_started.is_some_and(|started| now.duration_since(started) < interval) {
         return;

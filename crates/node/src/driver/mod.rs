@@ -58,6 +58,7 @@ mod events;
 mod leader;
 mod maintenance;
 mod replica;
+mod snapshot_reads;
 mod two_phase;
 mod txn;
 
@@ -65,6 +66,8 @@ pub use events::*;
 use leader::key_not_in_range;
 use leader::{Leadership, Waiting};
 use replica::{Pending, Proposal, Replica, maybe_quiesce, withholds_vote};
+use snapshot_reads::WaitingSnapshotRead;
+pub use snapshot_reads::{ReadAt, SnapshotResult, SnapshotTarget};
 use txn::TxnLeadership;
 
 /// Compact a range's log when this many applied entries sit above its truncation point.
@@ -361,6 +364,7 @@ impl<E: Engine> Driver<E> {
                     self.admit_all();
                     self.tick_txns();
                     self.tick_two_phase();
+                    self.advance_all_snapshot_reads();
                 }
             }
             self.cycle()?;
@@ -427,6 +431,9 @@ impl<E: Engine> Driver<E> {
             Event::TxnRollback { range, txn, reply } => self.txn_rollback(range, txn, reply),
             Event::TxnHeartbeat { range, txn, epoch, reply } => {
                 self.txn_heartbeat(range, txn, epoch, reply);
+            }
+            Event::SnapshotRead { range, target, at, deadline, reply } => {
+                self.snapshot_read(range, target, at, deadline, reply);
             }
             Event::Read { request, deadline } => {
                 self.enqueue(request.range(), Waiting::Read { request, deadline });

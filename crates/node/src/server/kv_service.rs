@@ -64,6 +64,13 @@ impl Kv for KvApi {
         self.txn_heartbeat_call(request).await
     }
 
+    async fn snapshot_read(
+        &self,
+        request: Request<meridian_rpc::kv::SnapshotReadRequest>,
+    ) -> Result<Response<meridian_rpc::kv::SnapshotReadResponse>, Status> {
+        self.snapshot_read_call(request).await
+    }
+
     async fn txn_prepare(
         &self,
         request: Request<meridian_rpc::kv::TxnPrepareRequest>,

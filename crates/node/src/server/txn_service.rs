@@ -6,16 +6,17 @@
 use std::collections::BTreeSet;
 
 use meridian_rpc::kv::{
-    TxnAbortRequest, TxnAbortResponse, TxnCommitRequest, TxnCommitResponse, TxnHeader,
-    TxnHeartbeatRequest, TxnHeartbeatResponse, TxnOutcomeRequest, TxnOutcomeResponse,
-    TxnPrepareRequest, TxnPrepareResponse, TxnReadRequest, TxnReadResponse, TxnRollbackRequest,
-    TxnRollbackResponse, TxnVoteRequest, TxnVoteResponse, txn_read_request,
+    SnapshotReadRequest, SnapshotReadResponse, TxnAbortRequest, TxnAbortResponse, TxnCommitRequest,
+    TxnCommitResponse, TxnHeader, TxnHeartbeatRequest, TxnHeartbeatResponse, TxnOutcomeRequest,
+    TxnOutcomeResponse, TxnPrepareRequest, TxnPrepareResponse, TxnReadRequest, TxnReadResponse,
+    TxnRollbackRequest, TxnRollbackResponse, TxnVoteRequest, TxnVoteResponse,
+    snapshot_read_request, txn_read_request,
 };
 use meridian_txn::{LockMode, Priority, RangeId as TxnRangeId, Timestamp, TxnId};
 
 use super::kv_service::{deadline_of, range_of};
 use super::*;
-use crate::driver::{ScanResult, TxnCommit, TxnLock, TxnPrepare};
+use crate::driver::{ReadAt, ScanResult, SnapshotTarget, TxnCommit, TxnLock, TxnPrepare};
 use crate::txn_state::{decision_from_wire, decision_to_wire, txn_id_from_wire, writes_from_wire};
 
 /// The most participants one transaction may name.
@@ -304,5 +305,57 @@ impl KvApi {
             })
             .await?;
         Ok(Response::new(TxnOutcomeResponse {}))
+    }
+
+    /// Reads at a timestamp without locks (see `SnapshotReadRequest`).
+    pub(super) async fn snapshot_read_call(
+        &self,
+        request: Request<SnapshotReadRequest>,
+    ) -> Result<Response<SnapshotReadResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let target = match request.read.ok_or_else(|| invalid("the read names no key or span"))? {
+            snapshot_read_request::Read::Key(key) => SnapshotTarget::Key(key),
+            snapshot_read_request::Read::Scan(scan) => {
+                let end = (!scan.end.is_empty()).then_some(scan.end);
+                if end.as_ref().is_some_and(|end| *end <= scan.start) {
+                    return Err(invalid("the scan's end is not after its start"));
+                }
+                let limit = if scan.limit == 0 { 1_000 } else { scan.limit.min(100_000) as usize };
+                SnapshotTarget::Scan { start: scan.start, end, limit }
+            }
+        };
+        let at = match request.at {
+            None => ReadAt::Now,
+            Some(snapshot_read_request::At::Exact(0)) => {
+                return Err(invalid("a read at timestamp 0"));
+            }
+            Some(snapshot_read_request::At::Exact(t)) => ReadAt::Exact(Timestamp::from_nanos(t)),
+            Some(snapshot_read_request::At::MaxStalenessNanos(nanos)) => {
+                ReadAt::MaxStaleness(std::time::Duration::from_nanos(nanos))
+            }
+        };
+        let result = self
+            .0
+            .request("snapshot read", deadline, |reply| Event::SnapshotRead {
+                range,
+                target,
+                at,
+                deadline,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(SnapshotReadResponse {
+            timestamp: result.timestamp,
+            value: result.value,
+            version_timestamp: result.version_timestamp,
+            rows: result
+                .rows
+                .into_iter()
+                .map(|(key, value, timestamp)| KeyValue { key, value, timestamp })
+                .collect(),
+            resume_key: result.resume_key,
+        }))
     }
 }

@@ -4,7 +4,7 @@
 //! several ranges applies atomically, and a participant prepared for a commit its coordinator
 //! never heard of is aborted by its status query.
 
-use meridian_client::TxnError;
+use meridian_client::{ReadTimestamp, TxnError};
 use meridian_rpc::kv::{TxnHeader, TxnPrepareRequest, TxnPriority, TxnWrite};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -148,12 +148,26 @@ async fn bank(cluster: &Cluster) {
             aborted
         });
     }
-    // Meanwhile, whole-table reads under span locks always see the total.
-    for _ in 0..10 {
+    // Meanwhile, whole-table reads under locks, and lock-free reads of one snapshot, always
+    // see the total.
+    for round in 0..10 {
         let balances = read_all(&client).await;
         assert_eq!(balances.len(), ACCOUNTS, "an account went missing: {balances:?}");
         assert_eq!(balances.iter().sum::<i64>(), total, "a read saw a torn transfer: {balances:?}");
         assert!(balances.iter().all(|balance| *balance >= 0), "{balances:?}");
+        for _ in 0..3 {
+            let mut snapshot = client.read_only(ReadTimestamp::Strong);
+            let mut balances = Vec::new();
+            for index in 0..ACCOUNTS {
+                balances.push(balance(snapshot.get(&account(index)).await.unwrap()));
+            }
+            let at = snapshot.timestamp();
+            assert_eq!(
+                balances.iter().sum::<i64>(),
+                total,
+                "round {round} at {at:?}: {balances:?}"
+            );
+        }
     }
     let mut aborted = 0;
     while let Some(result) = workers.join_next().await {
@@ -459,4 +473,53 @@ async fn malformed_two_phase_calls_are_refused() {
         decision: Some(TxnDecision { commit: true, commit_ts: 0, abort_reason: String::new() }),
     };
     refused(node.txn_outcome(outcome).await, "timestamp");
+}
+
+#[tokio::test]
+async fn read_only_transactions_read_one_snapshot_at_a_chosen_timestamp() {
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    let output = meridian(&["split", "--host", &cluster.addresses[0], "m"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let client = client(&cluster.addresses);
+    let commit = |a: &'static str, z: &'static str| {
+        let client = &client;
+        async move {
+            let mut txn = client.begin();
+            txn.put(b"a", a.as_bytes()).unwrap();
+            txn.put(b"z", z.as_bytes()).unwrap();
+            txn.commit().await.unwrap().expect("a commit timestamp")
+        }
+    };
+    let first = commit("a1", "z1").await;
+    let second = commit("a2", "z2").await;
+    // A strong read sees every commit acknowledged before it began, at both ranges.
+    let mut strong = client.read_only(ReadTimestamp::Strong);
+    assert_eq!(strong.get(b"a").await.unwrap().as_deref(), Some(&b"a2"[..]));
+    assert_eq!(strong.get(b"z").await.unwrap().as_deref(), Some(&b"z2"[..]));
+    assert!(strong.timestamp().unwrap() >= second);
+    // Exact timestamps read the snapshot as of then, across ranges.
+    for (at, expected) in
+        [(first - 1, None), (first, Some("1")), (second - 1, Some("1")), (second, Some("2"))]
+    {
+        let mut stale = client.read_only(ReadTimestamp::Exact(at));
+        let rows = stale.scan(b"", None, 10).await.unwrap();
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = match expected {
+            None => Vec::new(),
+            Some(n) => vec![
+                (b"a".to_vec(), format!("a{n}").into_bytes()),
+                (b"z".to_vec(), format!("z{n}").into_bytes()),
+            ],
+        };
+        assert_eq!(rows, expected, "at {at}");
+        assert_eq!(stale.timestamp(), Some(at));
+    }
+    // A bounded-staleness read is served at a timestamp no older than its bound.
+    let mut bounded = client.read_only(ReadTimestamp::MaxStaleness(Duration::from_secs(10)));
+    assert_eq!(bounded.get(b"z").await.unwrap().as_deref(), Some(&b"z2"[..]));
+    assert!(bounded.timestamp().unwrap() >= second);
+    // A timestamp in the future is refused.
+    let future = second + Duration::from_secs(3600).as_nanos() as u64;
+    let error = client.read_only(ReadTimestamp::Exact(future)).get(b"a").await.unwrap_err();
+    assert!(error.to_string().contains("in the future"), "{error}");
 }

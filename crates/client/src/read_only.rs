@@ -1,0 +1,139 @@
+//! Read-only transactions and stale reads: lock-free reads of one MVCC snapshot.
+//!
+//! A [`ReadOnlyTransaction`] reads every key and span at one timestamp, served by the range
+//! leaders without locks (they wait until nothing can still commit at or below it over what
+//! is read). [`ReadTimestamp::Strong`] takes the first leader's current time, so the
+//! transaction sees every transaction acknowledged before it began (external consistency);
+//! [`ReadTimestamp::Exact`] reads at a given timestamp, and [`ReadTimestamp::MaxStaleness`]
+//! at the newest one the first leader can serve at once that is at most that old. Later reads
+//! use the first read's timestamp exactly, so all of them see one snapshot. Reads are
+//! idempotent: they are retried on every retryable failure.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use meridian_rpc::kv::{SnapshotReadRequest, SnapshotReadResponse, TxnScan, snapshot_read_request};
+
+use crate::{Client, ClientError, Kind};
+
+/// The most rows a node returns for one scan request.
+const MAX_ROWS_PER_REQUEST: usize = 100_000;
+
+/// Which timestamp a read-only transaction reads at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadTimestamp {
+    /// The current time at the first read's leader: sees everything committed before.
+    Strong,
+    /// Exactly this timestamp (nanoseconds since the Unix epoch, as commits report them).
+    Exact(u64),
+    /// The newest timestamp the first read's leader can serve without waiting, at most this
+    /// old.
+    MaxStaleness(Duration),
+}
+
+/// A read-only transaction (see the module documentation).
+pub struct ReadOnlyTransaction<'a> {
+    client: &'a Client,
+    at: ReadTimestamp,
+    /// The timestamp of its reads, once the first one fixed it.
+    timestamp: Option<u64>,
+}
+
+impl Client {
+    /// Begins a read-only transaction at `at`.
+    pub fn read_only(&self, at: ReadTimestamp) -> ReadOnlyTransaction<'_> {
+        let timestamp = match at {
+            ReadTimestamp::Exact(timestamp) => Some(timestamp),
+            _ => None,
+        };
+        ReadOnlyTransaction { client: self, at, timestamp }
+    }
+}
+
+impl ReadOnlyTransaction<'_> {
+    /// The timestamp its reads are served at, once known (after the first read, or from the
+    /// start for an exact one).
+    pub fn timestamp(&self) -> Option<u64> {
+        self.timestamp
+    }
+
+    fn at(&self) -> Option<snapshot_read_request::At> {
+        match (self.timestamp, self.at) {
+            (Some(timestamp), _) => Some(snapshot_read_request::At::Exact(timestamp)),
+            (None, ReadTimestamp::MaxStaleness(staleness)) => {
+                Some(snapshot_read_request::At::MaxStalenessNanos(staleness.as_nanos() as u64))
+            }
+            (None, _) => None,
+        }
+    }
+
+    async fn read(
+        &mut self,
+        key: &[u8],
+        read: snapshot_read_request::Read,
+    ) -> Result<SnapshotReadResponse, ClientError> {
+        let at = self.at();
+        let response = self
+            .client
+            .on_range(key, Kind::Idempotent, |mut node, range_id| {
+                let request = SnapshotReadRequest { range_id, read: Some(read.clone()), at };
+                async move { node.snapshot_read(request).await }
+            })
+            .await?;
+        self.timestamp.get_or_insert(response.timestamp);
+        Ok(response)
+    }
+
+    /// Reads `key`'s value at the transaction's timestamp.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`] when the cluster refuses (a timestamp below the GC horizon, or in the
+    /// future) or no attempt succeeds in time.
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        let response = self.read(key, snapshot_read_request::Read::Key(key.to_vec())).await?;
+        Ok(response.value)
+    }
+
+    /// Returns up to `limit` keys in `[start, end)` (no upper bound if `end` is `None`) with
+    /// their values at the transaction's timestamp, range by range.
+    ///
+    /// # Errors
+    ///
+    /// As [`ReadOnlyTransaction::get`].
+    pub async fn scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut from = start.to_vec();
+        loop {
+            let remaining = limit.saturating_sub(rows.len()).min(MAX_ROWS_PER_REQUEST);
+            if remaining == 0 {
+                break;
+            }
+            let scan = TxnScan {
+                start: from.clone(),
+                end: end.map(<[u8]>::to_vec).unwrap_or_default(),
+                limit: remaining as u32,
+            };
+            let response = self.read(&from, snapshot_read_request::Read::Scan(scan)).await?;
+            let full_page = response.rows.len() == remaining;
+            let last_key = response.rows.last().map(|row| row.key.clone());
+            rows.extend(response.rows.into_iter().map(|row| (row.key, row.value)));
+            match (response.resume_key, last_key) {
+                // The range's end: go on in the next range.
+                (Some(next), _) if end.is_none_or(|end| next.as_slice() < end) => from = next,
+                // A full page within the range: go on after it.
+                (None, Some(mut last)) if full_page => {
+                    last.push(0);
+                    from = last;
+                }
+                _ => break,
+            }
+        }
+        Ok(rows.into_iter().take(limit).collect())
+    }
+}
