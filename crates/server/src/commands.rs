@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meridian_client::{Client, ClientOptions};
+use meridian_client::{Client, ClientOptions, ReadTimestamp};
 use meridian_clock::ClockOptions;
 use meridian_node::{META_RANGE, NodeOptions, NodeSwitches, RaftTiming, run_node};
 use meridian_raft::NodeId;
@@ -48,15 +48,26 @@ enum Command {
         #[command(subcommand)]
         operation: KvOperation,
     },
-    /// Runs one read-write transaction (for tests and debugging): the operations in order,
-    /// reads under locks, writes buffered, then the commit, printed with its timestamp. An
-    /// aborted attempt (wounded, locks lost) is retried with the same priority, up to 10 times.
-    /// Operations: `get KEY`, `get-for-update KEY`, `scan START END` (END `-` for no bound),
-    /// `put KEY VALUE`, `delete KEY`. Every key and lock must lie in one range for now.
+    /// Runs one transaction (for tests and debugging): the operations in order, reads under
+    /// locks, writes buffered, then the commit (two-phase over several ranges), printed with
+    /// its timestamp. An aborted attempt (wounded, locks lost) is retried with the same
+    /// priority, up to 10 times. Operations: `get KEY`, `get-for-update KEY`, `scan START END`
+    /// (END `-` for no bound), `put KEY VALUE`, `delete KEY`. With `--read-only`, `--as-of` or
+    /// `--max-staleness`, only `get` and `scan`, read without locks at one timestamp.
     Txn {
         /// The RPC address of any node (HOST:PORT).
         #[arg(long)]
         host: String,
+        /// A read-only transaction: every read at the current time of the first read's leader.
+        #[arg(long)]
+        read_only: bool,
+        /// A stale read-only transaction at this timestamp (nanoseconds, as commits print).
+        #[arg(long, value_name = "TIMESTAMP", conflicts_with_all = ["read_only", "max_staleness"])]
+        as_of: Option<u64>,
+        /// A stale read-only transaction at the newest timestamp servable at once that is at
+        /// most this old (milliseconds).
+        #[arg(long, value_name = "MS", conflicts_with = "read_only")]
+        max_staleness: Option<u64>,
         /// The operations, e.g. `get a put a 1 put b 2`.
         #[arg(required = true, allow_hyphen_values = true)]
         operations: Vec<String>,
@@ -164,7 +175,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init { host } => init(&host).await,
         Command::Status { host } => status(&host).await,
         Command::Kv { host, operation } => kv(&host, operation).await,
-        Command::Txn { host, operations } => txn(&host, &operations).await,
+        Command::Txn { host, read_only, as_of, max_staleness, operations } => {
+            let at = match (as_of, max_staleness) {
+                (Some(timestamp), _) => Some(ReadTimestamp::Exact(timestamp)),
+                (None, Some(ms)) => {
+                    Some(ReadTimestamp::MaxStaleness(std::time::Duration::from_millis(ms)))
+                }
+                (None, None) => read_only.then_some(ReadTimestamp::Strong),
+            };
+            match at {
+                Some(at) => read_only_txn(&host, at, &operations).await,
+                None => txn(&host, &operations).await,
+            }
+        }
         Command::Split { host, keys } => split(&host, keys).await,
         Command::Ranges { host } => ranges(&host).await,
         Command::Decommission { host, node_id } => decommission(&host, node_id).await,
@@ -472,6 +495,42 @@ fn parse_txn_operations(words: &[String]) -> Result<Vec<TxnOperation>> {
         operations.push(operation);
     }
     Ok(operations)
+}
+
+/// Runs `meridian txn --read-only` (or a stale read): gets and scans at one timestamp.
+async fn read_only_txn(host: &str, at: ReadTimestamp, words: &[String]) -> Result<()> {
+    let operations = parse_txn_operations(words)?;
+    for operation in &operations {
+        let refused = match operation {
+            TxnOperation::Put { .. } => "put",
+            TxnOperation::Delete { .. } => "delete",
+            TxnOperation::Get { for_update: true, .. } => "get-for-update",
+            TxnOperation::Get { .. } | TxnOperation::Scan { .. } => continue,
+        };
+        bail!("a read-only transaction only gets and scans: `{refused}` is not allowed");
+    }
+    let client = client(host)?;
+    let mut txn = client.read_only(at);
+    for operation in &operations {
+        match operation {
+            TxnOperation::Get { key, .. } => match txn.get(key.as_bytes()).await? {
+                Some(value) => println!("{key} = {}", String::from_utf8_lossy(&value)),
+                None => println!("{key}: (not found)"),
+            },
+            TxnOperation::Scan { start, end } => {
+                let end = end.as_ref().map(String::as_bytes);
+                for (key, value) in txn.scan(start.as_bytes(), end, 1_000).await? {
+                    println!("{} = {}", show_key(&key), String::from_utf8_lossy(&value));
+                }
+            }
+            TxnOperation::Put { .. } | TxnOperation::Delete { .. } => unreachable!("refused above"),
+        }
+    }
+    match txn.timestamp() {
+        Some(timestamp) => println!("read at {timestamp}"),
+        None => println!("read nothing"),
+    }
+    Ok(())
 }
 
 /// Runs `meridian txn`: the operations in one transaction, retried while aborted.

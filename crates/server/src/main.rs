@@ -5,8 +5,8 @@
 //! - `meridian status --host ADDR`: prints a node's view of the cluster.
 //! - `meridian kv get|put|delete|scan --host ADDR`: the key-value API, for tests and
 //!   debugging; requests follow the leader hint of `NotLeader` errors.
-//! - `meridian txn --host ADDR OPERATION...`: one read-write transaction, for tests and
-//!   debugging.
+//! - `meridian txn --host ADDR OPERATION...`: one read-write transaction (or, with
+//!   `--read-only`, `--as-of`, `--max-staleness`, a read-only one), for tests and debugging.
 //!
 //! `main` stays thin: it parses flags, sets up logging and hands over to the node crate or the
 //! client commands in `commands.rs`.

@@ -362,6 +362,22 @@ async fn the_txn_command_commits_and_refuses_bad_input() {
     assert!(stdout(&output).contains("x = 1\nx = 1\ny = 2\ncommitted at"), "{}", stdout(&output));
     let output = meridian(&["txn", "--host", host, "get", "y"]);
     assert!(stdout(&output).contains("y: (not found)\ncommitted (nothing written)"));
+    let output = meridian(&["txn", "--host", host, "--read-only", "get", "x", "scan", "a", "z"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let read_at = stdout(&output);
+    assert!(read_at.starts_with("x = 1\nx = 1\nread at "), "{read_at}");
+    let timestamp = read_at.trim().rsplit(' ').next().unwrap().to_string();
+    let output = meridian(&["txn", "--host", host, "--as-of", &timestamp, "get", "y"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), format!("y: (not found)\nread at {timestamp}\n"));
+    let output = meridian(&["txn", "--host", host, "--max-staleness", "5000", "get", "x"]);
+    assert!(stdout(&output).starts_with("x = 1\nread at "), "{}", stdout(&output));
+    let output = meridian(&["txn", "--host", host, "--read-only", "put", "x", "2"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`put` is not allowed"), "{}", stderr(&output));
+    let output = meridian(&["txn", "--host", host, "--as-of", "1", "--read-only", "get", "x"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("cannot be used with"), "{}", stderr(&output));
 
     for (words, message) in [
         (&["frob", "x"][..], "unknown transaction operation `frob`"),
