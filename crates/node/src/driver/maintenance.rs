@@ -125,7 +125,9 @@ impl<E: Engine> Driver<E> {
     }
 
     /// Hands every leadership to another voter while this node must not lead: its clock
-    /// cannot be trusted (it must not assign timestamps) or it is being decommissioned.
+    /// cannot be trusted (it must not assign timestamps) or it is being decommissioned. These
+    /// go at once, transactions or not: the open transactions holding locks there lose them
+    /// and retry (prepared ones keep theirs, restored by the new leader).
     fn hand_leaderships_away(&mut self) {
         if self.clock_healthy && !self.draining {
             return;
@@ -148,7 +150,10 @@ impl<E: Engine> Driver<E> {
     }
 
     /// Hands leadership of a few ranges to other voters when this node leads clearly more
-    /// than its share (ranges led across live nodes, from their hellos).
+    /// than its share (ranges led across live nodes, from their hellos). Ranges whose leader
+    /// holds transactions' locks, or has two-phase work, are left for a later round: a
+    /// transfer would make their open transactions lose their locks and retry, so rebalancing
+    /// waits until they are quiet rather than abort them.
     fn spread_leaders(&mut self, live: &BTreeSet<NodeId>, draining: &BTreeSet<NodeId>) {
         if self.draining {
             return; // Every leadership goes, in the tick loop.
@@ -174,7 +179,11 @@ impl<E: Engine> Driver<E> {
             if transfers >= limit || mine - transfers <= share {
                 break;
             }
-            if replica.raft.role() != Role::Leader || replica.raft.config_change_pending() {
+            if replica.raft.role() != Role::Leader
+                || replica.raft.config_change_pending()
+                || replica.leadership.txns.is_busy()
+                || replica.state.has_txn_work()
+            {
                 continue;
             }
             let target = replica

@@ -226,6 +226,9 @@ pub struct NodeSwitches {
     pub snapshot_overwrites_newer_ranges: bool,
     /// Install snapshots without clearing the old data of their span first.
     pub snapshot_keeps_old_data: bool,
+    /// Serve reads at a timestamp without waiting for the transactions prepared at or below
+    /// it (breaks "a snapshot read waits until nothing can still commit below it").
+    pub snapshot_reads_ignore_prepared: bool,
     /// Raft's own rule breakers, for every replica.
     pub raft: meridian_raft::UnsafeSwitches,
 }

@@ -221,6 +221,7 @@ impl<E: Engine> Driver<E> {
         let now = Instant::now();
         let tick = self.timing.tick_interval;
         let mvcc = &self.mvcc;
+        let ignore_prepared = self.switches.snapshot_reads_ignore_prepared;
         let Some(replica) = self.replicas.get_mut(&range) else { return };
         if replica.raft.role() != Role::Leader {
             return;
@@ -262,7 +263,8 @@ impl<E: Engine> Driver<E> {
                 replica.leadership.snapshot_reads.push(read);
                 continue;
             };
-            if replica.state.applied().index < barrier || blocked(replica, &read.target, t) {
+            let blocked = !ignore_prepared && blocked(replica, &read.target, t);
+            if replica.state.applied().index < barrier || blocked {
                 replica.leadership.snapshot_reads.push(read);
                 continue;
             }

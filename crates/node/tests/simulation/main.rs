@@ -21,6 +21,9 @@
 //! - **at most once**: a value is seen at one timestamp only, an acknowledged one at its own;
 //! - **no acknowledged write is lost**, and **a final scan across ranges** returns exactly what
 //!   the final per-key reads do;
+//! - **the bank** (`bank`): transfers between accounts in four ranges (two-phase commit under
+//!   the faults) never change the total that lock-free snapshot reads and locked reads of
+//!   every account see, during the run and once it healed (when both must succeed);
 //! - **ranges** (`ranges`): the current leaders' ranges tile the key space, the meta range
 //!   records exactly them, every split key starts a range, removed replicas are collected;
 //! - **replicas agree**: every replica of a range that applied as far as its leader holds
@@ -50,6 +53,7 @@
 //! (`deposed_leaders_refuse_reads`), a clock skewed beyond its ε must be noticed
 //! (`clock_skew_beyond_the_bound_is_refused`), replays are exact (`replays_are_exact`).
 
+mod bank;
 mod faults;
 mod history;
 mod net;
@@ -590,7 +594,7 @@ fn run(seed: u64, options: Options) -> Result<Outcome, Failure> {
     };
     let summary = format!(
         "seed {seed}: {} writes acknowledged, {} of unknown outcome, {} refused, {} reads in \
-         {:.1} s simulated ({:.1} s wall)\n  events: {}\n  probes: {stats:?}\n  ranges: {}",
+         {:.1} s simulated ({:.1} s wall)\n  events: {}\n  probes: {stats:?}\n  bank: {:?}\n  ranges: {}",
         count(true, true),
         count(true, false),
         refused.len(),
@@ -598,6 +602,7 @@ fn run(seed: u64, options: Options) -> Result<Outcome, Failure> {
         sim.elapsed().as_secs_f64(),
         wall.elapsed().as_secs_f64(),
         events.join(", "),
+        shared.bank.stats.lock(),
         shared.ranges.lock()
     );
     eprintln!("{summary}");
@@ -693,6 +698,7 @@ fn switches_named(name: &str) -> Option<NodeSwitches> {
         "serve_outside_span" => switches.serve_outside_span = true,
         "snapshot_overwrites_newer_ranges" => switches.snapshot_overwrites_newer_ranges = true,
         "snapshot_keeps_old_data" => switches.snapshot_keeps_old_data = true,
+        "snapshot_reads_ignore_prepared" => switches.snapshot_reads_ignore_prepared = true,
         _ => return None,
     }
     Some(switches)
@@ -708,6 +714,7 @@ fn switch_name(switches: NodeSwitches) -> Option<&'static str> {
         "serve_outside_span",
         "snapshot_overwrites_newer_ranges",
         "snapshot_keeps_old_data",
+        "snapshot_reads_ignore_prepared",
     ]
     .into_iter()
     .find(|name| switches_named(name) == Some(switches))
@@ -799,6 +806,12 @@ fn suite_catches_split_children_without_a_floor() {
 fn suite_catches_reads_outside_the_span() {
     let switches = NodeSwitches { serve_outside_span: true, ..NodeSwitches::default() };
     assert_suite_catches("serve_outside_span", switches);
+}
+
+#[test]
+fn suite_catches_snapshot_reads_over_prepared_transactions() {
+    let switches = NodeSwitches { snapshot_reads_ignore_prepared: true, ..NodeSwitches::default() };
+    assert_suite_catches("snapshot_reads_ignore_prepared", switches);
 }
 
 #[test]

@@ -14,6 +14,8 @@
 //! - **The monitor** polls every node's `Status`, so that the simulation can aim faults at
 //!   range leaders.
 //! - **The prober** answers the simulation's leader isolations (see [`probe_deposed_leader`]).
+//! - **The bank** (`bank.rs`): tellers' transfers between accounts in four ranges and
+//!   auditors' reads of all of them, lock-free and under locks, which must see the total.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{InitRequest, StatusRequest, StatusResponse};
 use parking_lot::Mutex;
 
+use crate::bank::{self, Bank};
 use crate::history::{Entry, Record, check_final_scan};
 use crate::{FIRST_NODES, Failure, KEYS, Mode, NODES, SPLIT_KEYS, key, net, ranges};
 
@@ -79,6 +82,8 @@ pub struct Shared {
     pub engines: Vec<Arc<meridian_storage::MemoryEngine>>,
     /// The connections the nodes accepted, for the snapshot racer to stall.
     pub stalls: Arc<net::Stalls>,
+    /// What the bank's transactions saw.
+    pub bank: Bank,
 }
 
 impl Shared {
@@ -108,6 +113,7 @@ impl Shared {
             doing: Mutex::new(BTreeMap::new()),
             engines,
             stalls,
+            bank: Bank::default(),
         }
     }
 
@@ -659,6 +665,12 @@ pub async fn probe_deposed_leader(dialer: &Dialer, shared: &Shared, old: usize) 
 pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     let dialer = net::sim_dialer();
     init(&dialer).await?;
+    if shared.mode == Mode::Default {
+        shared.phase("opening the bank's accounts");
+        bank::open_accounts(&dialer)
+            .await
+            .map_err(|problem| shared.fail(Failure::Liveness(problem)))?;
+    }
     tokio::spawn(monitor(dialer.clone(), shared.clone()));
     tokio::spawn(prober(dialer.clone(), shared.clone()));
     let mut tasks = Vec::new();
@@ -670,6 +682,14 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     tasks.push(tokio::spawn(splitter(dialer.clone(), shared.clone())));
     if shared.mode == Mode::Default {
         tasks.push(tokio::spawn(snapshot_racer(dialer.clone(), shared.clone())));
+        for index in 0..bank::TELLERS {
+            let seed = seed ^ (index as u64 + 101).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            tasks.push(tokio::spawn(bank::teller(dialer.clone(), shared.clone(), index, seed)));
+        }
+        for index in 0..bank::AUDITORS {
+            let seed = seed ^ (index as u64 + 201).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            tasks.push(tokio::spawn(bank::auditor(dialer.clone(), shared.clone(), index, seed)));
+        }
     }
     let count = tasks.len();
     for (index, task) in tasks.into_iter().enumerate() {
@@ -710,7 +730,8 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     shared.phase("final scan");
     // Nothing writes any more: a scan across every range must return what the reads did.
     match checker.scan(b"", None, SCAN_LIMIT).await {
-        Ok(rows) => {
+        Ok(mut rows) => {
+            rows.retain(|(key, _, _)| !bank::is_account(key));
             if let Err(problem) = check_final_scan(&finals, &rows) {
                 return Err(shared.fail(Failure::Invariant(problem)));
             }
@@ -720,6 +741,20 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
         }
     }
     *shared.finals.lock() = finals;
+    if shared.mode == Mode::Default {
+        shared.phase("final audit of the bank");
+        if let Err(problem) = bank::final_audit(&checker, &shared.bank).await {
+            let state = ranges::diagnose(&dialer, &checker).await;
+            return Err(shared.fail(Failure::Liveness(format!("{problem}{state}"))));
+        }
+        let violations = shared.bank.stats.lock().violations.clone();
+        if !violations.is_empty() {
+            return Err(shared.fail(Failure::Invariant(format!(
+                "the bank's transactions: {}",
+                violations.join("; ")
+            ))));
+        }
+    }
     shared.phase("checking the ranges");
     match ranges::check_ranges_converge(&dialer, &checker).await {
         Ok(described) => *shared.ranges.lock() = described,
