@@ -216,7 +216,7 @@ pub async fn auditor(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u6
     for audit_number in 0..AUDITS {
         tokio::time::sleep(Duration::from_millis(rng.next_u64() % 1_000)).await;
         shared.doing.lock().insert(format!("auditor {index}"), format!("audit {audit_number}"));
-        if rng.next_u64() % 3 == 0 {
+        if rng.next_u64().is_multiple_of(3) {
             if let Some(balances) = locked_audit(&client).await {
                 shared.bank.stats.lock().locked_audits += 1;
                 audit(&shared.bank, "a locked", balances, None);
