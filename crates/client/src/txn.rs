@@ -38,8 +38,9 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use meridian_rpc::kv::{
     RangeDescriptor, TxnAbortRequest, TxnCommitRequest, TxnDecision, TxnHeader,
-    TxnHeartbeatRequest, TxnOutcomeRequest, TxnPrepareRequest, TxnPriority, TxnReadRequest,
-    TxnReadResponse, TxnRollbackRequest, TxnScan, TxnVoteRequest, TxnWrite, txn_read_request,
+    TxnHeartbeatRequest, TxnLockWritesRequest, TxnOutcomeRequest, TxnPrepareRequest, TxnPriority,
+    TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnScan, TxnVoteRequest, TxnWrite,
+    txn_read_request,
 };
 use meridian_rpc::metadata;
 use parking_lot::Mutex;
@@ -572,6 +573,10 @@ impl<'a> Transaction<'a> {
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
     ) -> Result<Option<u64>, TxnError> {
+        if let Err(error) = self.lock_writes(&parts).await {
+            let _ = self.release_all().await;
+            return Err(error);
+        }
         let coordinator = parts
             .iter()
             .find(|(_, (_, writes))| !writes.is_empty())
@@ -668,6 +673,63 @@ impl<'a> Transaction<'a> {
             }
             Err(_) => Err(error),
         }
+    }
+
+    /// Takes the exclusive locks of every write, at every range at once, waiting for them as
+    /// locking reads do; records each range's epoch. A part then prepares without waiting for
+    /// a lock, so that no transaction waits for a lock at one range while prepared at another
+    /// (an older transaction waiting for its prepared locks would wait for ever: wound-wait
+    /// cannot wound a prepared transaction).
+    async fn lock_writes(
+        &mut self,
+        parts: &BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
+    ) -> Result<(), TxnError> {
+        let this = &*self;
+        let requests = parts.iter().filter(|(_, (_, writes))| !writes.is_empty()).map(
+            |(range_id, (start, writes))| {
+                let (range_id, keys) = (*range_id, writes.iter().map(|w| w.key.clone()).collect());
+                async move {
+                    let keys: Vec<Vec<u8>> = keys;
+                    let response = this
+                        .client
+                        .on_range(start, Kind::Idempotent, |mut node, routed| {
+                            let moved = (routed != range_id).then(|| {
+                                retry_status(format!(
+                                    "range {range_id} split since the commit was planned"
+                                ))
+                            });
+                            let request = TxnLockWritesRequest {
+                                range_id: routed,
+                                header: Some(this.header(routed)),
+                                keys: keys.clone(),
+                            };
+                            async move {
+                                match moved {
+                                    Some(status) => Err(status),
+                                    None => node.txn_lock_writes(request).await,
+                                }
+                            }
+                        })
+                        .await;
+                    (range_id, start.clone(), response)
+                }
+            },
+        );
+        let mut first_error = None;
+        for (range_id, start, response) in futures_util::future::join_all(requests).await {
+            match response {
+                Ok(response) if !self.ranges.contains_key(&range_id) => {
+                    let descriptor = self.client.route(&start).await?;
+                    self.ranges.insert(range_id, (descriptor, response.epoch));
+                    self.heartbeats.lock().insert(range_id, (start, response.epoch));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    first_error.get_or_insert(TxnError::from_client(error));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Checks that every lock the transaction took is still held (a heartbeat under its

@@ -236,6 +236,9 @@ pub enum Event {
     /// Commit a transaction whose locks and writes are all at `range` (see `txn.rs`);
     /// answers the commit timestamp after commit-wait.
     TxnCommit { range: RangeId, commit: TxnCommit, deadline: Instant, reply: Reply<u64> },
+    /// Take exclusive locks on a transaction's writes at `range` before its two-phase
+    /// commit (see `txn.rs`); answers the epoch. The writes' values are not used.
+    TxnLockWrites { range: RangeId, lock: TxnPrepare, deadline: Instant, reply: Reply<u64> },
     /// Prepare a transaction's part at `range`, a participant of a two-phase commit; answers
     /// the prepare timestamp once the prepare record applied (see `txn.rs`).
     TxnPrepare { range: RangeId, prepare: TxnPrepare, deadline: Instant, reply: Reply<u64> },

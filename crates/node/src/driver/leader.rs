@@ -112,7 +112,7 @@ impl Leadership {
     }
 
     /// Whether a split proposed here has not applied yet.
-    fn split_pending(&self) -> bool {
+    pub(super) fn split_pending(&self) -> bool {
         self.proposals.values().any(|proposal| matches!(proposal.pending, Pending::Split { .. }))
     }
 

@@ -419,6 +419,9 @@ impl<E: Engine> Driver<E> {
             Event::TxnCommit { range, commit, deadline, reply } => {
                 self.txn_commit(range, commit, deadline, reply);
             }
+            Event::TxnLockWrites { range, lock, deadline, reply } => {
+                self.txn_lock_writes(range, lock, deadline, reply);
+            }
             Event::TxnPrepare { range, prepare, deadline, reply } => {
                 self.txn_prepare(range, prepare, deadline, reply);
             }

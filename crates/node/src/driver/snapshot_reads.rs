@@ -17,9 +17,18 @@
 //!    commit at or below `t` (its commit timestamp is at or above its prepare timestamp): a
 //!    read overlapping its writes waits for its outcome.
 //!
-//! Then it reads the MVCC snapshot at `t`. Reads wait at most until their caller's deadline
-//! and are refused (retryably) if the leadership is lost; a read below the GC horizon is
-//! refused. Followers do not serve these reads yet (that needs closed timestamps).
+//! Then it reads the MVCC snapshot at `t`, and answers only once `after(v)` holds on this
+//! node's clock, where `v = min(t, the range's highest applied timestamp)` bounds every commit
+//! timestamp the read can see (deletions included): no one sees a transaction's data before
+//! its commit-wait is over (Spanner §4.1.2). Without that a read could return a write whose
+//! timestamp is still ahead of true time, and a later read-only transaction, starting after it
+//! completed, could pick a timestamp below the write's at another, slower-clocked leader and
+//! miss it. Only reads of recent writes wait (at most about 2ε); stale reads never do.
+//!
+//! Reads wait at most until their caller's deadline and are refused (retryably) if the
+//! leadership is lost; a read below the GC horizon is refused. While a split this leader
+//! proposed is pending, no read fixes its timestamp (as writes wait in `leader.rs`). Followers
+//! do not serve these reads yet (that needs closed timestamps).
 
 use std::time::Duration;
 
@@ -28,8 +37,8 @@ use meridian_storage::Error as StorageError;
 use super::leader::check_key;
 use super::*;
 
-/// How far ahead of the leader's clock an exact read timestamp may be: a client's reading of
-/// another node's clock, within the clock bound of it.
+/// How far ahead of the leader's clock an exact read timestamp may be, besides four clock
+/// bounds (a timestamp another leader picked from its clock is at most two ahead).
 const MAX_FUTURE: Duration = Duration::from_secs(1);
 
 /// Which timestamp a snapshot read is served at.
@@ -190,8 +199,9 @@ impl<E: Engine> Driver<E> {
             return drop(reply.send(Err(error)));
         }
         let now = self.truetime.now();
+        let future = MAX_FUTURE + self.max_clock_offset * 4;
         if let ReadAt::Exact(t) = at {
-            if t.as_nanos() > now.latest.as_nanos().saturating_add(MAX_FUTURE.as_nanos() as u64) {
+            if t.as_nanos() > now.latest.as_nanos().saturating_add(future.as_nanos() as u64) {
                 let error = format!("the read timestamp {} is in the future", t.as_nanos());
                 return drop(reply.send(Err(NodeError::InvalidArgument(error))));
             }
@@ -220,12 +230,15 @@ impl<E: Engine> Driver<E> {
         let interval = raft_interval(&self.truetime);
         let now = Instant::now();
         let tick = self.timing.tick_interval;
-        let mvcc = &self.mvcc;
+        let (mvcc, truetime) = (&self.mvcc, &self.truetime);
         let ignore_prepared = self.switches.snapshot_reads_ignore_prepared;
         let Some(replica) = self.replicas.get_mut(&range) else { return };
         if replica.raft.role() != Role::Leader {
             return;
         }
+        // A split's floor for the new ranges was fixed when it was proposed: no read fixes a
+        // timestamp above it until it applies.
+        let split_pending = replica.leadership.split_pending();
         let reads = std::mem::take(&mut replica.leadership.snapshot_reads);
         let mut lease_missing = false;
         for mut read in reads {
@@ -235,7 +248,7 @@ impl<E: Engine> Driver<E> {
                 ));
                 continue;
             }
-            if read.fixed.is_none() {
+            if read.fixed.is_none() && !split_pending {
                 let latest = Timestamp::from_nanos(interval.latest);
                 let lease = match read.at {
                     ReadAt::Exact(t) if t > latest => None,
@@ -269,7 +282,25 @@ impl<E: Engine> Driver<E> {
                 continue;
             }
             let result = serve(mvcc, replica, read.target, t);
-            let _ = read.reply.send(result);
+            let visible = t.min(Timestamp::from_nanos(replica.state.applied().max_timestamp));
+            if result.is_err() || truetime.now().after(visible) {
+                let _ = read.reply.send(result);
+                continue;
+            }
+            // Commit-wait for what the read may see.
+            let truetime = truetime.clone();
+            tokio::spawn(async move {
+                let waited = truetime.wait_until_after(visible, MAX_COMMIT_WAIT).await;
+                let _ = read.reply.send(
+                    waited
+                        .map_err(|error| {
+                            NodeError::Unavailable(format!(
+                                "the read's commit-wait failed: {error}"
+                            ))
+                        })
+                        .and(result),
+                );
+            });
         }
         if lease_missing {
             super::leader::request_lease_round(replica, now, tick);

@@ -195,6 +195,24 @@ impl<E: Engine> Driver<E> {
         }
     }
 
+    /// Locks a transaction's writes at `range` before its two-phase commit (see `txn.rs`).
+    pub(super) fn txn_lock_writes(
+        &mut self,
+        range: RangeId,
+        lock: TxnPrepare,
+        deadline: Instant,
+        reply: Reply<u64>,
+    ) {
+        let TxnPrepare { txn, priority, held_since, writes, .. } = lock;
+        if writes.is_empty() {
+            let error = NodeError::InvalidArgument("a lock request names no keys".into());
+            return drop(reply.send(Err(error)));
+        }
+        let kind = PartKind::LockOnly;
+        let part = CommitPart { txn, priority, writes, kind, deadline, reply: Some(reply) };
+        self.start_part(range, part, held_since);
+    }
+
     /// A participant's part of a two-phase commit (see `txn.rs`).
     pub(super) fn txn_prepare(
         &mut self,

@@ -62,6 +62,12 @@ pub(super) enum PartKind {
     /// The coordinator's own part: it prepares and votes like every participant, and its
     /// failure aborts the transaction (the client waits for the decision, not for it).
     Coordinator,
+    /// Exclusive locks on a two-phase commit's writes, taken before any part prepares (its
+    /// caller gets the epoch): a part then finds its locks held and prepares without waiting,
+    /// so a transaction prepared at one range never waits for a lock at another. (Waiting
+    /// there would close a cycle wound-wait cannot break: an older transaction waiting for
+    /// its prepared locks, itself waiting for the older one's.)
+    LockOnly,
 }
 
 /// A commit part: its writes here and who waits for it.
@@ -321,6 +327,7 @@ pub(super) fn propose_part<E: Engine>(replica: &mut Replica<E>, part: CommitPart
         PartKind::OnePhase => None,
         PartKind::Participant { coordinator } => Some(*coordinator),
         PartKind::Coordinator => Some(TxnRangeId(replica.range.0)),
+        PartKind::LockOnly => unreachable!("lock requests are answered once their locks are held"),
     };
     let Some(coordinator) = coordinator else {
         let reply = part.reply.expect("a one-range commit has a caller");
@@ -470,6 +477,14 @@ impl<E: Engine> Driver<E> {
         let txns = &mut replica.leadership.txns;
         let table = txns.table.as_mut().expect("created above");
         let prepared = table.standing(txn) == Some(&meridian_txn::TxnStanding::Prepared);
+        if txns.commits.contains_key(&txn) && part.kind == PartKind::LockOnly {
+            // A retry of a lock request still waiting: it is answered once the first is.
+            let error = format!("transaction {txn} still waits for its write locks here");
+            if let Some(reply) = part.reply {
+                let _ = reply.send(Err(NodeError::Unavailable(error)));
+            }
+            return;
+        }
         if txns.commits.contains_key(&txn) || prepared {
             // A repeated commit: the first one's locks stay.
             let error = format!("transaction {txn} is already committing here");
@@ -525,6 +540,14 @@ impl<E: Engine> Driver<E> {
                     break;
                 }
             }
+        }
+        if failure.is_none() && commit.part.kind == PartKind::LockOnly {
+            let commit = commits.remove(&txn).expect("found above");
+            let epoch = table.epoch().0;
+            if let Some(reply) = commit.part.reply {
+                let _ = reply.send(Ok(epoch));
+            }
+            return;
         }
         if failure.is_none() {
             let epoch = commit.held_since.expect("a part without writes names its locks' epoch");

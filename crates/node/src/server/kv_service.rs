@@ -71,6 +71,13 @@ impl Kv for KvApi {
         self.snapshot_read_call(request).await
     }
 
+    async fn txn_lock_writes(
+        &self,
+        request: Request<meridian_rpc::kv::TxnLockWritesRequest>,
+    ) -> Result<Response<meridian_rpc::kv::TxnLockWritesResponse>, Status> {
+        self.txn_lock_writes_call(request).await
+    }
+
     async fn txn_prepare(
         &self,
         request: Request<meridian_rpc::kv::TxnPrepareRequest>,

@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 
 use meridian_rpc::kv::{
     SnapshotReadRequest, SnapshotReadResponse, TxnAbortRequest, TxnAbortResponse, TxnCommitRequest,
-    TxnCommitResponse, TxnHeader, TxnHeartbeatRequest, TxnHeartbeatResponse, TxnOutcomeRequest,
-    TxnOutcomeResponse, TxnPrepareRequest, TxnPrepareResponse, TxnReadRequest, TxnReadResponse,
-    TxnRollbackRequest, TxnRollbackResponse, TxnVoteRequest, TxnVoteResponse,
-    snapshot_read_request, txn_read_request,
+    TxnCommitResponse, TxnHeader, TxnHeartbeatRequest, TxnHeartbeatResponse, TxnLockWritesRequest,
+    TxnLockWritesResponse, TxnOutcomeRequest, TxnOutcomeResponse, TxnPrepareRequest,
+    TxnPrepareResponse, TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnRollbackResponse,
+    TxnVoteRequest, TxnVoteResponse, snapshot_read_request, txn_read_request,
 };
 use meridian_txn::{LockMode, Priority, RangeId as TxnRangeId, Timestamp, TxnId};
 
@@ -189,6 +189,31 @@ impl KvApi {
             })
             .await?;
         Ok(Response::new(TxnHeartbeatResponse {}))
+    }
+
+    /// Locks a transaction's writes before its two-phase commit (see `TxnLockWritesRequest`).
+    pub(super) async fn txn_lock_writes_call(
+        &self,
+        request: Request<TxnLockWritesRequest>,
+    ) -> Result<Response<TxnLockWritesResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let range = range_of(request.range_id)?;
+        let (txn, priority, held_since) = header_of(request.header)?;
+        let writes =
+            request.keys.into_iter().map(|key| meridian_txn::Write { key, value: None }).collect();
+        let coordinator = TxnRangeId(range.0);
+        let lock = TxnPrepare { txn, priority, held_since, coordinator, writes };
+        let epoch = self
+            .0
+            .request("txn lock writes", deadline, |reply| Event::TxnLockWrites {
+                range,
+                lock,
+                deadline,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(TxnLockWritesResponse { epoch }))
     }
 
     /// Prepares a participant's part (see `TxnPrepareRequest`).
