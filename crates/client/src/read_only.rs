@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use meridian_rpc::kv::{SnapshotReadRequest, SnapshotReadResponse, TxnScan, snapshot_read_request};
 
-use crate::{Client, ClientError, Kind};
+use crate::{Client, ClientError, Kind, Version};
 
 /// The most rows a node returns for one scan request.
 const MAX_ROWS_PER_REQUEST: usize = 100_000;
@@ -91,8 +91,19 @@ impl ReadOnlyTransaction<'_> {
     /// [`ClientError`] when the cluster refuses (a timestamp below the GC horizon, or in the
     /// future) or no attempt succeeds in time.
     pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.get_version(key).await?.value)
+    }
+
+    /// Reads `key`'s version at the transaction's timestamp: its value (none if absent) and
+    /// the commit timestamp of the version read (0 if there is none, or it was deleted).
+    ///
+    /// # Errors
+    ///
+    /// As [`ReadOnlyTransaction::get`].
+    pub async fn get_version(&mut self, key: &[u8]) -> Result<Version, ClientError> {
         let response = self.read(key, snapshot_read_request::Read::Key(key.to_vec())).await?;
-        Ok(response.value)
+        let timestamp = if response.value.is_some() { response.version_timestamp } else { 0 };
+        Ok(Version { value: response.value, timestamp })
     }
 
     /// Returns up to `limit` keys in `[start, end)` (no upper bound if `end` is `None`) with

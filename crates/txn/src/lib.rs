@@ -10,7 +10,10 @@
 //! while a younger requester waits. Priorities are totally ordered (a retry outranks its own
 //! earlier attempts), so a transaction only ever waits for older ones or for prepared ones
 //! (which wait for nothing but their coordinator): the waits-for graph has no cycle, and the
-//! oldest transaction never waits for a younger one: nothing starves.
+//! oldest transaction never waits for a younger one: nothing starves. That a prepared
+//! transaction waits for no lock is the caller's part: a transaction must hold every lock it
+//! needs, at every range, before any of its parts prepares (the node's client takes all
+//! write locks first, then prepares).
 //!
 //! This crate has no IO, no threads, no async and no wall clock: the node gives each call the
 //! current time and turns the returned events into replies. What is here:

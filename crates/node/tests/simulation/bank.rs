@@ -10,6 +10,9 @@
 //!   read that completes must see the total, and no negative balance.
 //! - Once the faults heal, a **final audit** reads the accounts both ways: the total holds
 //!   and nothing stays locked or prepared forever (the reads must succeed).
+//! - **Snapshot audits follow real time**: one that began after another completed (in true
+//!   time) sees no account at an older version — what a completed read returned stays
+//!   visible to every later one (commit-wait covers reads too).
 //!
 //! Every account's key sorts among the simulation's keys (`k02/bank` after `k02`), so the
 //! workers' scans and the final scan skip them (`is_account`).
@@ -59,10 +62,42 @@ pub struct BankStats {
     pub violations: Vec<String>,
 }
 
+/// A completed snapshot audit: when it was invoked and completed (true time) and the commit
+/// timestamp of each account's version it read.
+#[derive(Clone, Debug)]
+struct SnapshotAudit {
+    invoked: u64,
+    completed: u64,
+    versions: Vec<u64>,
+}
+
 /// The bank's shared state.
 #[derive(Default)]
 pub struct Bank {
     pub stats: Mutex<BankStats>,
+    audits: Mutex<Vec<SnapshotAudit>>,
+}
+
+impl Bank {
+    /// Checks that snapshot audits follow real time (see the module docs).
+    pub fn check_real_time(&self) -> Result<(), String> {
+        let audits = self.audits.lock();
+        for earlier in audits.iter() {
+            for later in audits.iter().filter(|later| later.invoked > earlier.completed) {
+                for (index, (old, new)) in earlier.versions.iter().zip(&later.versions).enumerate()
+                {
+                    if new < old {
+                        return Err(format!(
+                            "a snapshot read invoked at {} saw {} at version {new}, older than \
+                             version {old} seen by a read completed at {}",
+                            later.invoked, ACCOUNTS[index], earlier.completed
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn balance(value: Option<Vec<u8>>) -> Result<i64, String> {
@@ -177,17 +212,27 @@ pub async fn teller(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u64
     }
 }
 
-/// Reads every account at one timestamp without locks.
-async fn snapshot_audit(client: &Client) -> Option<(Result<Vec<i64>, String>, Option<u64>)> {
+/// Reads every account at one timestamp without locks, starting with account `first` (whose
+/// range's leader picks the timestamp); records the audit if it completes.
+async fn snapshot_audit(
+    client: &Client,
+    shared: &Shared,
+    first: usize,
+) -> Option<(Result<Vec<i64>, String>, Option<u64>)> {
+    let invoked = shared.record.true_now();
     let mut snapshot = client.read_only(ReadTimestamp::Strong);
-    let mut balances = Vec::new();
-    for account in ACCOUNTS {
-        let value = snapshot.get(account.as_bytes()).await.ok()?;
-        match balance(value) {
-            Ok(balance) => balances.push(balance),
+    let (mut balances, mut versions) = (vec![0; ACCOUNTS.len()], vec![0; ACCOUNTS.len()]);
+    for offset in 0..ACCOUNTS.len() {
+        let index = (first + offset) % ACCOUNTS.len();
+        let version = snapshot.get_version(ACCOUNTS[index].as_bytes()).await.ok()?;
+        versions[index] = version.timestamp;
+        match balance(version.value) {
+            Ok(balance) => balances[index] = balance,
             Err(problem) => return Some((Err(problem), snapshot.timestamp())),
         }
     }
+    let completed = shared.record.true_now();
+    shared.bank.audits.lock().push(SnapshotAudit { invoked, completed, versions });
     Some((Ok(balances), snapshot.timestamp()))
 }
 
@@ -221,7 +266,10 @@ pub async fn auditor(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u6
                 shared.bank.stats.lock().locked_audits += 1;
                 audit(&shared.bank, "a locked", balances, None);
             }
-        } else if let Some((balances, at)) = snapshot_audit(&client).await {
+        } else if let Some((balances, at)) = {
+            let first = rng.next_u64() as usize % ACCOUNTS.len();
+            snapshot_audit(&client, &shared, first).await
+        } {
             shared.bank.stats.lock().snapshot_audits += 1;
             audit(&shared.bank, "a snapshot", balances, at);
         }
@@ -229,9 +277,11 @@ pub async fn auditor(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u6
 }
 
 /// The final audit, once the faults healed: both reads must succeed and see the total.
-pub async fn final_audit(checker: &Client, bank: &Bank) -> Result<(), String> {
-    let (balances, at) =
-        snapshot_audit(checker).await.ok_or("the final snapshot read of the accounts failed")?;
+pub async fn final_audit(checker: &Client, shared: &Shared) -> Result<(), String> {
+    let bank = &shared.bank;
+    let (balances, at) = snapshot_audit(checker, shared, 0)
+        .await
+        .ok_or("the final snapshot read of the accounts failed")?;
     audit(bank, "the final snapshot", balances, at);
     let mut locked = None;
     for _ in 0..10 {

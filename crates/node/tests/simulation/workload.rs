@@ -743,11 +743,12 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     *shared.finals.lock() = finals;
     if shared.mode == Mode::Default {
         shared.phase("final audit of the bank");
-        if let Err(problem) = bank::final_audit(&checker, &shared.bank).await {
+        if let Err(problem) = bank::final_audit(&checker, &shared).await {
             let state = ranges::diagnose(&dialer, &checker).await;
             return Err(shared.fail(Failure::Liveness(format!("{problem}{state}"))));
         }
-        let violations = shared.bank.stats.lock().violations.clone();
+        let mut violations = shared.bank.stats.lock().violations.clone();
+        violations.extend(shared.bank.check_real_time().err());
         if !violations.is_empty() {
             return Err(shared.fail(Failure::Invariant(format!(
                 "the bank's transactions: {}",
