@@ -573,7 +573,9 @@ impl<'a> Transaction<'a> {
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
     ) -> Result<Option<u64>, TxnError> {
+        self.start_heartbeats();
         if let Err(error) = self.lock_writes(&parts).await {
+            self.release_unrecorded(&parts).await;
             let _ = self.release_all().await;
             return Err(error);
         }
@@ -656,7 +658,10 @@ impl<'a> Transaction<'a> {
             // abort from the coordinator (at once, rather than by their status queries), and
             // what else is held is released.
             let reason = format!("its commit request failed: {error}");
-            let _ = self.client.txn_abort(coordinator, self.id, &participants, &reason).await;
+            let abort = self.client.txn_abort(coordinator, self.id, &participants, &reason).await;
+            if let Ok(TxnOutcome::Committed(timestamp)) = abort {
+                return Ok(Some(timestamp));
+            }
             let _ = self.release_all().await;
             return Err(error);
         }
@@ -715,21 +720,55 @@ impl<'a> Transaction<'a> {
                 }
             },
         );
-        let mut first_error = None;
-        for (range_id, start, response) in futures_util::future::join_all(requests).await {
+        // Locks granted early are kept alive while others are still waited for.
+        let mut requests: FuturesUnordered<_> = requests.collect();
+        let (mut granted, mut failure) = (Vec::new(), None::<TxnError>);
+        while let Some((range_id, start, response)) = requests.next().await {
             match response {
-                Ok(response) if !self.ranges.contains_key(&range_id) => {
-                    let descriptor = self.client.route(&start).await?;
-                    self.ranges.insert(range_id, (descriptor, response.epoch));
-                    self.heartbeats.lock().insert(range_id, (start, response.epoch));
+                Ok(response) => {
+                    if !this.ranges.contains_key(&range_id) {
+                        this.heartbeats.lock().insert(range_id, (start.clone(), response.epoch));
+                    }
+                    granted.push((range_id, start, response.epoch));
                 }
-                Ok(_) => {}
                 Err(error) => {
-                    first_error.get_or_insert(TxnError::from_client(error));
+                    let error = TxnError::from_client(error);
+                    // An abort (wounded, locks lost) ends the wait for the others at once.
+                    let abort = error.is_retryable();
+                    if failure.as_ref().is_none_or(|failure| !failure.is_retryable()) {
+                        failure = Some(error);
+                    }
+                    if abort {
+                        break;
+                    }
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        drop(requests);
+        for (range_id, start, epoch) in granted {
+            // The range as the locks were routed to it: its id and a key in it.
+            let descriptor = RangeDescriptor { range_id, start, ..RangeDescriptor::default() };
+            self.ranges.entry(range_id).or_insert((descriptor, epoch));
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Releases the transaction's locks at ranges it asked for write locks but does not know
+    /// it holds them at (a request that failed or was given up may still be queued there).
+    async fn release_unrecorded(&self, parts: &BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>) {
+        for (range_id, (start, writes)) in parts {
+            if writes.is_empty() || self.ranges.contains_key(range_id) {
+                continue;
+            }
+            let txn = self.id.to_be_bytes().to_vec();
+            let _ = self
+                .client
+                .on_range(start, Kind::Idempotent, |mut node, routed| {
+                    let request = TxnRollbackRequest { range_id: routed, txn: txn.clone() };
+                    async move { node.txn_rollback(request).await }
+                })
+                .await;
+        }
     }
 
     /// Checks that every lock the transaction took is still held (a heartbeat under its

@@ -477,6 +477,15 @@ impl<E: Engine> Driver<E> {
         let txns = &mut replica.leadership.txns;
         let table = txns.table.as_mut().expect("created above");
         let prepared = table.standing(txn) == Some(&meridian_txn::TxnStanding::Prepared);
+        let locking = txns.commits.get(&txn).is_some_and(|c| c.part.kind == PartKind::LockOnly);
+        if locking && part.kind != PartKind::LockOnly {
+            // An earlier lock request still waits here, so the client gave it up and lost
+            // these locks: this part cannot prepare on them.
+            let error = NodeError::TxnRetry(format!(
+                "transaction {txn} lost its write locks here (their request was given up)"
+            ));
+            return txns.refuse_part(part, error);
+        }
         if txns.commits.contains_key(&txn) && part.kind == PartKind::LockOnly {
             // A retry of a lock request still waiting: it is answered once the first is.
             let error = format!("transaction {txn} still waits for its write locks here");
