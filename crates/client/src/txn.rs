@@ -552,17 +552,18 @@ impl<'a> Transaction<'a> {
         }
     }
 
-    /// Commits over several ranges by two-phase commit: the range of the first write
-    /// coordinates; every other participant is asked to prepare at the same time as the
-    /// coordinator is asked to commit. A participant that refuses makes the client ask the
-    /// coordinator to abort; the coordinator's answer is the outcome. If that answer is
-    /// unknown (a timeout, a leader change), the client asks the coordinator to abort, which
-    /// answers the decision logged first: the outcome is ambiguous only if that fails too.
+    /// Commits over several ranges by two-phase commit: first every write's lock at every
+    /// range (`lock_writes`); then the range of the first write coordinates, and every other
+    /// participant is asked to prepare at the same time as the coordinator is asked to
+    /// commit. A participant that refuses makes the client ask the coordinator to
+    /// abort; the coordinator's answer is the outcome. If that answer is unknown (a timeout,
+    /// a leader change), the client asks the coordinator to abort, which answers the decision
+    /// logged first: the outcome is ambiguous only if that fails too.
     async fn commit_two_phase(
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
     ) -> Result<Option<u64>, TxnError> {
-        // Heartbeats go on until the parts are prepared: a part may wait for locks.
+        // Heartbeats go on through the lock round, which may wait for locks.
         self.finished = true;
         let result = self.two_phase(parts).await;
         self.stop_heartbeats();
