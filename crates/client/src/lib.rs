@@ -44,8 +44,9 @@ use std::time::Duration;
 use meridian_rpc::dial::Dialer;
 use meridian_rpc::kv::kv_client::KvClient;
 use meridian_rpc::kv::{
-    AllocateRangeIdsRequest, DeleteRequest, GetRequest, ListRangesRequest, PutRequest,
-    RangeDescriptor, RangeLookupRequest, ScanRequest, SplitRequest, UpdateDescriptorsRequest,
+    AllocateRangeIdsRequest, DeleteRequest, GetRequest, KeyValue, ListRangesRequest, PutRequest,
+    RangeDescriptor, RangeLookupRequest, ScanRequest, SplitRequest, TxnScan,
+    UpdateDescriptorsRequest,
 };
 use meridian_rpc::metadata;
 use parking_lot::Mutex;
@@ -284,6 +285,49 @@ where
         Ok(result) => result,
         Err(_) => Err(Status::deadline_exceeded(format!("no answer within {budget:?}"))),
     }
+}
+
+/// The most rows a node returns for one scan request of a transaction.
+const MAX_ROWS_PER_REQUEST: usize = 100_000;
+
+/// Scans `[start, end)` page by page for a transaction, across ranges, until `limit` rows:
+/// `read(from, scan)` asks the range holding `from` and returns its rows and, if the range
+/// ended first, where the next range starts. A full page within a range goes on after its
+/// last key (under the same lock, or at the same timestamp).
+async fn scan_pages<E>(
+    start: &[u8],
+    end: Option<&[u8]>,
+    limit: usize,
+    mut read: impl AsyncFnMut(Vec<u8>, TxnScan) -> Result<(Vec<KeyValue>, Option<Vec<u8>>), E>,
+) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, E> {
+    let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut from = start.to_vec();
+    loop {
+        let remaining = limit.saturating_sub(rows.len()).min(MAX_ROWS_PER_REQUEST);
+        if remaining == 0 {
+            break;
+        }
+        let scan = TxnScan {
+            start: from.clone(),
+            end: end.map(<[u8]>::to_vec).unwrap_or_default(),
+            limit: remaining as u32,
+        };
+        let (page, resume_key) = read(from, scan).await?;
+        let full_page = page.len() == remaining;
+        let last_key = page.last().map(|row| row.key.clone());
+        rows.extend(page.into_iter().map(|row| (row.key, row.value)));
+        match (resume_key, last_key) {
+            // The range's end: go on in the next range.
+            (Some(next), _) if end.is_none_or(|end| next.as_slice() < end) => from = next,
+            // A full page within the range: go on after it.
+            (None, Some(mut last)) if full_page => {
+                last.push(0);
+                from = last;
+            }
+            _ => break,
+        }
+    }
+    Ok(rows)
 }
 
 /// A client of a Meridian cluster. All methods take `&self`; clones share the route cache and

@@ -9,15 +9,11 @@
 //! use the first read's timestamp exactly, so all of them see one snapshot. Reads are
 //! idempotent: they are retried on every retryable failure.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use meridian_rpc::kv::{SnapshotReadRequest, SnapshotReadResponse, TxnScan, snapshot_read_request};
+use meridian_rpc::kv::{SnapshotReadRequest, SnapshotReadResponse, snapshot_read_request};
 
-use crate::{Client, ClientError, Kind, Version};
-
-/// The most rows a node returns for one scan request.
-const MAX_ROWS_PER_REQUEST: usize = 100_000;
+use crate::{Client, ClientError, Kind, Version, scan_pages};
 
 /// Which timestamp a read-only transaction reads at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,33 +114,11 @@ impl ReadOnlyTransaction<'_> {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
-        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        let mut from = start.to_vec();
-        loop {
-            let remaining = limit.saturating_sub(rows.len()).min(MAX_ROWS_PER_REQUEST);
-            if remaining == 0 {
-                break;
-            }
-            let scan = TxnScan {
-                start: from.clone(),
-                end: end.map(<[u8]>::to_vec).unwrap_or_default(),
-                limit: remaining as u32,
-            };
+        let rows = scan_pages(start, end, limit, async |from: Vec<u8>, scan| {
             let response = self.read(&from, snapshot_read_request::Read::Scan(scan)).await?;
-            let full_page = response.rows.len() == remaining;
-            let last_key = response.rows.last().map(|row| row.key.clone());
-            rows.extend(response.rows.into_iter().map(|row| (row.key, row.value)));
-            match (response.resume_key, last_key) {
-                // The range's end: go on in the next range.
-                (Some(next), _) if end.is_none_or(|end| next.as_slice() < end) => from = next,
-                // A full page within the range: go on after it.
-                (None, Some(mut last)) if full_page => {
-                    last.push(0);
-                    from = last;
-                }
-                _ => break,
-            }
-        }
+            Ok((response.rows, response.resume_key))
+        })
+        .await?;
         Ok(rows.into_iter().take(limit).collect())
     }
 }

@@ -39,15 +39,12 @@ use futures_util::stream::FuturesUnordered;
 use meridian_rpc::kv::{
     RangeDescriptor, TxnAbortRequest, TxnCommitRequest, TxnDecision, TxnHeader,
     TxnHeartbeatRequest, TxnLockWritesRequest, TxnOutcomeRequest, TxnPrepareRequest, TxnPriority,
-    TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnScan, TxnVoteRequest, TxnWrite,
+    TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnVoteRequest, TxnWrite,
     txn_read_request,
 };
 use meridian_rpc::metadata;
 use parking_lot::Mutex;
 use tonic::Status;
-
-/// The most rows a node returns for one scan request.
-const MAX_ROWS_PER_REQUEST: usize = 100_000;
 
 /// A retryable refusal made here, before anything is sent (it had no effect).
 fn retry_status(message: String) -> Status {
@@ -56,7 +53,7 @@ fn retry_status(message: String) -> Status {
     metadata::not_applied(status)
 }
 
-use crate::{Client, ClientError, Kind, error_kind};
+use crate::{Client, ClientError, Kind, error_kind, scan_pages};
 
 /// Why a transaction's operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -413,34 +410,12 @@ impl<'a> Transaction<'a> {
         let hidden =
             self.writes.iter().filter(|(key, value)| value.is_none() && in_span(key)).count();
         let fetch = limit.saturating_add(hidden);
-        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        let mut from = start.to_vec();
-        loop {
-            let remaining = fetch.saturating_sub(rows.len()).min(MAX_ROWS_PER_REQUEST);
-            if remaining == 0 {
-                break;
-            }
-            let scan = TxnScan {
-                start: from.clone(),
-                end: end.map(<[u8]>::to_vec).unwrap_or_default(),
-                limit: remaining as u32,
-            };
+        let mut rows = scan_pages(start, end, fetch, async |from: Vec<u8>, scan| {
             let response =
                 self.locked_read(&from, false, txn_read_request::Read::Scan(scan)).await?;
-            let full_page = response.rows.len() == remaining;
-            let last_key = response.rows.last().map(|row| row.key.clone());
-            rows.extend(response.rows.into_iter().map(|row| (row.key, row.value)));
-            match (response.resume_key, last_key) {
-                // The range's end: go on in the next range.
-                (Some(next), _) if end.is_none_or(|end| next.as_slice() < end) => from = next,
-                // A full page within the range (under the same span lock): go on after it.
-                (None, Some(mut last)) if full_page => {
-                    last.push(0);
-                    from = last;
-                }
-                _ => break,
-            }
-        }
+            Ok::<_, TxnError>((response.rows, response.resume_key))
+        })
+        .await?;
         for (key, value) in self.writes.iter().filter(|(key, _)| in_span(key)) {
             match value {
                 Some(value) => rows.insert(key.clone(), value.clone()),

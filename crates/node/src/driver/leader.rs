@@ -400,6 +400,21 @@ pub(super) fn key_not_in_range<E: Engine>(replica: &Replica<E>) -> NodeError {
     NodeError::KeyNotInRange { descriptor: Box::new(replica.state.applied().wire_descriptor()) }
 }
 
+/// Clamps a scan's `end` to its range's `range_end`: the end to scan to, and the range's end as
+/// the key to resume at in the next range if the scan would have gone past it.
+pub(super) fn clamp_to_range(
+    end: Option<Vec<u8>>,
+    range_end: Option<Vec<u8>>,
+) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    match (end, range_end) {
+        (Some(end), Some(range_end)) if range_end < end => {
+            (Some(range_end.clone()), Some(range_end))
+        }
+        (None, Some(range_end)) => (Some(range_end.clone()), Some(range_end)),
+        (end, _) => (end, None),
+    }
+}
+
 /// Serves a read the lease allowed, from the replica's state; the key is checked again, since a
 /// split may have applied since the read arrived.
 pub(super) fn serve_read<E: Engine>(
@@ -433,13 +448,7 @@ pub(super) fn serve_read<E: Engine>(
             } else {
                 replica.state.descriptor().end.clone()
             };
-            let (end, resume_key) = match (end, range_end) {
-                (Some(end), Some(range_end)) if range_end < end => {
-                    (Some(range_end.clone()), Some(range_end))
-                }
-                (None, Some(range_end)) => (Some(range_end.clone()), Some(range_end)),
-                (end, _) => (end, None),
-            };
+            let (end, resume_key) = clamp_to_range(end, range_end);
             let result = mvcc
                 .scan(&start, end.as_deref(), Timestamp::MAX, ScanDirection::Forward, limit)
                 .map(|rows| {

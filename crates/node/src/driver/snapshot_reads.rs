@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use meridian_storage::Error as StorageError;
 
-use super::leader::check_key;
+use super::leader::{check_key, clamp_to_range};
 use super::*;
 
 /// How far ahead of the leader's clock an exact read timestamp may be, besides four clock
@@ -162,13 +162,7 @@ fn serve<E: Engine>(
         }
         SnapshotTarget::Scan { start, end, limit } => {
             let range_end = replica.state.descriptor().end.clone();
-            let (end, resume_key) = match (end, range_end) {
-                (Some(end), Some(range_end)) if range_end < end => {
-                    (Some(range_end.clone()), Some(range_end))
-                }
-                (None, Some(range_end)) => (Some(range_end.clone()), Some(range_end)),
-                (end, _) => (end, None),
-            };
+            let (end, resume_key) = clamp_to_range(end, range_end);
             let rows = mvcc
                 .scan(&start, end.as_deref(), t, ScanDirection::Forward, limit)
                 .map_err(refused)?;

@@ -148,14 +148,10 @@ impl<E: Engine> Driver<E> {
             return drop(reply.send(Err(error)));
         }
         let (interval, local_now) = (self.truetime.now(), self.local_now());
-        let replica = match self.txn_replica(range) {
+        let replica = match self.coordinating(range, txn) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
-        replica.idle_ticks = 0;
-        if let Err(error) = Self::check_coordinates(replica, txn) {
-            return drop(reply.send(Err(error)));
-        }
         let floor = floor_of(replica);
         let coordinator = replica.state.coordinator_mut();
         if let Err(error) =
@@ -181,17 +177,20 @@ impl<E: Engine> Driver<E> {
         self.settle_coordinator(range);
     }
 
-    /// Refuses a coordinator's request about `txn` at `replica`'s range if the transaction is
-    /// prepared there as a participant of another coordinator: only that one decides it.
-    fn check_coordinates(replica: &Replica<E>, txn: TxnId) -> Result<(), NodeError> {
+    /// The replica of `range` for a coordinator's request about `txn` (see `txn_replica`).
+    /// Refuses it if the transaction is prepared there as a participant of another
+    /// coordinator: only that one decides it.
+    fn coordinating(&mut self, range: RangeId, txn: TxnId) -> Result<&mut Replica<E>, NodeError> {
+        let replica = self.txn_replica(range)?;
+        replica.idle_ticks = 0;
         match replica.state.prepared_record(txn) {
-            Some(record) if record.coordinator.0 != replica.range.0 => {
+            Some(record) if record.coordinator.0 != range.0 => {
                 Err(NodeError::InvalidArgument(format!(
                     "transaction {txn} is prepared here for coordinator {}, which alone decides it",
                     record.coordinator
                 )))
             }
-            _ => Ok(()),
+            _ => Ok(replica),
         }
     }
 
@@ -241,14 +240,10 @@ impl<E: Engine> Driver<E> {
         reason: String,
         reply: Reply<Decision>,
     ) {
-        let replica = match self.txn_replica(range) {
+        let replica = match self.coordinating(range, txn) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
-        replica.idle_ticks = 0;
-        if let Err(error) = Self::check_coordinates(replica, txn) {
-            return drop(reply.send(Err(error)));
-        }
         let txns = &mut replica.leadership.txns;
         if txns.is_committing(txn) {
             txns.fail_commit(txn, NodeError::TxnRetry(format!("transaction {txn} is aborting")));
@@ -268,14 +263,10 @@ impl<E: Engine> Driver<E> {
         query: bool,
         reply: Reply<()>,
     ) {
-        let replica = match self.txn_replica(range) {
+        let replica = match self.coordinating(range, txn) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
         };
-        replica.idle_ticks = 0;
-        if let Err(error) = Self::check_coordinates(replica, txn) {
-            return drop(reply.send(Err(error)));
-        }
         let floor = floor_of(replica);
         replica.state.coordinator_mut().on_prepared(txn, participant, prepare_ts, query, floor);
         let _ = reply.send(Ok(()));
