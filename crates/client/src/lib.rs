@@ -58,7 +58,7 @@ use tracing::debug;
 
 pub use crate::read_only::{ReadOnlyTransaction, ReadTimestamp};
 use crate::routes::Routes;
-pub use crate::txn::{Transaction, TxnError, TxnOutcome};
+pub use crate::txn::{CommitReport, LeaderTimings, Transaction, TxnError, TxnOutcome};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]

@@ -26,18 +26,20 @@
 //!   alive every [`ClientOptions::heartbeat_interval`](crate::ClientOptions) (leaders
 //!   release the locks of a transaction silent for 5 s); it stops when the transaction
 //!   finishes or is dropped.
+//! - **Reports.** After a commit, [`Transaction::report`] tells what it did and where its time
+//!   went: participants, lock waits, prepare, the leader's commit-wait and ε.
 //!
-//! Not yet: read-only and stale reads at a timestamp.
+//! Read-only and stale transactions are in `read_only.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use meridian_rpc::kv::{
-    RangeDescriptor, TxnAbortRequest, TxnCommitRequest, TxnDecision, TxnHeader,
+    RangeDescriptor, TxnAbortRequest, TxnCommitRequest, TxnCommitResponse, TxnDecision, TxnHeader,
     TxnHeartbeatRequest, TxnLockWritesRequest, TxnOutcomeRequest, TxnPrepareRequest, TxnPriority,
     TxnReadRequest, TxnReadResponse, TxnRollbackRequest, TxnVoteRequest, TxnWrite,
     txn_read_request,
@@ -102,6 +104,57 @@ pub struct Transaction<'a> {
     heartbeats: Arc<Mutex<BTreeMap<u64, (Vec<u8>, u64)>>>,
     /// The heartbeat task, once it holds a lock somewhere; stopped when it finishes.
     heartbeat_task: Option<tokio::task::AbortHandle>,
+    /// How long its lock requests waited at the leaders so far.
+    lock_wait: Duration,
+    /// Its commit's report, once it committed.
+    report: Option<CommitReport>,
+}
+
+/// What a committed transaction did and where its commit's time went
+/// ([`Transaction::report`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// The commit timestamp; `None` for a transaction that wrote nothing (its commit checked
+    /// that its locks were still held and released them).
+    pub timestamp: Option<u64>,
+    /// The ranges that took part (held its locks or writes).
+    pub participants: Vec<u64>,
+    /// The range that coordinated its two-phase commit, if it needed one.
+    pub coordinator: Option<u64>,
+    /// How long its lock requests waited at the leaders, in total: reads, and a two-phase
+    /// commit's round taking the write locks.
+    pub lock_wait: Duration,
+    /// For a two-phase commit: from sending the prepares until the last participant other
+    /// than the coordinator answered prepared, as the client saw it.
+    pub prepare: Option<Duration>,
+    /// What the leader that committed it measured, when its answer arrived (a commit whose
+    /// answer was lost and that was learned from the coordinator later has none).
+    pub leader: Option<LeaderTimings>,
+    /// The commit call, from its start to its answer, as the client saw it.
+    pub latency: Duration,
+}
+
+/// A commit's timings at the leader that logged it (the coordinator, for a two-phase commit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaderTimings {
+    /// From the commit request's arrival until the commit was logged: one Raft write for a
+    /// one-range commit; the coordinator's own prepare, the votes and the decision record
+    /// for a two-phase commit.
+    pub logged: Duration,
+    /// Commit-wait: from then until `after(commit_ts)` held on the leader's clock.
+    pub commit_wait: Duration,
+    /// The leader clock's uncertainty ε when commit-wait ended.
+    pub epsilon: Duration,
+}
+
+impl LeaderTimings {
+    fn from_wire(response: &TxnCommitResponse) -> LeaderTimings {
+        LeaderTimings {
+            logged: Duration::from_micros(response.logged_micros),
+            commit_wait: Duration::from_micros(response.commit_wait_micros),
+            epsilon: Duration::from_micros(response.epsilon_micros),
+        }
+    }
 }
 
 impl Drop for Transaction<'_> {
@@ -130,6 +183,8 @@ impl Client {
             finished: false,
             heartbeats: Arc::default(),
             heartbeat_task: None,
+            lock_wait: Duration::ZERO,
+            report: None,
         }
     }
 }
@@ -259,7 +314,14 @@ impl<'a> Transaction<'a> {
             finished: false,
             heartbeats: Arc::default(),
             heartbeat_task: None,
+            lock_wait: Duration::ZERO,
+            report: None,
         }
+    }
+
+    /// The report of its commit, once [`Transaction::commit`] succeeded.
+    pub fn report(&self) -> Option<&CommitReport> {
+        self.report.as_ref()
     }
 
     /// Marks the transaction finished: no more heartbeats (a prepared part never expires,
@@ -351,6 +413,7 @@ impl<'a> Transaction<'a> {
             .await
             .map_err(TxnError::from_client)?;
         let range_id = used.load(Ordering::Relaxed);
+        self.lock_wait += Duration::from_micros(response.lock_wait_micros);
         if !self.ranges.contains_key(&range_id) {
             let descriptor = self.client.route(key).await?;
             let start = descriptor.start.clone();
@@ -457,7 +520,22 @@ impl<'a> Transaction<'a> {
     /// [`TxnError::Retry`] when the transaction must retry (it was rolled back);
     /// [`TxnError::Client`] with [`ClientError::Ambiguous`] when the outcome is unknown.
     pub async fn commit(&mut self) -> Result<Option<u64>, TxnError> {
+        let started = Instant::now();
+        let mut report = CommitReport::default();
+        let timestamp = self.commit_reporting(&mut report).await?;
+        report.timestamp = timestamp;
+        report.lock_wait = self.lock_wait;
+        report.latency = started.elapsed();
+        self.report = Some(report);
+        Ok(timestamp)
+    }
+
+    async fn commit_reporting(
+        &mut self,
+        report: &mut CommitReport,
+    ) -> Result<Option<u64>, TxnError> {
         self.check_open()?;
+        report.participants = self.ranges.keys().copied().collect();
         if self.writes.is_empty() {
             // Its reads are serializable only if it still held every lock when it ended: a
             // wound or a lost leadership since its last read would have released one.
@@ -481,8 +559,9 @@ impl<'a> Transaction<'a> {
         for (range_id, (descriptor, _)) in &self.ranges {
             parts.entry(*range_id).or_insert_with(|| (descriptor.start.clone(), Vec::new()));
         }
+        report.participants = parts.keys().copied().collect();
         if parts.len() > 1 {
-            return self.commit_two_phase(parts).await;
+            return self.commit_two_phase(parts, report).await;
         }
         let writes: Vec<TxnWrite> = self
             .writes
@@ -515,7 +594,10 @@ impl<'a> Transaction<'a> {
             .await;
         self.finish();
         match result {
-            Ok(response) => Ok(Some(response.timestamp)),
+            Ok(response) => {
+                report.leader = Some(LeaderTimings::from_wire(&response));
+                Ok(Some(response.timestamp))
+            }
             Err(error) => {
                 let error = TxnError::from_client(error);
                 if !matches!(&error, TxnError::Client(ClientError::Ambiguous(_))) {
@@ -537,10 +619,11 @@ impl<'a> Transaction<'a> {
     async fn commit_two_phase(
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
+        report: &mut CommitReport,
     ) -> Result<Option<u64>, TxnError> {
         // Heartbeats go on through the lock round, which may wait for locks.
         self.finished = true;
-        let result = self.two_phase(parts).await;
+        let result = self.two_phase(parts, report).await;
         self.stop_heartbeats();
         result
     }
@@ -548,6 +631,7 @@ impl<'a> Transaction<'a> {
     async fn two_phase(
         &mut self,
         parts: BTreeMap<u64, (Vec<u8>, Vec<TxnWrite>)>,
+        report: &mut CommitReport,
     ) -> Result<Option<u64>, TxnError> {
         self.start_heartbeats();
         if let Err(error) = self.lock_writes(&parts).await {
@@ -560,6 +644,7 @@ impl<'a> Transaction<'a> {
             .find(|(_, (_, writes))| !writes.is_empty())
             .map(|(range_id, _)| *range_id)
             .expect("a transaction with writes");
+        report.coordinator = Some(coordinator);
         let participants: Vec<u64> = parts.keys().copied().collect();
         let this = &*self;
         // A request routed to another range than planned: the range split since the writes
@@ -590,6 +675,7 @@ impl<'a> Transaction<'a> {
                 .await
         };
         let prepares = async {
+            let started = Instant::now();
             let prepares = parts.iter().filter(|(range_id, _)| **range_id != coordinator).map(
                 |(range_id, (start, writes))| {
                     let range_id = *range_id;
@@ -611,7 +697,9 @@ impl<'a> Transaction<'a> {
                 },
             );
             let mut prepares: FuturesUnordered<_> = prepares.collect();
+            let mut prepared = true;
             while let Some(result) = prepares.next().await {
+                prepared &= result.is_ok();
                 if let Err(error) = result
                     && !error.is_ambiguous()
                 {
@@ -623,10 +711,15 @@ impl<'a> Transaction<'a> {
                     break;
                 }
             }
+            prepared.then(|| started.elapsed())
         };
-        let (committed, ()) = tokio::join!(commit, prepares);
+        let (committed, prepare) = tokio::join!(commit, prepares);
+        report.prepare = prepare;
         let error = match committed {
-            Ok(response) => return Ok(Some(response.timestamp)),
+            Ok(response) => {
+                report.leader = Some(LeaderTimings::from_wire(&response));
+                return Ok(Some(response.timestamp));
+            }
             Err(error) => TxnError::from_client(error),
         };
         if !matches!(&error, TxnError::Client(ClientError::Ambiguous(_))) {
@@ -699,12 +792,14 @@ impl<'a> Transaction<'a> {
         // Locks granted early are kept alive while others are still waited for.
         let mut requests: FuturesUnordered<_> = requests.collect();
         let (mut granted, mut failure) = (Vec::new(), None::<TxnError>);
+        let mut lock_wait = Duration::ZERO;
         while let Some((range_id, start, response)) = requests.next().await {
             match response {
                 Ok(response) => {
                     if !this.ranges.contains_key(&range_id) {
                         this.heartbeats.lock().insert(range_id, (start.clone(), response.epoch));
                     }
+                    lock_wait += Duration::from_micros(response.lock_wait_micros);
                     granted.push((range_id, start, response.epoch));
                 }
                 Err(error) => {
@@ -721,6 +816,7 @@ impl<'a> Transaction<'a> {
             }
         }
         drop(requests);
+        self.lock_wait += lock_wait;
         for (range_id, start, epoch) in granted {
             // The range as the locks were routed to it: its id and a key in it.
             let descriptor = RangeDescriptor { range_id, start, ..RangeDescriptor::default() };

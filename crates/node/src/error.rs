@@ -71,6 +71,9 @@ pub enum NodeError {
 
 impl From<meridian_txn::Error> for NodeError {
     fn from(error: meridian_txn::Error) -> Self {
+        if matches!(error, meridian_txn::Error::LocksLost { .. }) {
+            metrics::counter!("meridian_txn_aborts_total", "reason" => "locks_lost").increment(1);
+        }
         if error.is_retryable() {
             NodeError::TxnRetry(error.to_string())
         } else {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meridian_client::{Client, ClientOptions, ReadTimestamp};
+use meridian_client::{Client, ClientOptions, CommitReport, ReadTimestamp};
 use meridian_clock::ClockOptions;
 use meridian_node::{META_RANGE, NodeOptions, NodeSwitches, RaftTiming, run_node};
 use meridian_raft::NodeId;
@@ -585,6 +585,9 @@ async fn txn(host: &str, words: &[String]) -> Result<()> {
                             Some(timestamp) => println!("committed at {timestamp}"),
                             None => println!("committed (nothing written)"),
                         }
+                        if let Some(report) = txn.report() {
+                            println!("{}", show_commit_report(report, attempt));
+                        }
                         return Ok(());
                     }
                     Err(error) if error.is_retryable() => {
@@ -605,6 +608,29 @@ async fn txn(host: &str, words: &[String]) -> Result<()> {
         }
     }
     bail!("the transaction was aborted 10 times; giving up")
+}
+
+/// A commit report as `meridian txn` prints it, after the commit line.
+fn show_commit_report(report: &CommitReport, attempts: usize) -> String {
+    let ms = |duration: Duration| format!("{:.1} ms", duration.as_secs_f64() * 1e3);
+    let ranges: Vec<String> = report.participants.iter().map(u64::to_string).collect();
+    let mut lines = vec![format!(
+        "  ranges {}{}, attempt {attempts}",
+        if ranges.is_empty() { "none".to_string() } else { ranges.join(", ") },
+        report.coordinator.map_or(String::new(), |range| format!(" (coordinator {range})")),
+    )];
+    let mut timings = vec![format!("lock wait {}", ms(report.lock_wait))];
+    if let Some(prepare) = report.prepare {
+        timings.push(format!("prepare {}", ms(prepare)));
+    }
+    if let Some(leader) = &report.leader {
+        timings.push(format!("logged {}", ms(leader.logged)));
+        timings.push(format!("commit-wait {}", ms(leader.commit_wait)));
+        timings.push(format!("ε {}", ms(leader.epsilon)));
+    }
+    timings.push(format!("commit {}", ms(report.latency)));
+    lines.push(format!("  {}", timings.join(", ")));
+    lines.join("\n")
 }
 
 async fn split(host: &str, keys: Vec<String>) -> Result<()> {

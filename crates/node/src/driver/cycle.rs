@@ -112,8 +112,14 @@ impl<E: Engine> Driver<E> {
                         if replica.raft.role() == Role::Leader {
                             // Its own part's locks go, a commit's after commit-wait.
                             let commit_wait = match decision {
-                                meridian_txn::Decision::Commit { commit_ts } => Some(*commit_ts),
-                                meridian_txn::Decision::Abort { .. } => None,
+                                meridian_txn::Decision::Commit { commit_ts } => {
+                                    metrics::counter!("meridian_txn_commits_total", "protocol" => "two_phase").increment(1);
+                                    Some(*commit_ts)
+                                }
+                                meridian_txn::Decision::Abort { .. } => {
+                                    metrics::counter!("meridian_txn_aborts_total", "reason" => "coordinator").increment(1);
+                                    None
+                                }
                             };
                             replica.leadership.txns.on_decided(*txn, commit_wait);
                         }
@@ -185,6 +191,8 @@ impl<E: Engine> Driver<E> {
                         if applied == timestamp =>
                     {
                         // Spanner holds the locks through commit-wait.
+                        metrics::counter!("meridian_txn_commits_total", "protocol" => "one_phase")
+                            .increment(1);
                         let commit_ts = Timestamp::from_nanos(timestamp);
                         replica.leadership.txns.release_after_commit_wait(txn, commit_ts);
                         acknowledgements.push((reply, timestamp));
@@ -307,27 +315,12 @@ impl<E: Engine> Driver<E> {
             ));
         }
         for (reply, timestamp) in acknowledgements {
-            if self.switches.skip_commit_wait {
-                let _ = reply.send(Ok(timestamp));
-                continue;
-            }
-            // Commit-wait (Spanner §4.1.2): acknowledge only once the timestamp has passed. The
-            // write has committed; if the wait cannot finish (a stalled clock), its effect is
-            // not known to be externally consistent, and the caller is told the outcome is
-            // unknown rather than that it failed.
-            let truetime = self.truetime.clone();
-            tokio::spawn(async move {
-                let waited = truetime
-                    .wait_until_after(Timestamp::from_nanos(timestamp), MAX_COMMIT_WAIT)
-                    .await;
-                if let Ok(waited) = &waited {
-                    metrics::histogram!("meridian_commit_wait_seconds")
-                        .record(waited.as_secs_f64());
-                }
-                let _ = reply.send(waited.map(|_| timestamp).map_err(|error| {
-                    NodeError::Ambiguous(format!("committed, but commit-wait failed: {error}"))
-                }));
-            });
+            acknowledge_after_commit_wait(
+                &self.truetime,
+                timestamp,
+                self.switches.skip_commit_wait,
+                move |result| drop(reply.send(result)),
+            );
         }
         self.serve_confirmed_reads();
         self.fail_requests_of_former_leaders();

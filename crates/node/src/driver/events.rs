@@ -6,6 +6,17 @@ use super::*;
 /// A client's answer channel.
 pub type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
+/// A write's or commit's acknowledgement, sent once commit-wait is over (Spanner §4.1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The commit timestamp.
+    pub timestamp: u64,
+    /// How long the leader waited, after the record applied, until `after(timestamp)` held.
+    pub commit_wait: Duration,
+    /// The clock's uncertainty ε (half the width of `now()`) when the wait ended.
+    pub uncertainty: Duration,
+}
+
 /// Rows a scan returned, and where to continue if it stopped at its range's end.
 #[derive(Debug, Default)]
 pub struct ScanResult {
@@ -217,7 +228,7 @@ pub enum Event {
         key: Vec<u8>,
         value: Option<Vec<u8>>,
         deadline: Instant,
-        reply: Reply<u64>,
+        reply: Reply<Committed>,
     },
     /// A linearizable read; the caller waits until `deadline`.
     Read { request: ReadRequest, deadline: Instant },
@@ -235,7 +246,7 @@ pub enum Event {
     TxnLock { range: RangeId, lock: TxnLock, deadline: Instant, reply: Reply<u64> },
     /// Commit a transaction whose locks and writes are all at `range` (see `txn.rs`);
     /// answers the commit timestamp after commit-wait.
-    TxnCommit { range: RangeId, commit: TxnCommit, deadline: Instant, reply: Reply<u64> },
+    TxnCommit { range: RangeId, commit: TxnCommit, deadline: Instant, reply: Reply<Committed> },
     /// Take exclusive locks on a transaction's writes at `range` before its two-phase
     /// commit (see `txn.rs`); answers the epoch. The writes' values are not used.
     TxnLockWrites { range: RangeId, lock: TxnPrepare, deadline: Instant, reply: Reply<u64> },

@@ -30,7 +30,7 @@ use super::*;
 /// A client request waiting for the leader to be able to serve it.
 pub(super) enum Waiting {
     /// A put (`value: Some`) or delete.
-    Write { key: Vec<u8>, value: Option<Vec<u8>>, deadline: Instant, reply: Reply<u64> },
+    Write { key: Vec<u8>, value: Option<Vec<u8>>, deadline: Instant, reply: Reply<Committed> },
     /// A read.
     Read { request: ReadRequest, deadline: Instant },
     /// A commit part holding its locks, waiting for a timestamp (see `txn.rs`).
@@ -59,10 +59,8 @@ impl Waiting {
     /// release: this is for leaderships being abandoned.)
     fn fail(self, error: NodeError) {
         match self {
-            Waiting::Write { reply, .. }
-            | Waiting::TxnCommit(CommitPart { reply: Some(reply), .. }) => {
-                let _ = reply.send(Err(error));
-            }
+            Waiting::Write { reply, .. } => drop(reply.send(Err(error))),
+            Waiting::TxnCommit(CommitPart { reply: Some(reply), .. }) => reply.fail(error),
             Waiting::TxnCommit(_) => {}
             Waiting::Read { request, .. } => request.fail(error),
         }

@@ -403,6 +403,7 @@ impl<E: Engine> Driver<E> {
         let mut led: u32 = 0;
         let mut quiesced: u32 = 0;
         let mut apply_lag = 0;
+        let mut oldest_prepare: Option<Timestamp> = None;
         for replica in self.replicas.values_mut() {
             // Cheap accessors only: this runs every cycle (`status()` clones the configuration).
             let raft = &replica.raft;
@@ -413,6 +414,10 @@ impl<E: Engine> Driver<E> {
                     debug!(range = replica.range.0, term = raft.term().0, "leading");
                     metrics::counter!("meridian_raft_leader_elections_won_total").increment(1);
                 }
+                if replica.state.has_prepared() {
+                    let oldest = replica.state.prepared_records().map(|record| record.prepare_ts);
+                    oldest_prepare = oldest.chain(oldest_prepare).min();
+                }
             }
             apply_lag += raft.commit_index().0 - raft.applied_index().0;
             quiesced += u32::from(raft.is_quiesced());
@@ -422,5 +427,11 @@ impl<E: Engine> Driver<E> {
         self.load.leaders.store(u64::from(led), std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("meridian_ranges_led").set(f64::from(led));
         metrics::gauge!("meridian_raft_apply_lag_entries").set(apply_lag as f64);
+        // The age of the oldest transaction prepared at a range this node leads (one waiting
+        // for its outcome for long points at a coordinator that cannot be reached).
+        let age = oldest_prepare.map_or(Duration::ZERO, |prepared| {
+            self.local_now().saturating_duration_since(prepared)
+        });
+        metrics::gauge!("meridian_txn_prepared_oldest_age_seconds").set(age.as_secs_f64());
     }
 }

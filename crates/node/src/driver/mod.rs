@@ -78,6 +78,43 @@ const QUIESCED_PLACEMENT_EVERY: u64 = 10;
 const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
 pub(crate) const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// Acknowledges a write or commit at `timestamp` once `after(timestamp)` holds on this
+/// node's clock (commit-wait, Spanner §4.1.2), with how long that took. The write has
+/// committed; if the wait cannot finish (a stalled clock), its effect is not known to be
+/// externally consistent, and the caller is told the outcome is unknown rather than that it
+/// failed. `skip` is the test-only switch that acknowledges at once.
+pub(super) fn acknowledge_after_commit_wait(
+    truetime: &TrueTime,
+    timestamp: u64,
+    skip: bool,
+    acknowledge: impl FnOnce(Result<Committed, NodeError>) + Send + 'static,
+) {
+    let uncertainty = |truetime: &TrueTime| truetime.read().uncertainty;
+    if skip {
+        let commit_wait = Duration::ZERO;
+        return acknowledge(Ok(Committed {
+            timestamp,
+            commit_wait,
+            uncertainty: uncertainty(truetime),
+        }));
+    }
+    let truetime = truetime.clone();
+    tokio::spawn(async move {
+        let waited =
+            truetime.wait_until_after(Timestamp::from_nanos(timestamp), MAX_COMMIT_WAIT).await;
+        acknowledge(match waited {
+            Ok(commit_wait) => {
+                metrics::histogram!("meridian_commit_wait_seconds")
+                    .record(commit_wait.as_secs_f64());
+                Ok(Committed { timestamp, commit_wait, uncertainty: uncertainty(&truetime) })
+            }
+            Err(error) => {
+                Err(NodeError::Ambiguous(format!("committed, but commit-wait failed: {error}")))
+            }
+        });
+    });
+}
+
 /// Ticks a leader stays idle (no request, no proposal) before its range quiesces.
 const QUIESCE_AFTER_IDLE_TICKS: u64 = 20;
 /// Ticks without a known leader before a replica asks the meta range whether this node still

@@ -8,13 +8,13 @@ use super::*;
 pub(super) enum Pending {
     Write {
         timestamp: u64,
-        reply: Reply<u64>,
+        reply: Reply<Committed>,
     },
     /// A one-range commit: its locks go once commit-wait is over.
     TxnCommit {
         txn: meridian_txn::TxnId,
         timestamp: u64,
-        reply: Reply<u64>,
+        reply: Reply<Committed>,
     },
     /// A commit part's prepare record: its caller (if any) gets the prepare timestamp, and
     /// the coordinator the vote.

@@ -35,7 +35,7 @@
 
 use meridian_txn::{Coordinator, CoordinatorOutput, Decision, RangeId as TxnRangeId, TxnId};
 
-use super::txn::{CommitPart, PartKind};
+use super::txn::{CommitPart, PartKind, PartReply};
 use super::*;
 use crate::state_machine::{encode_decision, encode_outcome};
 
@@ -44,8 +44,9 @@ pub(super) const STATUS_QUERY_AFTER: Duration = Duration::from_secs(2);
 
 /// A caller waiting for the decision of a transaction this range coordinates.
 pub(super) enum DecisionWaiter {
-    /// A commit request: the commit timestamp, or a txn-retry error naming why it aborted.
-    Commit(Reply<u64>),
+    /// A commit request: the commit after commit-wait, or a txn-retry error naming why it
+    /// aborted.
+    Commit(Reply<Committed>),
     /// An abort request: the decision in effect.
     Decision(Reply<Decision>),
 }
@@ -71,25 +72,15 @@ impl DecisionWaiter {
                 };
             }
         };
-        let send = move |result: Result<(), NodeError>| match self {
-            DecisionWaiter::Commit(reply) => {
-                drop(reply.send(result.map(|()| commit_ts.as_nanos())));
-            }
-            DecisionWaiter::Decision(reply) => drop(reply.send(result.map(|()| decision))),
-        };
-        if skip_commit_wait {
-            return send(Ok(()));
-        }
-        let truetime = truetime.clone();
-        tokio::spawn(async move {
-            let waited = truetime.wait_until_after(commit_ts, MAX_COMMIT_WAIT).await;
-            if let Ok(waited) = &waited {
-                metrics::histogram!("meridian_commit_wait_seconds").record(waited.as_secs_f64());
-            }
-            send(waited.map(|_| ()).map_err(|error| {
-                NodeError::Ambiguous(format!("committed, but commit-wait failed: {error}"))
-            }));
-        });
+        acknowledge_after_commit_wait(
+            truetime,
+            commit_ts.as_nanos(),
+            skip_commit_wait,
+            move |result| match self {
+                DecisionWaiter::Commit(reply) => drop(reply.send(result)),
+                DecisionWaiter::Decision(reply) => drop(reply.send(result.map(|_| decision))),
+            },
+        );
     }
 }
 
@@ -129,13 +120,14 @@ impl<E: Engine> Driver<E> {
         range: RangeId,
         commit: TxnCommit,
         deadline: Instant,
-        reply: Reply<u64>,
+        reply: Reply<Committed>,
     ) {
         let TxnCommit { txn, priority, held_since, writes, participants } = commit;
         let own = TxnRangeId(range.0);
         if participants.is_empty() || participants == BTreeSet::from([own]) {
             let kind = PartKind::OnePhase;
-            let part = CommitPart { txn, priority, writes, kind, deadline, reply: Some(reply) };
+            let reply = Some(PartReply::Commit(reply));
+            let part = CommitPart { txn, priority, writes, kind, deadline, reply };
             return self.start_part(range, part, held_since);
         }
         if !participants.contains(&own) {
@@ -153,6 +145,7 @@ impl<E: Engine> Driver<E> {
             Err(error) => return drop(reply.send(Err(error))),
         };
         let floor = floor_of(replica);
+        let participant_count = participants.len();
         let coordinator = replica.state.coordinator_mut();
         if let Err(error) =
             coordinator.request_commit(txn, participants, interval, local_now, floor)
@@ -170,6 +163,7 @@ impl<E: Engine> Driver<E> {
         // Its own part prepares, unless this is a repeated request (then the part is decided,
         // prepared, or on its way, and starting it again changes nothing).
         if !decided && replica.state.prepared_record(txn).is_none() {
+            metrics::histogram!("meridian_txn_participants").record(participant_count as f64);
             let kind = PartKind::Coordinator;
             let part = CommitPart { txn, priority, writes, kind, deadline, reply: None };
             self.start_part(range, part, held_since);
@@ -208,7 +202,8 @@ impl<E: Engine> Driver<E> {
             return drop(reply.send(Err(error)));
         }
         let kind = PartKind::LockOnly;
-        let part = CommitPart { txn, priority, writes, kind, deadline, reply: Some(reply) };
+        let reply = Some(PartReply::Value(reply));
+        let part = CommitPart { txn, priority, writes, kind, deadline, reply };
         self.start_part(range, part, held_since);
     }
 
@@ -226,7 +221,8 @@ impl<E: Engine> Driver<E> {
             return drop(reply.send(Err(NodeError::InvalidArgument(error.into()))));
         }
         let kind = PartKind::Participant { coordinator };
-        let part = CommitPart { txn, priority, writes, kind, deadline, reply: Some(reply) };
+        let reply = Some(PartReply::Value(reply));
+        let part = CommitPart { txn, priority, writes, kind, deadline, reply };
         self.start_part(range, part, held_since);
     }
 

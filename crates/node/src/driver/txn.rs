@@ -77,9 +77,34 @@ pub(super) struct CommitPart {
     pub(super) writes: Vec<Write>,
     pub(super) kind: PartKind,
     pub(super) deadline: Instant,
-    /// The caller, for a one-range commit (the commit timestamp) and a participant (the
-    /// prepare timestamp); none for a coordinator's own part.
-    pub(super) reply: Option<Reply<u64>>,
+    /// The caller; none for a coordinator's own part.
+    pub(super) reply: Option<PartReply>,
+}
+
+/// Who waits for a commit part.
+pub(super) enum PartReply {
+    /// A one-range commit's caller: the commit, after commit-wait.
+    Commit(Reply<Committed>),
+    /// A participant's caller: the prepare timestamp; a lock request's: the epoch.
+    Value(Reply<u64>),
+}
+
+impl PartReply {
+    pub(super) fn fail(self, error: NodeError) {
+        match self {
+            PartReply::Commit(reply) => drop(reply.send(Err(error))),
+            PartReply::Value(reply) => drop(reply.send(Err(error))),
+        }
+    }
+
+    /// The participant's or lock request's caller (a one-range commit's is answered from its
+    /// proposal).
+    fn value(self) -> Option<Reply<u64>> {
+        match self {
+            PartReply::Value(reply) => Some(reply),
+            PartReply::Commit(_) => None,
+        }
+    }
 }
 
 /// A commit part taking its write locks.
@@ -128,7 +153,7 @@ impl TxnLeadership {
         self.own_part_failures.clear();
         for (_, commit) in std::mem::take(&mut self.commits) {
             match commit.part.reply {
-                Some(reply) => drop(reply.send(Err(refusal()))),
+                Some(reply) => reply.fail(refusal()),
                 // A coordinator's own part: the transaction aborts (if this node still
                 // coordinates it).
                 None => self.own_part_failures.push((commit.part.txn, refusal().to_string())),
@@ -196,7 +221,7 @@ impl TxnLeadership {
         debug!(txn = %part.txn, kind = ?part.kind, %error, "a commit part was refused");
         self.release(part.txn);
         match part.reply {
-            Some(reply) => drop(reply.send(Err(error))),
+            Some(reply) => reply.fail(error),
             None => self.own_part_failures.push((part.txn, error.to_string())),
         }
     }
@@ -233,7 +258,7 @@ impl TxnLeadership {
             let error = NodeError::TxnRetry(format!(
                 "transaction {txn} was decided by its coordinator before this part prepared"
             ));
-            let _ = reply.send(Err(error));
+            reply.fail(error);
         }
         let held = self.table.as_ref().is_some_and(|table| table.standing(txn).is_some());
         match commit_wait {
@@ -315,7 +340,7 @@ fn epoch_of<E: Engine>(replica: &Replica<E>) -> u64 {
 fn refuse(part: CommitPart, error: NodeError) {
     debug!(txn = %part.txn, kind = ?part.kind, %error, "a commit part was refused");
     if let Some(reply) = part.reply {
-        let _ = reply.send(Err(error));
+        reply.fail(error);
     }
 }
 
@@ -330,7 +355,9 @@ pub(super) fn propose_part<E: Engine>(replica: &mut Replica<E>, part: CommitPart
         PartKind::LockOnly => unreachable!("lock requests are answered once their locks are held"),
     };
     let Some(coordinator) = coordinator else {
-        let reply = part.reply.expect("a one-range commit has a caller");
+        let Some(PartReply::Commit(reply)) = part.reply else {
+            unreachable!("a one-range commit has a caller waiting for the commit")
+        };
         let command = encode_one_phase_commit(txn, &part.writes, timestamp);
         if !propose_tracked(replica, command, Pending::TxnCommit { txn, timestamp, reply }) {
             replica.leadership.txns.release(txn);
@@ -345,7 +372,8 @@ pub(super) fn propose_part<E: Engine>(replica: &mut Replica<E>, part: CommitPart
         locks: replica.leadership.txns.held(txn),
         writes: part.writes,
     };
-    let pending = Pending::TxnPrepare { txn, coordinator, reply: part.reply };
+    let pending =
+        Pending::TxnPrepare { txn, coordinator, reply: part.reply.and_then(PartReply::value) };
     if !propose_tracked(replica, encode_prepare(&record), pending) {
         replica.leadership.txns.release(txn);
         if part.kind == PartKind::Coordinator {
@@ -490,7 +518,7 @@ impl<E: Engine> Driver<E> {
             // A retry of a lock request still waiting: it is answered once the first is.
             let error = format!("transaction {txn} still waits for its write locks here");
             if let Some(reply) = part.reply {
-                let _ = reply.send(Err(NodeError::Unavailable(error)));
+                reply.fail(NodeError::Unavailable(error));
             }
             return;
         }
@@ -498,7 +526,7 @@ impl<E: Engine> Driver<E> {
             // A repeated commit: the first one's locks stay.
             let error = format!("transaction {txn} is already committing here");
             if let Some(reply) = part.reply {
-                let _ = reply.send(Err(NodeError::InvalidArgument(error)));
+                reply.fail(NodeError::InvalidArgument(error));
             }
             return;
         }
@@ -553,7 +581,7 @@ impl<E: Engine> Driver<E> {
         if failure.is_none() && commit.part.kind == PartKind::LockOnly {
             let commit = commits.remove(&txn).expect("found above");
             let epoch = table.epoch().0;
-            if let Some(reply) = commit.part.reply {
+            if let Some(reply) = commit.part.reply.and_then(PartReply::value) {
                 let _ = reply.send(Ok(epoch));
             }
             return;
@@ -635,6 +663,18 @@ impl<E: Engine> Driver<E> {
             let epoch = table.epoch().0;
             let events = table.take_events();
             for event in events {
+                match &event {
+                    LockEvent::Wounded { .. } => {
+                        metrics::counter!("meridian_txn_wounds_total").increment(1);
+                        metrics::counter!("meridian_txn_aborts_total", "reason" => "wounded")
+                            .increment(1);
+                    }
+                    LockEvent::Abandoned { .. } => {
+                        metrics::counter!("meridian_txn_aborts_total", "reason" => "abandoned")
+                            .increment(1);
+                    }
+                    LockEvent::Granted { .. } | LockEvent::Cancelled { .. } => {}
+                }
                 let (request, failure) = match event {
                     LockEvent::Granted { request, .. } => (request, None),
                     LockEvent::Wounded { txn, wound, cancelled: Some(request) } => {

@@ -124,7 +124,7 @@ impl Kv for KvApi {
         let deadline = deadline_of(&request);
         let request = request.into_inner();
         let (range, key, value) = (range_of(request.range_id)?, request.key, request.value);
-        let timestamp = self
+        let committed = self
             .0
             .request("put", deadline, |reply| Event::Write {
                 range,
@@ -134,7 +134,7 @@ impl Kv for KvApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(WriteResponse { timestamp }))
+        Ok(Response::new(WriteResponse { timestamp: committed.timestamp }))
     }
 
     async fn delete(
@@ -144,7 +144,7 @@ impl Kv for KvApi {
         let deadline = deadline_of(&request);
         let request = request.into_inner();
         let (range, key) = (range_of(request.range_id)?, request.key);
-        let timestamp = self
+        let committed = self
             .0
             .request("delete", deadline, |reply| Event::Write {
                 range,
@@ -154,7 +154,7 @@ impl Kv for KvApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(WriteResponse { timestamp }))
+        Ok(Response::new(WriteResponse { timestamp: committed.timestamp }))
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {

@@ -38,6 +38,18 @@ fn participants_of(participants: &[u64]) -> Result<BTreeSet<TxnRangeId>, Status>
 }
 
 /// A refusal for a malformed request: it had no effect.
+/// A duration in whole microseconds, as replies carry it.
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Records how long a lock request waited at the leader (from its arrival at the service
+/// until the driver granted it), and returns it in microseconds for the reply.
+fn record_lock_wait(waited: Duration) -> u64 {
+    metrics::histogram!("meridian_txn_lock_wait_seconds").record(waited.as_secs_f64());
+    micros(waited)
+}
+
 fn invalid(message: impl Into<String>) -> Status {
     metadata::not_applied(Status::invalid_argument(message.into()))
 }
@@ -93,12 +105,15 @@ impl KvApi {
                 }
             }
         };
+        let asked = std::time::Instant::now();
         let epoch = self
             .0
             .request("txn lock", deadline, |reply| Event::TxnLock { range, lock, deadline, reply })
             .await?;
+        let lock_wait_micros = record_lock_wait(asked.elapsed());
         // The lock is held: the ordinary linearizable read sees every commit before it.
-        let mut response = TxnReadResponse { epoch, ..TxnReadResponse::default() };
+        let mut response =
+            TxnReadResponse { epoch, lock_wait_micros, ..TxnReadResponse::default() };
         match read {
             txn_read_request::Read::Key(key) => {
                 let (value, timestamp) = self
@@ -143,7 +158,8 @@ impl KvApi {
         let writes = writes_from_wire(&request.writes);
         let participants = participants_of(&request.participants)?;
         let commit = TxnCommit { txn, priority, held_since, writes, participants };
-        let timestamp = self
+        let asked = std::time::Instant::now();
+        let committed = self
             .0
             .request("txn commit", deadline, |reply| Event::TxnCommit {
                 range,
@@ -152,7 +168,13 @@ impl KvApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(TxnCommitResponse { timestamp }))
+        let logged = asked.elapsed().saturating_sub(committed.commit_wait);
+        Ok(Response::new(TxnCommitResponse {
+            timestamp: committed.timestamp,
+            logged_micros: micros(logged),
+            commit_wait_micros: micros(committed.commit_wait),
+            epsilon_micros: micros(committed.uncertainty),
+        }))
     }
 
     /// Rolls a transaction back at one range.
@@ -204,6 +226,7 @@ impl KvApi {
             request.keys.into_iter().map(|key| meridian_txn::Write { key, value: None }).collect();
         let coordinator = TxnRangeId(range.0);
         let lock = TxnPrepare { txn, priority, held_since, coordinator, writes };
+        let asked = std::time::Instant::now();
         let epoch = self
             .0
             .request("txn lock writes", deadline, |reply| Event::TxnLockWrites {
@@ -213,7 +236,8 @@ impl KvApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(TxnLockWritesResponse { epoch }))
+        let lock_wait_micros = record_lock_wait(asked.elapsed());
+        Ok(Response::new(TxnLockWritesResponse { epoch, lock_wait_micros }))
     }
 
     /// Prepares a participant's part (see `TxnPrepareRequest`).

@@ -203,6 +203,35 @@ async fn an_older_transaction_wounds_a_younger_holder() {
 }
 
 #[tokio::test]
+async fn a_younger_transaction_waits_for_an_older_holder_and_reports_the_wait() {
+    let cluster = Cluster::start(3);
+    init(&cluster).await;
+    let client = client(&cluster.addresses);
+    let mut older = client.begin();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut younger = client.begin();
+    older.get_for_update(b"hot").await.expect("the older takes the lock first");
+    // The younger waits for the lock until the older commits, a second later.
+    let (read, ()) = tokio::join!(younger.get_for_update(b"hot"), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        older.put(b"hot", b"older").unwrap();
+        older.commit().await.expect("the older commits");
+    });
+    assert_eq!(read.expect("granted once the older committed").as_deref(), Some(&b"older"[..]));
+    younger.put(b"hot", b"younger").unwrap();
+    let timestamp = younger.commit().await.expect("the younger commits").expect("a timestamp");
+    let report = younger.report().expect("a committed transaction has a report");
+    assert_eq!(report.timestamp, Some(timestamp));
+    assert_eq!(report.participants.len(), 1, "{report:?}");
+    assert_eq!((report.coordinator, report.prepare), (None, None), "one range, one phase");
+    assert!(report.leader.is_some(), "{report:?}");
+    // Its request reached the leader well within the second the older held the lock.
+    assert!(report.lock_wait >= Duration::from_millis(200), "{report:?}");
+    let older_report = older.report().expect("the older's report");
+    assert!(older_report.lock_wait < report.lock_wait, "{older_report:?}");
+}
+
+#[tokio::test]
 async fn locks_lost_with_their_leader_force_a_retry() {
     let mut cluster = Cluster::start(3);
     init(&cluster).await;
@@ -249,6 +278,16 @@ async fn commits_over_several_ranges_apply_atomically_and_release_their_locks() 
     txn.put(b"z", b"2").unwrap();
     let committed = txn.commit().await.expect("a commit over two ranges");
     let committed = committed.expect("a commit timestamp");
+    let report = txn.report().expect("a committed transaction has a report").clone();
+    assert_eq!(report.timestamp, Some(committed));
+    assert_eq!(report.participants.len(), 2, "{report:?}");
+    // The range of the first write ("a", left of the split, which kept the lower id).
+    assert_eq!(report.coordinator, report.participants.first().copied(), "{report:?}");
+    assert!(report.prepare.is_some(), "{report:?}");
+    let leader = report.leader.expect("the coordinator's timings");
+    assert!(leader.epsilon > Duration::ZERO, "{report:?}");
+    // The leader's commit-wait happened within the client's commit call.
+    assert!(report.latency >= leader.commit_wait + leader.logged, "{report:?}");
     // Both writes are visible at the one commit timestamp, and every lock was released: other
     // transactions take them well before the 5 s after which abandoned locks would go.
     let options = ClientOptions { deadline: Duration::from_secs(2), ..ClientOptions::default() };
@@ -360,6 +399,7 @@ async fn the_txn_command_commits_and_refuses_bad_input() {
     let output = meridian(&["txn", "--host", host, "get", "x", "scan", "x", "-", "delete", "y"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("x = 1\nx = 1\ny = 2\ncommitted at"), "{}", stdout(&output));
+    assert!(stdout(&output).contains("commit-wait"), "the commit report: {}", stdout(&output));
     let output = meridian(&["txn", "--host", host, "get", "y"]);
     assert!(stdout(&output).contains("y: (not found)\ncommitted (nothing written)"));
     let output = meridian(&["txn", "--host", host, "--read-only", "get", "x", "scan", "a", "z"]);
