@@ -278,7 +278,11 @@ impl<E: Engine> Driver<E> {
                     propose_tracked(replica, command, Pending::Write { timestamp, reply });
                 }
                 (Waiting::TxnCommit(part), Granted::Timestamp(timestamp)) => {
+                    let txn = part.txn;
                     propose_part(replica, part, timestamp);
+                    if switches.release_locks_at_proposal {
+                        replica.leadership.txns.release(txn);
+                    }
                 }
                 (Waiting::Read { request, .. }, Granted::ReadAt(index)) => {
                     if index <= replica.state.applied().index {

@@ -266,6 +266,10 @@ pub struct NodeSwitches {
     /// Serve reads at a timestamp without waiting for the transactions prepared at or below
     /// it (breaks "a snapshot read waits until nothing can still commit below it").
     pub snapshot_reads_ignore_prepared: bool,
+    /// Release a commit part's locks as soon as its entry (a one-range commit, a prepare
+    /// record) is proposed, before it is replicated (breaks strict two-phase locking: a
+    /// conflicting transaction can read what the commit is about to overwrite).
+    pub release_locks_at_proposal: bool,
     /// Raft's own rule breakers, for every replica.
     pub raft: meridian_raft::UnsafeSwitches,
 }

@@ -699,6 +699,7 @@ fn switches_named(name: &str) -> Option<NodeSwitches> {
         "snapshot_overwrites_newer_ranges" => switches.snapshot_overwrites_newer_ranges = true,
         "snapshot_keeps_old_data" => switches.snapshot_keeps_old_data = true,
         "snapshot_reads_ignore_prepared" => switches.snapshot_reads_ignore_prepared = true,
+        "release_locks_at_proposal" => switches.release_locks_at_proposal = true,
         _ => return None,
     }
     Some(switches)
@@ -715,6 +716,7 @@ fn switch_name(switches: NodeSwitches) -> Option<&'static str> {
         "snapshot_overwrites_newer_ranges",
         "snapshot_keeps_old_data",
         "snapshot_reads_ignore_prepared",
+        "release_locks_at_proposal",
     ]
     .into_iter()
     .find(|name| switches_named(name) == Some(switches))
@@ -812,6 +814,12 @@ fn suite_catches_reads_outside_the_span() {
 fn suite_catches_snapshot_reads_over_prepared_transactions() {
     let switches = NodeSwitches { snapshot_reads_ignore_prepared: true, ..NodeSwitches::default() };
     assert_suite_catches("snapshot_reads_ignore_prepared", switches);
+}
+
+#[test]
+fn suite_catches_locks_released_before_the_commit_is_replicated() {
+    let switches = NodeSwitches { release_locks_at_proposal: true, ..NodeSwitches::default() };
+    assert_suite_catches("release_locks_at_proposal", switches);
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod placement;
 mod refusals;
 mod splits;
 mod transactions;
+mod txn_faults;
 
 /// The `meridian` binary under test: the one Cargo built, unless `MERIDIAN_BINARY` names
 /// another (to loop the tests on a copy while rebuilding).
