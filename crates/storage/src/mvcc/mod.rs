@@ -139,6 +139,39 @@ fn engine_span(start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
     (key_prefix(start), engine_end)
 }
 
+/// Walks `entries` (version keys in engine order with their stored values) and hands
+/// `remove` every version no read at or above `horizon` can see: the versions of a key older
+/// than its newest one at or below the horizon, and that one too if it is a tombstone.
+fn collect_garbage(
+    entries: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>>,
+    horizon: Timestamp,
+    mut remove: impl FnMut(Vec<u8>) -> Result<()>,
+) -> Result<GcStats> {
+    let mut stats = GcStats::default();
+    let mut current_key: Option<Vec<u8>> = None;
+    // Whether the current key's newest version at or below the horizon has been seen.
+    let mut seen_visible = false;
+    for entry in entries {
+        let (encoded_key, stored) = entry?;
+        let (key, commit_ts) = decode_version_key(&encoded_key)?;
+        if current_key.as_deref() != Some(key.as_slice()) {
+            stats.keys_examined += 1;
+            current_key = Some(key);
+            seen_visible = false;
+        }
+        if commit_ts > horizon {
+            continue;
+        }
+        let garbage = seen_visible || decode_value(&stored)?.is_none();
+        seen_visible = true;
+        if garbage {
+            remove(encoded_key)?;
+            stats.versions_removed += 1;
+        }
+    }
+    Ok(stats)
+}
+
 /// MVCC over an engine. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct Mvcc<E: Engine> {
@@ -358,38 +391,46 @@ impl<E: Engine> Mvcc<E> {
         self.engine.write(batch, true)?;
         self.gc_horizon.store(horizon.as_nanos(), Ordering::SeqCst);
 
-        let mut stats = GcStats::default();
         let snapshot = self.engine.snapshot();
         let end = prefix_end(&[keyspace::MVCC]);
+        let entries = snapshot.scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward);
         let mut batch = WriteBatch::new();
-        let mut current_key: Option<Vec<u8>> = None;
-        // Whether the current key's newest version at or below the horizon has been seen.
-        let mut seen_visible = false;
-        for entry in snapshot.scan(&[keyspace::MVCC], end.as_deref(), ScanDirection::Forward) {
-            let (encoded_key, stored) = entry?;
-            let (key, commit_ts) = decode_version_key(&encoded_key)?;
-            if current_key.as_deref() != Some(key.as_slice()) {
-                stats.keys_examined += 1;
-                current_key = Some(key);
-                seen_visible = false;
+        let stats = collect_garbage(entries, horizon, |encoded_key| {
+            batch.delete(encoded_key);
+            if batch.len() >= GC_BATCH_OPS {
+                self.engine.write(std::mem::take(&mut batch), false)?;
             }
-            if commit_ts > horizon {
-                continue;
-            }
-            let remove = seen_visible || decode_value(&stored)?.is_none();
-            seen_visible = true;
-            if remove {
-                batch.delete(encoded_key);
-                stats.versions_removed += 1;
-                if batch.len() >= GC_BATCH_OPS {
-                    self.engine.write(std::mem::take(&mut batch), false)?;
-                }
-            }
-        }
+            Ok(())
+        })?;
         if !batch.is_empty() {
             self.engine.write(batch, false)?;
         }
         Ok(stats)
+    }
+
+    /// Stages into `batch` the removal of every version of the keys in `[start, end)` that no
+    /// read at or above `horizon` can see (the rule of [`Mvcc::gc`]), for a range whose
+    /// replicas collect their span's garbage at a horizon agreed through their log. It does
+    /// not move the store-wide horizon: the caller refuses reads of that span below
+    /// `horizon` itself.
+    ///
+    /// # Errors
+    ///
+    /// Engine errors.
+    pub fn stage_gc(
+        &self,
+        batch: &mut WriteBatch,
+        start: &[u8],
+        end: Option<&[u8]>,
+        horizon: Timestamp,
+    ) -> Result<GcStats> {
+        let (engine_start, engine_end) = engine_span(start, end);
+        let entries =
+            self.engine.scan(&engine_start, engine_end.as_deref(), ScanDirection::Forward);
+        collect_garbage(entries, horizon, |encoded_key| {
+            batch.delete(encoded_key);
+            Ok(())
+        })
     }
 
     /// Adds the deletion of every version of the keys in `[start, end)` to `batch` (before

@@ -335,3 +335,38 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Staging a span's garbage collection removes exactly what a store-wide collection at the
+    /// same horizon removes inside the span, and nothing outside it.
+    #[test]
+    fn span_gc_collects_only_its_span(versions in versions(), horizon in 0u64..22) {
+        let span_mvcc = Mvcc::new(Arc::new(MemoryEngine::new())).unwrap();
+        let whole_mvcc = Mvcc::new(Arc::new(MemoryEngine::new())).unwrap();
+        for (key, ts, value) in versions {
+            let write = VersionWrite { key, commit_ts: Timestamp::from_nanos(ts), value };
+            span_mvcc.write(std::slice::from_ref(&write), false).unwrap();
+            whole_mvcc.write(&[write], false).unwrap();
+        }
+        let before = span_mvcc.dump().unwrap();
+        let (start, end) = (&b"a"[..], &b"b"[..]);
+        let mut batch = WriteBatch::new();
+        let horizon = Timestamp::from_nanos(horizon);
+        let stats = span_mvcc.stage_gc(&mut batch, start, Some(end), horizon).unwrap();
+        span_mvcc.engine().write(batch, false).unwrap();
+        whole_mvcc.gc(horizon).unwrap();
+        let inside = |key: &[u8]| key >= start && key < end;
+        let after = span_mvcc.dump().unwrap();
+        prop_assert_eq!(before.len() - after.len(), stats.versions_removed as usize);
+        let expected: Vec<VersionWrite> = before
+            .into_iter()
+            .filter(|v| !inside(&v.key))
+            .chain(whole_mvcc.dump().unwrap().into_iter().filter(|v| inside(&v.key)))
+            .collect();
+        let mut expected = expected;
+        expected.sort_by(|a, b| a.key.cmp(&b.key).then(b.commit_ts.cmp(&a.commit_ts)));
+        prop_assert_eq!(after, expected);
+        // The store-wide horizon did not move.
+        prop_assert_eq!(span_mvcc.gc_horizon(), Timestamp::from_nanos(0));
+    }
+}
