@@ -57,6 +57,9 @@ pub struct AppliedState {
     pub descriptor: RangeDescriptor,
     /// Meta range only: the next range id to hand out.
     pub next_range_id: u64,
+    /// Data ranges: the GC horizon, agreed through the log. Reads below it are refused;
+    /// split-off ranges inherit it.
+    pub gc_horizon: u64,
 }
 
 impl AppliedState {
@@ -69,6 +72,7 @@ impl AppliedState {
             descriptor: Some(self.descriptor.to_wire([], [], 0)),
             config_index: self.config_index.0,
             next_range_id: self.next_range_id,
+            gc_horizon: self.gc_horizon,
         }
         .encode_to_vec()
     }
@@ -93,6 +97,7 @@ impl AppliedState {
                 .map(RangeDescriptor::from_wire)
                 .unwrap_or_default(),
             next_range_id: state.next_range_id,
+            gc_horizon: state.gc_horizon,
         })
     }
 
@@ -128,6 +133,8 @@ pub enum Applied {
     Decided { txn: TxnId, decision: Decision },
     /// An outcome applied (or found nothing prepared to resolve).
     Resolved { txn: TxnId },
+    /// The range's garbage below a new GC horizon was collected.
+    Collected { horizon: u64, versions_removed: u64 },
     /// The write's key is outside the range's span (a split applied first).
     KeyNotInRange,
     /// The command was invalid; every replica rejects it alike.
@@ -194,6 +201,11 @@ pub fn encode_one_phase_commit(
 pub fn encode_update_descriptors(descriptors: Vec<wire::RangeDescriptor>) -> Vec<u8> {
     let update = wire::DescriptorUpdate { descriptors };
     encode_command(0, wire::range_command::Operation::UpdateDescriptors(update))
+}
+
+/// Encodes a GC of the range below `horizon`.
+pub fn encode_gc(horizon: u64) -> Vec<u8> {
+    encode_command(0, wire::range_command::Operation::Gc(horizon))
 }
 
 /// Encodes a meta command reserving `count` range ids.
@@ -412,6 +424,7 @@ impl<E: Engine> RangeStateMachine<E> {
             Some(Operation::Commit(commit)) if !is_meta => {
                 self.apply_one_phase_commit(batch, &commit, command.timestamp)
             }
+            Some(Operation::Gc(horizon)) if !is_meta => self.apply_gc(batch, horizon),
             Some(Operation::Split(split)) if !is_meta => {
                 match split_descriptors(&self.applied.descriptor, &self.applied.config, &split) {
                     Ok(children) => {
@@ -470,6 +483,37 @@ impl<E: Engine> RangeStateMachine<E> {
             Err(error) if error.is_deterministic() => Ok(Applied::Rejected(error.to_string())),
             Err(error) => Err(storage_error(error)),
         }
+    }
+
+    /// Collects the span's garbage below `horizon`, the same on every replica (their data is
+    /// the same at this entry). The horizon only moves forward, never to or above a prepared
+    /// transaction's timestamp (it may still commit there), and raises the range's timestamp
+    /// floor, so no write ever lands at or below it.
+    fn apply_gc(&mut self, batch: &mut WriteBatch, horizon: u64) -> RaftResult<Applied> {
+        if horizon <= self.applied.gc_horizon {
+            return Ok(Applied::Nothing);
+        }
+        if let Some(prepared) = self.txn.prepared.records().map(|r| r.prepare_ts).min()
+            && horizon >= prepared.as_nanos()
+        {
+            return Ok(Applied::Rejected(format!(
+                "GC horizon {horizon} is not below a prepared transaction's timestamp {}",
+                prepared.as_nanos()
+            )));
+        }
+        let descriptor = &self.applied.descriptor;
+        let stats = self
+            .mvcc
+            .stage_gc(
+                batch,
+                &descriptor.start,
+                descriptor.end.as_deref(),
+                Timestamp::from_nanos(horizon),
+            )
+            .map_err(storage_error)?;
+        self.applied.gc_horizon = horizon;
+        self.applied.max_timestamp = self.applied.max_timestamp.max(horizon);
+        Ok(Applied::Collected { horizon, versions_removed: stats.versions_removed })
     }
 
     /// Applies a prepare record: every write and lock must lie in the span (a split may
@@ -649,6 +693,7 @@ impl<E: Engine> RangeStateMachine<E> {
             max_timestamp: self.applied.max_timestamp,
             descriptor,
             next_range_id: 0,
+            gc_horizon: self.applied.gc_horizon,
         }
     }
 
@@ -715,6 +760,7 @@ impl<E: Engine> RangeStateMachine<E> {
             max_timestamp: data.max_timestamp,
             descriptor,
             next_range_id: data.next_range_id,
+            gc_horizon: data.gc_horizon,
         };
         self.stage_applied_state(batch);
         Ok(())
@@ -823,6 +869,7 @@ impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
             stream_id: 0,
             prepared: Vec::new(),
             decisions: Vec::new(),
+            gc_horizon: applied.gc_horizon,
         };
         if self.range == META_RANGE {
             data.descriptors = load_meta_index(view.as_ref())?.descriptors().cloned().collect();

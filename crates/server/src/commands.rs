@@ -137,6 +137,10 @@ struct StartArgs {
     /// the meta range records it.
     #[arg(long)]
     inject_crash_after_split: bool,
+    /// Test only: deliberately breaks one of the node's rules (e.g. `skip_commit_wait`), so
+    /// that tests can show their checks catch the violation. Never in production.
+    #[arg(long = "unsafe-switch", value_name = "NAME", hide = true)]
+    unsafe_switches: Vec<String>,
     /// A range whose data grows past this many KiB splits in two.
     #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     range_max_kib: u64,
@@ -144,6 +148,10 @@ struct StartArgs {
     /// removed from its range while it was cut off and idle learns it no other way.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     replica_check_interval_s: u64,
+    /// How long a version stays readable after a newer one replaced it, in s: stale reads and
+    /// read-only transactions may read that far back; older versions are collected.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    gc_ttl_s: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,6 +222,13 @@ async fn start(args: StartArgs) -> Result<()> {
     let timing = RaftTiming::default()
         .with_clock_bound(clock.max_clock_offset)
         .map_err(|reason| anyhow::anyhow!("invalid --max-clock-offset-ms: {reason}"))?;
+    let mut switches = NodeSwitches::default();
+    for name in &args.unsafe_switches {
+        switches
+            .set(name)
+            .map_err(|reason| anyhow::anyhow!("invalid --unsafe-switch: {reason}"))?;
+        tracing::warn!(switch = %name, "test only: this node deliberately breaks a rule");
+    }
     let options = NodeOptions {
         node_id: NodeId(args.node_id),
         store: args.store,
@@ -231,7 +246,8 @@ async fn start(args: StartArgs) -> Result<()> {
         range_max_bytes: args.range_max_kib.saturating_mul(1024),
         inject_crash_after_split: args.inject_crash_after_split,
         replica_check_interval: Duration::from_secs(args.replica_check_interval_s),
-        switches: NodeSwitches::default(),
+        gc_ttl: Duration::from_secs(args.gc_ttl_s),
+        switches,
     };
     run_node(options, shutdown_signal()).await?;
     Ok(())

@@ -76,6 +76,8 @@ impl<E: Engine> Driver<E> {
         }
         let mut applied_batch = WriteBatch::new();
         let mut acknowledgements = Vec::new();
+        // The earliest commit whose locks go once its commit-wait is over.
+        let mut first_release: Option<Timestamp> = None;
         // Replicas of ranges split off here, created once the loop is done, and whether this
         // node led the range they split from.
         let mut children: Vec<AppliedState> = Vec::new();
@@ -106,21 +108,39 @@ impl<E: Engine> Driver<E> {
                             *size += data.len() as u64;
                         }
                     }
+                    Applied::Collected { horizon, versions_removed } => {
+                        debug!(range = range.0, horizon, versions_removed, "garbage collected");
+                        // The size estimate is recomputed from the store when next needed.
+                        replica.size_bytes = None;
+                        metrics::counter!("meridian_gc_versions_removed_total")
+                            .increment(*versions_removed);
+                    }
                     Applied::Decided { txn, decision } => {
                         debug!(range = range.0, %txn, ?decision, "transaction decided");
                         coordinators.insert(range);
                         if replica.raft.role() == Role::Leader {
                             // Its own part's locks go, a commit's after commit-wait.
                             let commit_wait = match decision {
-                                meridian_txn::Decision::Commit { commit_ts } => {
-                                    metrics::counter!("meridian_txn_commits_total", "protocol" => "two_phase").increment(1);
-                                    Some(*commit_ts)
-                                }
-                                meridian_txn::Decision::Abort { .. } => {
-                                    metrics::counter!("meridian_txn_aborts_total", "reason" => "coordinator").increment(1);
-                                    None
-                                }
+                                meridian_txn::Decision::Commit { commit_ts } => Some(*commit_ts),
+                                meridian_txn::Decision::Abort { .. } => None,
                             };
+                            match commit_wait {
+                                Some(ts) => {
+                                    let commits = metrics::counter!(
+                                        "meridian_txn_commits_total",
+                                        "protocol" => "two_phase"
+                                    );
+                                    commits.increment(1);
+                                    first_release = Some(first_release.map_or(ts, |t| t.min(ts)));
+                                }
+                                None => {
+                                    let aborts = metrics::counter!(
+                                        "meridian_txn_aborts_total",
+                                        "reason" => "coordinator"
+                                    );
+                                    aborts.increment(1);
+                                }
+                            }
                             replica.leadership.txns.on_decided(*txn, commit_wait);
                         }
                     }
@@ -195,6 +215,7 @@ impl<E: Engine> Driver<E> {
                             .increment(1);
                         let commit_ts = Timestamp::from_nanos(timestamp);
                         replica.leadership.txns.release_after_commit_wait(txn, commit_ts);
+                        first_release = Some(first_release.map_or(commit_ts, |t| t.min(commit_ts)));
                         acknowledgements.push((reply, timestamp));
                     }
                     (Pending::TxnCommit { txn, reply, .. }, outcome) => {
@@ -313,6 +334,10 @@ impl<E: Engine> Driver<E> {
                     })
                     .collect(),
             ));
+        }
+        if let Some(commit_ts) = first_release {
+            let wakeup = Instant::now() + self.truetime.now().time_until_after(commit_ts);
+            self.release_wakeup = Some(self.release_wakeup.map_or(wakeup, |w| w.min(wakeup)));
         }
         for (reply, timestamp) in acknowledgements {
             acknowledge_after_commit_wait(

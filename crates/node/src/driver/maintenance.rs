@@ -18,7 +18,43 @@ impl<E: Engine> Driver<E> {
         self.publish_descriptors();
         self.check_membership();
         self.destroy_removed_replicas()?;
+        self.collect_garbage();
         self.split_large_ranges()
+    }
+
+    /// Proposes garbage collection at the awake data ranges this node leads and serves
+    /// transactions for: a GC horizon of `now().earliest - gc_ttl`, kept below every
+    /// prepared transaction (it may still commit there) and every snapshot read waiting here,
+    /// once it moved a tenth of the TTL (at least a second) past the range's horizon. The
+    /// record applies on every replica alike (`RangeStateMachine::apply_gc`). Quiesced ranges
+    /// wait until they wake; a read-only transaction older than the TTL may find its versions
+    /// gone and is refused.
+    fn collect_garbage(&mut self) {
+        let earliest = self.truetime.now().earliest.as_nanos();
+        let Some(candidate) = earliest.checked_sub(self.gc_ttl.as_nanos() as u64) else {
+            return;
+        };
+        let step = (self.gc_ttl / 10).max(Duration::from_secs(1)).as_nanos() as u64;
+        for range in &self.awake {
+            let Some(replica) = self.replicas.get_mut(range) else { continue };
+            if *range == META_RANGE || !super::two_phase::txn_ready(replica) {
+                continue;
+            }
+            let prepared = replica.state.prepared_records().map(|r| r.prepare_ts.as_nanos()).min();
+            let reading = super::snapshot_reads::oldest_fixed(replica).map(|t| t.as_nanos());
+            let horizon = [Some(candidate), prepared.map(|t| t.saturating_sub(1)), reading]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("the candidate");
+            if horizon < replica.state.applied().gc_horizon.saturating_add(step) {
+                continue;
+            }
+            if replica.raft.propose(encode_gc(horizon)).is_ok() {
+                metrics::counter!("meridian_raft_proposals_total").increment(1);
+                debug!(range = range.0, horizon, "proposed garbage collection");
+            }
+        }
     }
 
     /// Lets every range this node leads move toward its target placement (see `placement.rs`),

@@ -47,8 +47,8 @@ use crate::raft_store::{
 };
 use crate::state_machine::{
     Applied, AppliedState, RangeSnapshotSource, RangeStateMachine, check_split_keys,
-    encode_allocate_range_ids, encode_delete, encode_one_phase_commit, encode_put, encode_split,
-    encode_update_descriptors, snapshot_descriptor, stage_initial_state, uncovered,
+    encode_allocate_range_ids, encode_delete, encode_gc, encode_one_phase_commit, encode_put,
+    encode_split, encode_update_descriptors, snapshot_descriptor, stage_initial_state, uncovered,
 };
 use crate::transport::Transport;
 use crate::{NodeError, RaftLogStore, RangeId};
@@ -78,6 +78,15 @@ const QUIESCED_PLACEMENT_EVERY: u64 = 10;
 const PLACEMENT_INTERVAL_TICKS: u64 = 10;
 /// The longest commit-wait before a write is failed instead of acknowledged.
 pub(crate) const MAX_COMMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Resolves at `deadline`, or never without one.
+async fn wake_at(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Acknowledges a write or commit at `timestamp` once `after(timestamp)` holds on this
 /// node's clock (commit-wait, Spanner §4.1.2), with how long that took. The write has
 /// committed; if the wait cannot finish (a stalled clock), its effect is not known to be
@@ -222,6 +231,9 @@ pub struct Driver<E: Engine> {
     /// can wake a replica (a message, a request, a membership change, a transfer) puts it
     /// back, and a cycle drops the ones that are quiet and idle again.
     awake: BTreeSet<RangeId>,
+    /// When the next committed transaction's commit-wait ends, so that its locks go then
+    /// rather than at the next tick (a hot row would otherwise take one commit per tick).
+    release_wakeup: Option<Instant>,
     /// Where work for other ranges goes.
     background: mpsc::UnboundedSender<Background>,
     /// A data range larger than this splits.
@@ -240,6 +252,8 @@ pub struct Driver<E: Engine> {
     seed: u64,
     /// The bound on every node's clock uncertainty the leases rely on.
     max_clock_offset: Duration,
+    /// See [`DriverOptions::gc_ttl`].
+    gc_ttl: Duration,
     /// Test-only rule breakers.
     switches: NodeSwitches,
 }
@@ -272,6 +286,50 @@ pub struct NodeSwitches {
     pub release_locks_at_proposal: bool,
     /// Raft's own rule breakers, for every replica.
     pub raft: meridian_raft::UnsafeSwitches,
+}
+
+impl NodeSwitches {
+    /// The names of the rule breakers, as [`NodeSwitches::set`] takes them.
+    pub const NAMES: [&'static str; 9] = [
+        "skip_commit_wait",
+        "serve_expired_lease",
+        "ignore_timestamp_floors",
+        "child_without_floor",
+        "serve_outside_span",
+        "snapshot_overwrites_newer_ranges",
+        "snapshot_keeps_old_data",
+        "snapshot_reads_ignore_prepared",
+        "release_locks_at_proposal",
+    ];
+
+    /// Turns on the rule breaker called `name` (one of [`NodeSwitches::NAMES`]).
+    ///
+    /// # Errors
+    ///
+    /// An unknown name, with the known ones.
+    pub fn set(&mut self, name: &str) -> Result<(), String> {
+        match name {
+            "skip_commit_wait" => self.skip_commit_wait = true,
+            "serve_expired_lease" => self.raft.serve_expired_lease = true,
+            "ignore_timestamp_floors" => self.ignore_timestamp_floors = true,
+            "child_without_floor" => self.child_without_floor = true,
+            "serve_outside_span" => self.serve_outside_span = true,
+            "snapshot_overwrites_newer_ranges" => self.snapshot_overwrites_newer_ranges = true,
+            "snapshot_keeps_old_data" => self.snapshot_keeps_old_data = true,
+            "snapshot_reads_ignore_prepared" => self.snapshot_reads_ignore_prepared = true,
+            "release_locks_at_proposal" => self.release_locks_at_proposal = true,
+            _ => {
+                return Err(format!("unknown switch `{name}` (known: {})", Self::NAMES.join(", ")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The switches with only `name` on, if it names one.
+    pub fn named(name: &str) -> Option<NodeSwitches> {
+        let mut switches = NodeSwitches::default();
+        switches.set(name).ok().map(|()| switches)
+    }
 }
 
 fn raft_interval(truetime: &TrueTime) -> Interval {
@@ -308,6 +366,9 @@ pub struct DriverOptions {
     /// The bound on every node's clock uncertainty (`--max-clock-offset-ms`), which leases
     /// rely on.
     pub max_clock_offset: Duration,
+    /// How long a version stays readable after a newer one replaced it: ranges collect
+    /// garbage below `now - gc_ttl` (see `maintenance.rs`).
+    pub gc_ttl: Duration,
     /// Test-only rule breakers (see [`NodeSwitches`]).
     pub switches: NodeSwitches,
 }
@@ -343,6 +404,7 @@ impl<E: Engine> Driver<E> {
             joined: options.initialized,
             liveness: (BTreeSet::new(), BTreeSet::new()),
             ticks_since_placement: 0,
+            release_wakeup: None,
             placement_rounds: 0,
             membership_rounds: 0,
             sweep_rounds,
@@ -356,6 +418,7 @@ impl<E: Engine> Driver<E> {
             crash_after_split: options.crash_after_split,
             seed: node_seed(options.node_id, options.seed),
             max_clock_offset: options.max_clock_offset,
+            gc_ttl: options.gc_ttl,
             switches: options.switches,
         };
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
@@ -385,6 +448,10 @@ impl<E: Engine> Driver<E> {
                             Err(_) => break,
                         }
                     }
+                }
+                () = wake_at(self.release_wakeup) => {
+                    self.release_wakeup = None;
+                    self.tick_txns();
                 }
                 _ = ticker.tick() => {
                     self.ticks_since_placement += 1;

@@ -223,6 +223,7 @@ impl<E: Engine> Driver<E> {
             max_timestamp: 0,
             descriptor: RangeDescriptor { id, start: Vec::new(), end: None, generation: 0 },
             next_range_id,
+            gc_horizon: 0,
         };
         let data = state(FIRST_DATA_RANGE, 0);
         let mut meta = MetaIndex::default();

@@ -133,6 +133,12 @@ fn newest_unblocked<E: Engine>(
     }
 }
 
+/// The oldest timestamp a snapshot read waiting at `replica` was fixed at (garbage collection
+/// stays below it).
+pub(super) fn oldest_fixed<E: Engine>(replica: &Replica<E>) -> Option<Timestamp> {
+    replica.leadership.snapshot_reads.iter().filter_map(|read| read.fixed.map(|(t, _)| t)).min()
+}
+
 /// Whether a transaction prepared at `replica` at or below `t` writes what `target` reads.
 fn blocked<E: Engine>(replica: &Replica<E>, target: &SnapshotTarget, t: Timestamp) -> bool {
     replica.state.prepared_records().any(|record| {
@@ -148,6 +154,14 @@ fn serve<E: Engine>(
     t: Timestamp,
 ) -> Result<SnapshotResult, NodeError> {
     check_key(replica, target.first_key())?;
+    let horizon = replica.state.applied().gc_horizon;
+    if t.as_nanos() < horizon {
+        return Err(NodeError::InvalidArgument(format!(
+            "the read timestamp {} is below the range's GC horizon {horizon}: versions older \
+             than the GC TTL are collected",
+            t.as_nanos()
+        )));
+    }
     let refused = |error: StorageError| match error {
         StorageError::BelowGcHorizon { .. } => NodeError::InvalidArgument(error.to_string()),
         error => internal(error),
@@ -256,7 +270,10 @@ impl<E: Engine> Driver<E> {
                             ReadAt::Exact(t) => t,
                             ReadAt::MaxStaleness(staleness) => {
                                 let oldest = Timestamp::from_nanos(
-                                    interval.latest.saturating_sub(staleness.as_nanos() as u64),
+                                    interval
+                                        .latest
+                                        .saturating_sub(staleness.as_nanos() as u64)
+                                        .max(replica.state.applied().gc_horizon),
                                 );
                                 newest_unblocked(replica, &read.target, served, oldest)
                             }

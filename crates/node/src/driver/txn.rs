@@ -783,6 +783,10 @@ impl<E: Engine> Driver<E> {
             let (done, waiting): (Vec<_>, Vec<_>) =
                 releases.drain(..).partition(|(commit_ts, _)| interval.after(*commit_ts));
             *releases = waiting;
+            if let Some(next) = releases.iter().map(|(commit_ts, _)| *commit_ts).min() {
+                let wakeup = instant + interval.time_until_after(next);
+                self.release_wakeup = Some(self.release_wakeup.map_or(wakeup, |w| w.min(wakeup)));
+            }
             for (_, txn) in done {
                 table.release(txn);
             }

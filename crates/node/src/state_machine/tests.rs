@@ -101,6 +101,7 @@ fn snapshot_of(descriptor: RangeDescriptor, keys: &[&str]) -> Snapshot {
         stream_id: 0,
         prepared: Vec::new(),
         decisions: Vec::new(),
+        gc_horizon: 6,
     };
     Snapshot {
         metadata: SnapshotMetadata {
@@ -359,6 +360,57 @@ fn one_phase_commits_at_or_below_the_gc_horizon_are_refused() {
     let commit = encode_one_phase_commit(TxnId(1), &[write], 100);
     assert!(matches!(apply_command(&mut machine, 2, commit), Applied::Rejected(_)));
     assert!(contents(&mvcc).is_empty());
+}
+
+/// A GC record collects the range's garbage below its horizon and nothing outside the span;
+/// the horizon persists, only moves forward, stays below prepared transactions, raises the
+/// timestamp floor, and passes to split-off ranges and through snapshots.
+#[test]
+fn gc_records_collect_the_span_below_the_horizon() {
+    // "b" (inside [a, m)) and "x" (outside) at 5; newer versions of "b" at 10 and 20.
+    let (mvcc, mut machine) = data_state_machine(&["b", "x"]);
+    apply_command(&mut machine, 2, encode_put(b"b", b"ten", 10));
+    apply_command(&mut machine, 3, encode_put(b"b", b"twenty", 20));
+    let versions = |key: &[u8]| mvcc.dump().unwrap().into_iter().filter(|v| v.key == key).count();
+    assert_eq!(
+        apply_command(&mut machine, 4, encode_gc(15)),
+        Applied::Collected { horizon: 15, versions_removed: 1 }
+    );
+    assert_eq!((versions(b"b"), versions(b"x")), (2, 1), "only b@5 goes");
+    assert_eq!(mvcc.get(b"b", Timestamp::from_nanos(15)).unwrap().unwrap().value, b"ten");
+    assert_eq!(machine.applied().gc_horizon, 15);
+    assert_eq!(machine.applied().max_timestamp, 20);
+    // An older or equal horizon changes nothing.
+    assert_eq!(apply_command(&mut machine, 5, encode_gc(12)), Applied::Nothing);
+    assert_eq!(RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap().applied().gc_horizon, 15);
+    // A prepared transaction holds the horizon below its timestamp.
+    let record = participant_record(1, 30, &[("c", Some("x"))]);
+    apply_command(&mut machine, 6, encode_prepare(&record));
+    assert!(matches!(apply_command(&mut machine, 7, encode_gc(30)), Applied::Rejected(_)));
+    assert_eq!(machine.applied().gc_horizon, 15);
+    apply_command(
+        &mut machine,
+        8,
+        encode_outcome(TxnId(1), &Decision::Abort { reason: "test".into() }),
+    );
+    // A horizon above every version raises the floor: later writes land above it.
+    assert_eq!(
+        apply_command(&mut machine, 9, encode_gc(40)),
+        Applied::Collected { horizon: 40, versions_removed: 1 }
+    );
+    assert_eq!(machine.applied().max_timestamp, 40);
+    assert_eq!(machine.child_state(span("f", Some("m"))).gc_horizon, 40);
+    let source = RangeSnapshotSource {
+        range: RangeId(9),
+        mvcc: mvcc.clone(),
+        registry: Arc::new(SnapshotRegistry::default()),
+    };
+    let snapshot = source.snapshot().unwrap();
+    let (other_mvcc, mut other) = data_state_machine(&[]);
+    let mut batch = WriteBatch::new();
+    other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
+    other_mvcc.engine().write(batch, true).unwrap();
+    assert_eq!(other.applied().gc_horizon, 40);
 }
 
 /// Snapshots carry prepared transactions and decisions, and installing one replaces the

@@ -15,7 +15,8 @@
 //! Put values are unique per operation. A scan contributes one read per key in its span (the
 //! scan is not a snapshot, but each range's part is linearizable, so each row is a read that
 //! took effect between the scan's invocation and completion; a key the scan did not return was
-//! absent, at an unknown tombstone timestamp).
+//! absent, at an unknown tombstone timestamp). So is a read that found no version at all:
+//! ranges collect garbage (tombstones included) below their GC horizon.
 //!
 //! Checks, per key ([`check`]):
 //!
@@ -200,10 +201,13 @@ impl Record {
         self.write(invocation, value, &outcome)
     }
 
-    /// Records a read that returned `version`.
+    /// Records a read that returned `version`. A key found with no version at all (never
+    /// written, or its tombstone collected below the range's GC horizon) reads as absent at an
+    /// unknown timestamp, as a scan's missing keys do; linearizability still checks it.
     pub fn read(&self, invocation: Invocation, version: &Version) {
         let value = version.value.as_ref().map(|value| String::from_utf8_lossy(value).into_owned());
-        let entry = self.entry(invocation, Op::Read(value), true, Some(version.timestamp));
+        let timestamp = (value.is_some() || version.timestamp != 0).then_some(version.timestamp);
+        let entry = self.entry(invocation, Op::Read(value), true, timestamp);
         self.history.lock().push(entry);
     }
 

@@ -47,11 +47,11 @@
 //! order that depends on process-wide task ids).
 //!
 //! Each test-only rule breaker of the node (`NodeSwitches`) has a test showing that the suite's
-//! fixed seeds catch it by an invariant, and that the catching seed passes with it off — except
-//! `snapshot_keeps_old_data`, which changes nothing observable while the node collects no MVCC
-//! garbage (see its test). Targeted tests: deposed leaders must refuse reads
-//! (`deposed_leaders_refuse_reads`), a clock skewed beyond its ε must be noticed
-//! (`clock_skew_beyond_the_bound_is_refused`), replays are exact (`replays_are_exact`).
+//! fixed seeds catch it by an invariant, and that the catching seed passes with it off.
+//! Ranges collect garbage during the runs (a GC TTL of 10 s). Targeted tests: deposed leaders
+//! must refuse reads (`deposed_leaders_refuse_reads`), a clock skewed beyond its ε must be
+//! noticed (`clock_skew_beyond_the_bound_is_refused`), replays are exact
+//! (`replays_are_exact`).
 
 mod bank;
 mod faults;
@@ -73,6 +73,9 @@ use parking_lot::Mutex;
 
 use faults::{ClockProfile, Fault, FaultKind};
 use workload::{ProbeStats, Shared};
+
+/// Versions stay readable this long; ranges collect older garbage during the runs.
+const GC_TTL: Duration = Duration::from_secs(10);
 
 /// Nodes 1–3 form the cluster; node 4 joins later and must receive replicas.
 const NODES: usize = 4;
@@ -220,6 +223,7 @@ fn node_options(node: usize, profile: &ClockProfile, switches: NodeSwitches) -> 
         // Often, so that a replica removed while it was cut off and quiesced is collected
         // within the settle limit.
         replica_check_interval: Duration::from_secs(20),
+        gc_ttl: GC_TTL,
         switches,
     }
 }
@@ -687,39 +691,9 @@ fn replay_command(seed: u64, options: Options) -> String {
     format!("{command} cargo test -p meridian-node --test simulation cluster_survives")
 }
 
-/// The rule breakers the tests use, by name.
-fn switches_named(name: &str) -> Option<NodeSwitches> {
-    let mut switches = NodeSwitches::default();
-    match name {
-        "skip_commit_wait" => switches.skip_commit_wait = true,
-        "serve_expired_lease" => switches.raft.serve_expired_lease = true,
-        "ignore_timestamp_floors" => switches.ignore_timestamp_floors = true,
-        "child_without_floor" => switches.child_without_floor = true,
-        "serve_outside_span" => switches.serve_outside_span = true,
-        "snapshot_overwrites_newer_ranges" => switches.snapshot_overwrites_newer_ranges = true,
-        "snapshot_keeps_old_data" => switches.snapshot_keeps_old_data = true,
-        "snapshot_reads_ignore_prepared" => switches.snapshot_reads_ignore_prepared = true,
-        "release_locks_at_proposal" => switches.release_locks_at_proposal = true,
-        _ => return None,
-    }
-    Some(switches)
-}
-
 /// The name of the one rule breaker `switches` sets, if any.
 fn switch_name(switches: NodeSwitches) -> Option<&'static str> {
-    [
-        "skip_commit_wait",
-        "serve_expired_lease",
-        "ignore_timestamp_floors",
-        "child_without_floor",
-        "serve_outside_span",
-        "snapshot_overwrites_newer_ranges",
-        "snapshot_keeps_old_data",
-        "snapshot_reads_ignore_prepared",
-        "release_locks_at_proposal",
-    ]
-    .into_iter()
-    .find(|name| switches_named(name) == Some(switches))
+    NodeSwitches::NAMES.into_iter().find(|name| NodeSwitches::named(name) == Some(switches))
 }
 
 fn run_or_panic(seed: u64, options: Options) -> Outcome {
@@ -744,7 +718,8 @@ fn cluster_survives_partitions_crashes_and_message_loss() {
             _ => Mode::Default,
         };
         if let Ok(name) = std::env::var("MERIDIAN_SIM_SWITCH") {
-            options.switches = switches_named(&name).expect("MERIDIAN_SIM_SWITCH names a switch");
+            options.switches =
+                NodeSwitches::named(&name).expect("MERIDIAN_SIM_SWITCH names a switch");
         }
     }
     for seed in seeds() {
@@ -829,13 +804,10 @@ fn suite_catches_snapshots_over_newer_ranges() {
     assert_suite_catches("snapshot_overwrites_newer_ranges", switches);
 }
 
-/// Not caught, and not catchable here: a replica's old data in a snapshot's span is always part
-/// of the history that the snapshot (taken later, of the range that owns the span now) holds
-/// too — versions are never rewritten, and the node has no MVCC garbage collection and no
-/// merges that would drop them — so keeping it changes no read and no replica's contents.
-/// Ignored until the node collects garbage; run with `--ignored` to see it pass every seed.
+/// Observable only since ranges collect garbage: a replica that keeps its old data when a
+/// snapshot replaces it holds versions the others collected (seed 24 finds a replica with
+/// versions its leader no longer has).
 #[test]
-#[ignore = "old data is always a subset of the snapshot without MVCC GC or merges"]
 fn suite_catches_snapshots_keeping_old_data() {
     let switches = NodeSwitches { snapshot_keeps_old_data: true, ..NodeSwitches::default() };
     assert_suite_catches("snapshot_keeps_old_data", switches);

@@ -134,6 +134,20 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_running() {
         "0",
     ]);
     assert_eq!(output.status.code(), Some(2), "a zero replica-check interval: {output:?}");
+    let store = cluster.directory.path().join("switch");
+    let output = meridian(&[
+        "start",
+        "--node-id",
+        "1",
+        "--store",
+        store.to_str().unwrap(),
+        "--rpc-listen",
+        "127.0.0.1:1",
+        "--unsafe-switch",
+        "no_such_rule",
+    ]);
+    assert!(!output.status.success(), "an unknown switch: {output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("skip_commit_wait"), "{output:?}");
 }
 
 #[tokio::test]
