@@ -105,7 +105,8 @@ pub type Row = (Vec<u8>, Vec<u8>, u64);
 pub struct Version {
     /// The value; `None` if the key was deleted or never written.
     pub value: Option<Vec<u8>>,
-    /// The commit timestamp of the version (a deletion's too); 0 if the key was never written.
+    /// The commit timestamp of the version (a deletion's too); 0 if the key was never written,
+    /// or if its deletion was collected (see the node's GC TTL).
     pub timestamp: u64,
 }
 

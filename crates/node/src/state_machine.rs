@@ -133,8 +133,9 @@ pub enum Applied {
     Decided { txn: TxnId, decision: Decision },
     /// An outcome applied (or found nothing prepared to resolve).
     Resolved { txn: TxnId },
-    /// The range's garbage below a new GC horizon was collected.
-    Collected { horizon: u64, versions_removed: u64 },
+    /// The range's GC horizon moved: the caller collects the garbage below it in the span
+    /// `[start, end)` once the batch is written ([`RangeStateMachine::stage_collect`]).
+    Collect { horizon: u64, start: Vec<u8>, end: Option<Vec<u8>> },
     /// The write's key is outside the range's span (a split applied first).
     KeyNotInRange,
     /// The command was invalid; every replica rejects it alike.
@@ -281,6 +282,12 @@ pub struct RangeStateMachine<E: Engine> {
     meta: Option<MetaIndex>,
     /// Prepared transactions and decisions (data ranges; empty on the meta range).
     txn: TxnState,
+    /// Spans of this range's descriptor that newer replicas on this node own: ranges split
+    /// off it whose replicas here started from a snapshot before this replica applied the
+    /// split (node memory; the driver recomputes it when it opens the store). Writes this
+    /// replica replays into them are skipped: the newer replica holds that data already, and
+    /// may have collected versions a replay would bring back.
+    ceded: Vec<RangeDescriptor>,
 }
 
 impl<E: Engine> RangeStateMachine<E> {
@@ -299,7 +306,36 @@ impl<E: Engine> RangeStateMachine<E> {
         } else {
             TxnState::load(mvcc.engine().as_ref(), range)?
         };
-        Ok(RangeStateMachine { range, mvcc, applied, meta, txn })
+        Ok(RangeStateMachine { range, mvcc, applied, meta, txn, ceded: Vec::new() })
+    }
+
+    /// Records that `owner`, a newer range overlapping this one, has its replica on this node
+    /// (see `ceded`).
+    pub fn cede(&mut self, owner: &RangeDescriptor) {
+        if owner.generation > self.applied.descriptor.generation
+            && owner.overlaps(&self.applied.descriptor)
+            && !self.ceded.contains(owner)
+        {
+            self.ceded.push(owner.clone());
+        }
+    }
+
+    /// The spans newer replicas on this node own (see `ceded`).
+    #[cfg(test)]
+    pub fn ceded(&self) -> &[RangeDescriptor] {
+        &self.ceded
+    }
+
+    /// Stages a version unless a newer replica on this node owns its key (see `ceded`).
+    fn stage_version(
+        &self,
+        batch: &mut WriteBatch,
+        version: &VersionWrite,
+    ) -> meridian_storage::Result<()> {
+        if self.ceded.iter().any(|owner| owner.contains(&version.key)) {
+            return Ok(());
+        }
+        self.mvcc.add_to_batch(batch, version)
     }
 
     /// Returns the applied state.
@@ -424,12 +460,14 @@ impl<E: Engine> RangeStateMachine<E> {
             Some(Operation::Commit(commit)) if !is_meta => {
                 self.apply_one_phase_commit(batch, &commit, command.timestamp)
             }
-            Some(Operation::Gc(horizon)) if !is_meta => self.apply_gc(batch, horizon),
+            Some(Operation::Gc(horizon)) if !is_meta => self.apply_gc(horizon),
             Some(Operation::Split(split)) if !is_meta => {
                 match split_descriptors(&self.applied.descriptor, &self.applied.config, &split) {
                     Ok(children) => {
                         self.applied.descriptor.end = Some(split.keys[0].clone());
                         self.applied.descriptor.generation += 1;
+                        let descriptor = &self.applied.descriptor;
+                        self.ceded.retain(|owner| owner.overlaps(descriptor));
                         // The new ranges start from this floor (`child_state`).
                         self.applied.max_timestamp =
                             self.applied.max_timestamp.max(split.timestamp_floor);
@@ -474,8 +512,13 @@ impl<E: Engine> RangeStateMachine<E> {
         if !self.applied.descriptor.contains(&key) {
             return Ok(Applied::KeyNotInRange);
         }
+        if timestamp <= self.applied.gc_horizon {
+            return Ok(Applied::Rejected(format!(
+                "write timestamp {timestamp} is at or below the range's GC horizon"
+            )));
+        }
         let write = VersionWrite { key, commit_ts: Timestamp::from_nanos(timestamp), value };
-        match self.mvcc.add_to_batch(batch, &write) {
+        match self.stage_version(batch, &write) {
             Ok(()) => {
                 self.applied.max_timestamp = self.applied.max_timestamp.max(timestamp);
                 Ok(Applied::Write(timestamp))
@@ -485,11 +528,15 @@ impl<E: Engine> RangeStateMachine<E> {
         }
     }
 
-    /// Collects the span's garbage below `horizon`, the same on every replica (their data is
-    /// the same at this entry). The horizon only moves forward, never to or above a prepared
-    /// transaction's timestamp (it may still commit there), and raises the range's timestamp
-    /// floor, so no write ever lands at or below it.
-    fn apply_gc(&mut self, batch: &mut WriteBatch, horizon: u64) -> RaftResult<Applied> {
+    /// Moves the range's GC horizon to `horizon` and asks the caller to collect the span's
+    /// garbage below it ([`Applied::Collect`]) once this entry's batch — and the batch of every
+    /// entry before it — is in the store: collecting from the store alone while earlier
+    /// entries of the same batch are not would miss their versions, and replicas applying in
+    /// different batches would then differ. What is collected depends only on versions at or
+    /// below the horizon, which only earlier entries write (later ones are timestamped above
+    /// the range's floor, which this raises to the horizon). The horizon only moves forward,
+    /// never to or above a prepared transaction's timestamp (it may still commit there).
+    fn apply_gc(&mut self, horizon: u64) -> RaftResult<Applied> {
         if horizon <= self.applied.gc_horizon {
             return Ok(Applied::Nothing);
         }
@@ -501,19 +548,46 @@ impl<E: Engine> RangeStateMachine<E> {
                 prepared.as_nanos()
             )));
         }
-        let descriptor = &self.applied.descriptor;
-        let stats = self
-            .mvcc
-            .stage_gc(
-                batch,
-                &descriptor.start,
-                descriptor.end.as_deref(),
-                Timestamp::from_nanos(horizon),
-            )
-            .map_err(storage_error)?;
         self.applied.gc_horizon = horizon;
         self.applied.max_timestamp = self.applied.max_timestamp.max(horizon);
-        Ok(Applied::Collected { horizon, versions_removed: stats.versions_removed })
+        let descriptor = &self.applied.descriptor;
+        Ok(Applied::Collect {
+            horizon,
+            start: descriptor.start.clone(),
+            end: descriptor.end.clone(),
+        })
+    }
+
+    /// Stages into `batch` the removal of the garbage below `horizon` in `[start, end)`, except
+    /// in spans newer replicas on this node own (they collect their own), for an
+    /// [`Applied::Collect`]. Returns how many versions it removes.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn stage_collect(
+        &self,
+        batch: &mut WriteBatch,
+        start: &[u8],
+        end: Option<&[u8]>,
+        horizon: u64,
+    ) -> RaftResult<u64> {
+        let span = RangeDescriptor {
+            id: self.range,
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            generation: 0,
+        };
+        let mut removed = 0;
+        for (start, end) in uncovered(&span, &self.ceded) {
+            let horizon = Timestamp::from_nanos(horizon);
+            let stats = self
+                .mvcc
+                .stage_gc(batch, &start, end.as_deref(), horizon)
+                .map_err(storage_error)?;
+            removed += stats.versions_removed;
+        }
+        Ok(removed)
     }
 
     /// Applies a prepare record: every write and lock must lie in the span (a split may
@@ -637,7 +711,7 @@ impl<E: Engine> RangeStateMachine<E> {
             Resolution::Commit { commit_ts, writes } => {
                 for write in writes {
                     let version = VersionWrite { key: write.key, commit_ts, value: write.value };
-                    self.mvcc.add_to_batch(batch, &version).map_err(storage_error)?;
+                    self.stage_version(batch, &version).map_err(storage_error)?;
                 }
                 self.applied.max_timestamp = self.applied.max_timestamp.max(commit_ts.as_nanos());
                 TxnState::stage_resolved(self.range, txn, batch);
@@ -663,7 +737,7 @@ impl<E: Engine> RangeStateMachine<E> {
             return Ok(Applied::KeyNotInRange);
         }
         let commit_ts = Timestamp::from_nanos(timestamp);
-        if commit_ts <= self.mvcc.gc_horizon() {
+        if commit_ts <= self.mvcc.gc_horizon() || timestamp <= self.applied.gc_horizon {
             return Ok(Applied::Rejected(format!(
                 "commit timestamp {timestamp} is at or below the GC horizon"
             )));
@@ -671,7 +745,7 @@ impl<E: Engine> RangeStateMachine<E> {
         for write in &commit.writes {
             let version =
                 VersionWrite { key: write.key.clone(), commit_ts, value: write.value.clone() };
-            self.mvcc.add_to_batch(batch, &version).map_err(storage_error)?;
+            self.stage_version(batch, &version).map_err(storage_error)?;
         }
         self.applied.max_timestamp = self.applied.max_timestamp.max(timestamp);
         Ok(Applied::Write(timestamp))
@@ -762,6 +836,9 @@ impl<E: Engine> RangeStateMachine<E> {
             next_range_id: data.next_range_id,
             gc_horizon: data.gc_horizon,
         };
+        let descriptor = &self.applied.descriptor;
+        self.ceded
+            .retain(|owner| owner.generation > descriptor.generation && owner.overlaps(descriptor));
         self.stage_applied_state(batch);
         Ok(())
     }

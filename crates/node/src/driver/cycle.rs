@@ -35,6 +35,9 @@ impl<E: Engine> Driver<E> {
                 .stage_install(snapshot, &protected, clear, &mut durable)
                 .map_err(internal)?;
             replica.size_bytes = None;
+            let installed = replica.state.descriptor().clone();
+            self.cede_to_newer(&installed);
+            let replica = self.replicas.get_mut(range).expect("replica exists");
             // What became of proposals in the log the snapshot replaced is unknown here.
             replica.leadership.abandon(
                 || NodeError::Unavailable("the replica was replaced by a snapshot".into()),
@@ -76,6 +79,8 @@ impl<E: Engine> Driver<E> {
         }
         let mut applied_batch = WriteBatch::new();
         let mut acknowledgements = Vec::new();
+        // Garbage to collect once the applied batch is written: `(range, start, end, horizon)`.
+        let mut collections = Vec::new();
         // The earliest commit whose locks go once its commit-wait is over.
         let mut first_release: Option<Timestamp> = None;
         // Replicas of ranges split off here, created once the loop is done, and whether this
@@ -108,12 +113,8 @@ impl<E: Engine> Driver<E> {
                             *size += data.len() as u64;
                         }
                     }
-                    Applied::Collected { horizon, versions_removed } => {
-                        debug!(range = range.0, horizon, versions_removed, "garbage collected");
-                        // The size estimate is recomputed from the store when next needed.
-                        replica.size_bytes = None;
-                        metrics::counter!("meridian_gc_versions_removed_total")
-                            .increment(*versions_removed);
+                    Applied::Collect { horizon, start, end } => {
+                        collections.push((range, start.clone(), end.clone(), *horizon));
                     }
                     Applied::Decided { txn, decision } => {
                         debug!(range = range.0, %txn, ?decision, "transaction decided");
@@ -306,6 +307,7 @@ impl<E: Engine> Driver<E> {
         if !applied_batch.is_empty() {
             self.engine.write(applied_batch, sync).map_err(internal)?;
         }
+        self.collect_applied_garbage(collections)?;
         for child in &children {
             let range = child.applied.descriptor.id;
             self.open_replica(range)?;
@@ -361,6 +363,47 @@ impl<E: Engine> Driver<E> {
         self.settle_all_txn_events();
         self.forget_quiet_replicas();
         Ok(())
+    }
+
+    /// Collects the garbage of the GC records this cycle applied, now that everything applied
+    /// before them is in the store (see `RangeStateMachine::apply_gc`). Unsynced: a crash
+    /// before it reaches the disk leaves garbage no read at or above the horizon can see, and
+    /// the next collection removes it.
+    fn collect_applied_garbage(
+        &mut self,
+        collections: Vec<(RangeId, Vec<u8>, Option<Vec<u8>>, u64)>,
+    ) -> Result<(), NodeError> {
+        for (range, start, end, horizon) in collections {
+            let Some(replica) = self.replicas.get_mut(&range) else { continue };
+            let mut batch = WriteBatch::new();
+            let removed = replica
+                .state
+                .stage_collect(&mut batch, &start, end.as_deref(), horizon)
+                .map_err(internal)?;
+            if !batch.is_empty() {
+                self.engine.write(batch, false).map_err(internal)?;
+            }
+            debug!(range = range.0, horizon, removed, "garbage collected");
+            metrics::counter!("meridian_gc_versions_removed_total").increment(removed);
+            // The size estimate is recomputed from the store when next needed.
+            replica.size_bytes = None;
+        }
+        Ok(())
+    }
+
+    /// Tells the older replicas on this node that overlap `newer` (a range's descriptor after
+    /// its replica here installed a snapshot) that its span is no longer theirs: they have
+    /// not applied the split that made it, and must not replay writes into it.
+    pub(super) fn cede_to_newer(&mut self, newer: &RangeDescriptor) {
+        if newer.id == META_RANGE {
+            return;
+        }
+        for other in self.replicas.values_mut() {
+            if other.range != newer.id && other.range != META_RANGE && other.state.is_initialized()
+            {
+                other.state.cede(newer);
+            }
+        }
     }
 
     /// Returns the descriptors of the initialized replicas on this node that overlap the span of

@@ -29,7 +29,8 @@ pub struct ScanResult {
 /// A read a client asked for.
 pub enum ReadRequest {
     /// The latest value of a key (`None` if absent), with the commit timestamp of its latest
-    /// version (its tombstone's if deleted; 0 if it never existed).
+    /// version (its tombstone's if deleted; 0 if it never existed, or if its tombstone was
+    /// collected below the range's GC horizon).
     Get { range: RangeId, key: Vec<u8>, reply: Reply<(Option<Vec<u8>>, u64)> },
     /// Keys in `[start, end)` of one range with their latest values, at most `limit`.
     Scan {

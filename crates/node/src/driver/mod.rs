@@ -424,8 +424,38 @@ impl<E: Engine> Driver<E> {
         for range in stored_ranges(driver.engine.as_ref()).map_err(internal)? {
             driver.open_replica(range)?;
         }
+        driver.cede_overlapping_spans();
         info!(replicas = driver.replicas.len(), "replicas opened");
         Ok(driver)
+    }
+
+    /// Tells every replica which parts of its span newer replicas on this node own (see
+    /// `RangeStateMachine::cede`): after a restart, a replica still behind a split whose
+    /// child's replica here started from a snapshot. Spans of one lineage rarely overlap, so
+    /// a sweep over the descriptors sorted by start key finds the pairs.
+    fn cede_overlapping_spans(&mut self) {
+        let mut descriptors: Vec<RangeDescriptor> = self
+            .replicas
+            .values()
+            .filter(|replica| replica.range != META_RANGE && replica.state.is_initialized())
+            .map(|replica| replica.state.descriptor().clone())
+            .collect();
+        descriptors.sort_by(|a, b| a.start.cmp(&b.start));
+        for (i, first) in descriptors.iter().enumerate() {
+            for second in &descriptors[i + 1..] {
+                if first.end.as_ref().is_some_and(|end| second.start >= *end) {
+                    break;
+                }
+                let (older, newer) = if first.generation < second.generation {
+                    (first, second)
+                } else {
+                    (second, first)
+                };
+                if let Some(replica) = self.replicas.get_mut(&older.id) {
+                    replica.state.cede(newer);
+                }
+            }
+        }
     }
 
     /// Runs the driver until the event channel closes or storage fails.

@@ -362,6 +362,46 @@ fn one_phase_commits_at_or_below_the_gc_horizon_are_refused() {
     assert!(contents(&mvcc).is_empty());
 }
 
+/// Applies a GC record at `index` and, as the driver does once the batch is written, collects
+/// what it asks for; returns how many versions went (`None` if it asked for nothing).
+fn collect(
+    machine: &mut RangeStateMachine<meridian_storage::MemoryEngine>,
+    index: u64,
+    horizon: u64,
+) -> Option<u64> {
+    let Applied::Collect { horizon, start, end } =
+        apply_command(machine, index, encode_gc(horizon))
+    else {
+        return None;
+    };
+    let mut batch = WriteBatch::new();
+    let removed = machine.stage_collect(&mut batch, &start, end.as_deref(), horizon).unwrap();
+    machine.mvcc.engine().write(batch, false).unwrap();
+    Some(removed)
+}
+
+/// A replica behind a split whose child's replica on this node is newer skips the writes it
+/// replays into the child's span, and leaves the child's garbage to the child.
+#[test]
+fn ceded_spans_take_no_replayed_writes() {
+    // "b" and "g" at 5 in [a, m); the child [f, m) has its replica here, newer.
+    let (mvcc, mut machine) = data_state_machine(&["b", "g"]);
+    let child = RangeDescriptor { generation: 1, ..span("f", Some("m")) };
+    machine.cede(&child);
+    machine.cede(&RangeDescriptor { generation: 1, ..span("x", Some("z")) });
+    assert_eq!(machine.ceded(), &[child][..], "only an overlapping newer range is ceded");
+    apply_command(&mut machine, 2, encode_put(b"b", b"b10", 10));
+    apply_command(&mut machine, 3, encode_put(b"g", b"g10", 10));
+    assert_eq!(mvcc.get(b"g", Timestamp::MAX).unwrap().unwrap().value, b"old", "skipped");
+    assert_eq!(mvcc.get(b"b", Timestamp::MAX).unwrap().unwrap().value, b"b10");
+    apply_command(&mut machine, 4, encode_put(b"g", b"g11", 11));
+    assert_eq!(collect(&mut machine, 5, 20), Some(1), "b@5 goes, g's versions are the child's");
+    // Applying the split leaves nothing to cede.
+    let split = encode_split(vec![b"f".to_vec()], vec![10], 0);
+    assert!(matches!(apply_command(&mut machine, 6, split), Applied::Split(_)));
+    assert!(machine.ceded().is_empty());
+}
+
 /// A GC record collects the range's garbage below its horizon and nothing outside the span;
 /// the horizon persists, only moves forward, stays below prepared transactions, raises the
 /// timestamp floor, and passes to split-off ranges and through snapshots.
@@ -372,16 +412,13 @@ fn gc_records_collect_the_span_below_the_horizon() {
     apply_command(&mut machine, 2, encode_put(b"b", b"ten", 10));
     apply_command(&mut machine, 3, encode_put(b"b", b"twenty", 20));
     let versions = |key: &[u8]| mvcc.dump().unwrap().into_iter().filter(|v| v.key == key).count();
-    assert_eq!(
-        apply_command(&mut machine, 4, encode_gc(15)),
-        Applied::Collected { horizon: 15, versions_removed: 1 }
-    );
+    assert_eq!(collect(&mut machine, 4, 15), Some(1));
     assert_eq!((versions(b"b"), versions(b"x")), (2, 1), "only b@5 goes");
     assert_eq!(mvcc.get(b"b", Timestamp::from_nanos(15)).unwrap().unwrap().value, b"ten");
     assert_eq!(machine.applied().gc_horizon, 15);
     assert_eq!(machine.applied().max_timestamp, 20);
     // An older or equal horizon changes nothing.
-    assert_eq!(apply_command(&mut machine, 5, encode_gc(12)), Applied::Nothing);
+    assert_eq!(collect(&mut machine, 5, 12), None);
     assert_eq!(RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap().applied().gc_horizon, 15);
     // A prepared transaction holds the horizon below its timestamp.
     let record = participant_record(1, 30, &[("c", Some("x"))]);
@@ -394,10 +431,9 @@ fn gc_records_collect_the_span_below_the_horizon() {
         encode_outcome(TxnId(1), &Decision::Abort { reason: "test".into() }),
     );
     // A horizon above every version raises the floor: later writes land above it.
-    assert_eq!(
-        apply_command(&mut machine, 9, encode_gc(40)),
-        Applied::Collected { horizon: 40, versions_removed: 1 }
-    );
+    assert_eq!(collect(&mut machine, 9, 40), Some(1));
+    let late = apply_command(&mut machine, 10, encode_put(b"b", b"late", 40));
+    assert!(matches!(late, Applied::Rejected(_)), "{late:?}");
     assert_eq!(machine.applied().max_timestamp, 40);
     assert_eq!(machine.child_state(span("f", Some("m"))).gc_horizon, 40);
     let source = RangeSnapshotSource {
