@@ -604,6 +604,12 @@ impl<E: Engine> RangeStateMachine<E> {
         if record.prepare_ts == Timestamp::ZERO {
             return Ok(Applied::Rejected("a prepare record without a timestamp".into()));
         }
+        if record.prepare_ts.as_nanos() <= self.applied.gc_horizon {
+            return Ok(Applied::Rejected(format!(
+                "prepare timestamp {} is at or below the range's GC horizon",
+                record.prepare_ts.as_nanos()
+            )));
+        }
         let descriptor = &self.applied.descriptor;
         let inside = record.writes.iter().all(|write| descriptor.contains(&write.key))
             && record.locks.iter().all(|(_, span)| span_inside(descriptor, span));

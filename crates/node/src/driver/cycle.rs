@@ -21,8 +21,18 @@ impl<E: Engine> Driver<E> {
             let ready = replica.raft.ready().map_err(internal)?;
             readies.push((replica.range, ready));
         }
-        for (range, ready) in &readies {
-            let Some(snapshot) = &ready.snapshot else { continue };
+        // Newest spans first: a replica installing a snapshot from before a split must see
+        // the replicas of the ranges split off it that install in the same cycle, to leave
+        // their spans alone (`newer_overlapping_replicas` reads their in-memory state).
+        let mut installs: Vec<(RangeId, &Snapshot)> = readies
+            .iter()
+            .filter_map(|(range, ready)| ready.snapshot.as_ref().map(|snapshot| (*range, snapshot)))
+            .collect();
+        installs.sort_by_key(|(_, snapshot)| {
+            std::cmp::Reverse(snapshot_descriptor(snapshot).map_or(0, |d| d.generation))
+        });
+        for (range, snapshot) in installs {
+            let range = &range;
             let protected = if self.switches.snapshot_overwrites_newer_ranges {
                 Vec::new()
             } else {
@@ -37,6 +47,7 @@ impl<E: Engine> Driver<E> {
             replica.size_bytes = None;
             let installed = replica.state.descriptor().clone();
             self.cede_to_newer(&installed);
+            self.cede_from(*range);
             let replica = self.replicas.get_mut(range).expect("replica exists");
             // What became of proposals in the log the snapshot replaced is unknown here.
             replica.leadership.abandon(
@@ -311,6 +322,7 @@ impl<E: Engine> Driver<E> {
         for child in &children {
             let range = child.applied.descriptor.id;
             self.open_replica(range)?;
+            self.cede_from(range);
             // One voter campaigns at once for each new range, so that it serves within a
             // round trip rather than an election timeout.
             if let Some(replica) = self.replicas.get_mut(&range) {
@@ -402,6 +414,28 @@ impl<E: Engine> Driver<E> {
             if other.range != newer.id && other.range != META_RANGE && other.state.is_initialized()
             {
                 other.state.cede(newer);
+            }
+        }
+    }
+
+    /// Tells `range`'s replica which parts of its span newer replicas on this node own (it
+    /// was just created by a split it may be behind of, or installed a snapshot from before
+    /// one).
+    pub(super) fn cede_from(&mut self, range: RangeId) {
+        if range == META_RANGE {
+            return;
+        }
+        let newer: Vec<RangeDescriptor> = self
+            .replicas
+            .values()
+            .filter(|other| {
+                other.range != range && other.range != META_RANGE && other.state.is_initialized()
+            })
+            .map(|other| other.state.descriptor().clone())
+            .collect();
+        if let Some(replica) = self.replicas.get_mut(&range) {
+            for owner in &newer {
+                replica.state.cede(owner);
             }
         }
     }

@@ -434,6 +434,9 @@ fn gc_records_collect_the_span_below_the_horizon() {
     assert_eq!(collect(&mut machine, 9, 40), Some(1));
     let late = apply_command(&mut machine, 10, encode_put(b"b", b"late", 40));
     assert!(matches!(late, Applied::Rejected(_)), "{late:?}");
+    let late = participant_record(2, 40, &[("c", Some("x"))]);
+    let late = apply_command(&mut machine, 11, encode_prepare(&late));
+    assert!(matches!(late, Applied::Rejected(_)), "{late:?}");
     assert_eq!(machine.applied().max_timestamp, 40);
     assert_eq!(machine.child_state(span("f", Some("m"))).gc_horizon, 40);
     let source = RangeSnapshotSource {
