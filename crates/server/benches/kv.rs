@@ -9,13 +9,9 @@ use meridian_client::{Client, ClientOptions};
 
 mod common;
 
-use common::LocalCluster;
+use common::{LocalCluster, percentile};
 
 const MEASURE: Duration = Duration::from_secs(5);
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    sorted[((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1)]
-}
 
 /// Waits until the cluster accepts writes (a leader holds its lease).
 async fn warm_up(client: &Client) {

@@ -21,16 +21,12 @@ use meridian_client::{Client, ClientOptions, ReadTimestamp, TxnError};
 
 mod common;
 
-use common::LocalCluster;
+use common::{LocalCluster, percentile};
 
 /// How long each row runs.
 const MEASURE: Duration = Duration::from_secs(5);
 /// The ranges the keys are spread over: range `i` holds the keys starting with `r{i}`.
 const RANGES: usize = 10;
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    sorted[((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1)]
-}
 
 fn mean(values: &[Duration]) -> Duration {
     values.iter().sum::<Duration>() / u32::try_from(values.len().max(1)).unwrap()

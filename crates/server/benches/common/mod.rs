@@ -59,6 +59,12 @@ impl Drop for LocalCluster {
     }
 }
 
+/// The latency at `fraction` (0.5 for the median) of `sorted`, which must not be empty.
+#[allow(dead_code, reason = "each benchmark compiles this module; not all report percentiles")]
+pub fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    sorted[((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1)]
+}
+
 /// Returns a port that was free a moment ago and not given before in this process (the kernel
 /// may hand a just-released port to the next `bind(0)`).
 fn free_port() -> u16 {
