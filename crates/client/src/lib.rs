@@ -56,7 +56,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 use tracing::debug;
 
-pub use crate::read_only::{ReadOnlyTransaction, ReadTimestamp};
+pub use crate::read_only::{ReadFrom, ReadOnlyTransaction, ReadTimestamp};
 use crate::routes::Routes;
 pub use crate::txn::{CommitReport, LeaderTimings, Transaction, TxnError, TxnOutcome};
 
@@ -134,6 +134,10 @@ pub struct ClientOptions {
     /// How often an open transaction tells the leaders holding its locks that it is alive
     /// (they release the locks of a transaction silent for 5 s).
     pub heartbeat_interval: Duration,
+    /// Draws transaction ids from this seed, one after another, instead of at random: a
+    /// deterministic simulation replays exactly only if its ids repeat (they order
+    /// transactions in the nodes' maps). Ids of clients with different seeds may collide.
+    pub txn_id_seed: Option<u64>,
 }
 
 impl Default for ClientOptions {
@@ -144,6 +148,7 @@ impl Default for ClientOptions {
             dialer: Dialer::tcp(),
             forwarding: false,
             heartbeat_interval: Duration::from_secs(1),
+            txn_id_seed: None,
         }
     }
 }
@@ -341,6 +346,10 @@ pub struct Client {
     /// Ordered, so that dropping the client closes its connections in a deterministic order
     /// (a simulation replays a seed exactly only if it does).
     channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    /// Rotates follower reads among a range's followers ([`ReadFrom::Follower`]).
+    follower_turn: Arc<std::sync::atomic::AtomicUsize>,
+    /// Transaction ids drawn so far, with [`ClientOptions::txn_id_seed`].
+    txn_ids_drawn: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Client {
@@ -362,6 +371,8 @@ impl Client {
             options,
             routes: Arc::new(Mutex::new(Routes::default())),
             channels: Arc::new(Mutex::new(BTreeMap::new())),
+            follower_turn: Arc::default(),
+            txn_ids_drawn: Arc::default(),
         };
         for seed in &client.seeds {
             client.channel(seed)?;

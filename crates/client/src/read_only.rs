@@ -8,12 +8,21 @@
 //! at the newest one the first leader can serve at once that is at most that old. Later reads
 //! use the first read's timestamp exactly, so all of them see one snapshot. Reads are
 //! idempotent: they are retried on every retryable failure.
+//!
+//! [`ReadFrom`] says which replica serves them: the leader (the default), or a follower —
+//! any of them in turn, or the one on a given node — which serves below the range's safe
+//! time (its closed timestamp, and the transactions prepared there), waiting for it if
+//! needed. A follower that cannot serve a read soon sends it back, and it goes to the leader;
+//! a strong read at a follower takes that follower's clock.
 
 use std::time::Duration;
 
 use meridian_rpc::kv::{SnapshotReadRequest, SnapshotReadResponse, snapshot_read_request};
 
-use crate::{Client, ClientError, Kind, Version, scan_pages};
+use tonic::{Response, Status};
+use tracing::debug;
+
+use crate::{Client, ClientError, Kind, Verdict, Version, judge, scan_pages, within_budget};
 
 /// Which timestamp a read-only transaction reads at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,10 +36,25 @@ pub enum ReadTimestamp {
     MaxStaleness(Duration),
 }
 
+/// Which replica serves a read-only transaction's reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The range's leader, which serves at once.
+    #[default]
+    Leader,
+    /// A follower of the range (the replicas other than the leader, as far as known, in
+    /// turn).
+    Follower,
+    /// The range's replica on this node (its id), if there is one; otherwise the leader. A
+    /// gateway reads its own node's replicas this way.
+    Node(u64),
+}
+
 /// A read-only transaction (see the module documentation).
 pub struct ReadOnlyTransaction<'a> {
     client: &'a Client,
     at: ReadTimestamp,
+    from: ReadFrom,
     /// The timestamp of its reads, once the first one fixed it.
     timestamp: Option<u64>,
 }
@@ -42,11 +66,62 @@ impl Client {
             ReadTimestamp::Exact(timestamp) => Some(timestamp),
             _ => None,
         };
-        ReadOnlyTransaction { client: self, at, timestamp }
+        ReadOnlyTransaction { client: self, at, from: ReadFrom::Leader, timestamp }
+    }
+
+    /// Where a follower read of the range holding `key` goes (`from` names no leader): the
+    /// address of the chosen replica and the range's id, if there is such a replica.
+    async fn follower_for(
+        &self,
+        key: &[u8],
+        from: ReadFrom,
+    ) -> Result<Option<(String, u64)>, ClientError> {
+        if from == ReadFrom::Leader {
+            return Ok(None);
+        }
+        let descriptor = self.route(key).await?;
+        let routes = self.routes.lock();
+        let leader = routes.leaders.get(&descriptor.range_id);
+        let replicas: Vec<(u64, &String)> = descriptor
+            .voters
+            .iter()
+            .filter_map(|node| routes.addresses.get(node).map(|address| (*node, address)))
+            .collect();
+        let chosen = match from {
+            ReadFrom::Leader => None,
+            ReadFrom::Node(id) => replicas.iter().find(|(node, _)| *node == id),
+            ReadFrom::Follower => {
+                let followers: Vec<&(u64, &String)> =
+                    replicas.iter().filter(|(_, address)| Some(*address) != leader).collect();
+                let turn = self.follower_turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (!followers.is_empty()).then(|| followers[turn % followers.len()])
+            }
+        };
+        Ok(chosen.map(|(_, address)| ((*address).clone(), descriptor.range_id)))
+    }
+
+    /// One attempt of a follower read at `address`.
+    async fn follower_read(
+        &self,
+        address: &str,
+        request: SnapshotReadRequest,
+    ) -> Result<SnapshotReadResponse, Status> {
+        let budget = self.options.attempt_timeout.min(self.options.deadline);
+        let mut node = self.node(address, budget).map_err(|error| match error {
+            ClientError::Status(status) => status,
+            error => Status::unavailable(error.to_string()),
+        })?;
+        within_budget(budget, node.snapshot_read(request)).await.map(Response::into_inner)
     }
 }
 
 impl ReadOnlyTransaction<'_> {
+    /// Serves the transaction's reads from `from` (see the module documentation).
+    pub fn read_from(mut self, from: ReadFrom) -> Self {
+        self.from = from;
+        self
+    }
+
     /// The timestamp its reads are served at, once known (after the first read, or from the
     /// start for an exact one).
     pub fn timestamp(&self) -> Option<u64> {
@@ -69,10 +144,27 @@ impl ReadOnlyTransaction<'_> {
         read: snapshot_read_request::Read,
     ) -> Result<SnapshotReadResponse, ClientError> {
         let at = self.at();
+        if let Some((address, range_id)) = self.client.follower_for(key, self.from).await? {
+            let read = Some(read.clone());
+            let request = SnapshotReadRequest { range_id, read, at, follower: true };
+            match self.client.follower_read(&address, request).await {
+                Ok(response) => {
+                    self.timestamp.get_or_insert(response.timestamp);
+                    return Ok(response);
+                }
+                Err(status) if judge(&status, Kind::Idempotent) == Verdict::Fail => {
+                    return Err(ClientError::Status(status));
+                }
+                Err(status) => {
+                    debug!(%address, range_id, %status, "a follower sent the read to the leader");
+                }
+            }
+        }
         let response = self
             .client
             .on_range(key, Kind::Idempotent, |mut node, range_id| {
-                let request = SnapshotReadRequest { range_id, read: Some(read.clone()), at };
+                let read = Some(read.clone());
+                let request = SnapshotReadRequest { range_id, read, at, follower: false };
                 async move { node.snapshot_read(request).await }
             })
             .await?;

@@ -163,15 +163,26 @@ impl Drop for Transaction<'_> {
     }
 }
 
-/// A new transaction id: random, so that gateways need no coordination.
-fn new_txn_id() -> u128 {
-    rand::random::<u128>()
+/// SplitMix64's output function: a well-mixed 64 bits from a counter.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 impl Client {
+    /// A new transaction id: random, so that gateways need no coordination (or the next one
+    /// drawn from [`ClientOptions::txn_id_seed`]).
+    fn new_txn_id(&self) -> u128 {
+        let Some(seed) = self.options.txn_id_seed else { return rand::random::<u128>() };
+        let drawn = self.txn_ids_drawn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let state = seed.wrapping_add(drawn.wrapping_mul(2).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        (u128::from(mix(state)) << 64) | u128::from(mix(state ^ 0x5851_F42D_4C95_7F2D))
+    }
+
     /// Begins a read-write transaction.
     pub fn begin(&self) -> Transaction<'_> {
-        let id = new_txn_id();
+        let id = self.new_txn_id();
         let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let priority = TxnPriority { start, first_txn: id.to_be_bytes().to_vec(), attempt: 0 };
         Transaction {
@@ -307,7 +318,7 @@ impl<'a> Transaction<'a> {
         priority.attempt += 1;
         Transaction {
             client: self.client,
-            id: new_txn_id(),
+            id: self.client.new_txn_id(),
             priority,
             ranges: BTreeMap::new(),
             writes: BTreeMap::new(),

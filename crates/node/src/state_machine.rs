@@ -60,9 +60,24 @@ pub struct AppliedState {
     /// Data ranges: the GC horizon, agreed through the log. Reads below it are refused;
     /// split-off ranges inherit it.
     pub gc_horizon: u64,
+    /// Data ranges: the highest timestamp a leader closed the range at, agreed through the
+    /// log: no later entry writes at or below it except the outcome of a transaction
+    /// prepared at or below it (see [`AppliedState::safe_timestamp`]).
+    pub closed_timestamp: u64,
 }
 
 impl AppliedState {
+    /// The range's safe time for snapshot reads at any replica, from what it applied
+    /// (Spanner's `t_safe_paxos`): no entry after this state writes at or below it, except
+    /// the outcome of a transaction prepared at or below it. Every later write carries a
+    /// timestamp its leader assigned above the range's floor (`max_timestamp`, which every
+    /// later leader applies before assigning) and above every timestamp it closed; a read at
+    /// or below this timestamp that no prepared transaction at or below it overlaps sees
+    /// everything it ever will.
+    pub fn safe_timestamp(&self) -> u64 {
+        self.max_timestamp.max(self.closed_timestamp)
+    }
+
     fn encode(&self) -> Vec<u8> {
         wire::AppliedState {
             index: self.index.0,
@@ -73,6 +88,7 @@ impl AppliedState {
             config_index: self.config_index.0,
             next_range_id: self.next_range_id,
             gc_horizon: self.gc_horizon,
+            closed_timestamp: self.closed_timestamp,
         }
         .encode_to_vec()
     }
@@ -98,6 +114,7 @@ impl AppliedState {
                 .unwrap_or_default(),
             next_range_id: state.next_range_id,
             gc_horizon: state.gc_horizon,
+            closed_timestamp: state.closed_timestamp,
         })
     }
 
@@ -207,6 +224,11 @@ pub fn encode_update_descriptors(descriptors: Vec<wire::RangeDescriptor>) -> Vec
 /// Encodes a GC of the range below `horizon`.
 pub fn encode_gc(horizon: u64) -> Vec<u8> {
     encode_command(0, wire::range_command::Operation::Gc(horizon))
+}
+
+/// Encodes the closing of the range at `timestamp` (see [`AppliedState::closed_timestamp`]).
+pub fn encode_close(timestamp: u64) -> Vec<u8> {
+    encode_command(0, wire::range_command::Operation::Close(timestamp))
 }
 
 /// Encodes a meta command reserving `count` range ids.
@@ -321,7 +343,6 @@ impl<E: Engine> RangeStateMachine<E> {
     }
 
     /// The spans newer replicas on this node own (see `ceded`).
-    #[cfg(test)]
     pub fn ceded(&self) -> &[RangeDescriptor] {
         &self.ceded
     }
@@ -461,6 +482,10 @@ impl<E: Engine> RangeStateMachine<E> {
                 self.apply_one_phase_commit(batch, &commit, command.timestamp)
             }
             Some(Operation::Gc(horizon)) if !is_meta => self.apply_gc(horizon),
+            Some(Operation::Close(timestamp)) if !is_meta => {
+                self.applied.closed_timestamp = self.applied.closed_timestamp.max(timestamp);
+                Ok(Applied::Nothing)
+            }
             Some(Operation::Split(split)) if !is_meta => {
                 match split_descriptors(&self.applied.descriptor, &self.applied.config, &split) {
                     Ok(children) => {
@@ -774,6 +799,7 @@ impl<E: Engine> RangeStateMachine<E> {
             descriptor,
             next_range_id: 0,
             gc_horizon: self.applied.gc_horizon,
+            closed_timestamp: self.applied.closed_timestamp,
         }
     }
 
@@ -841,6 +867,7 @@ impl<E: Engine> RangeStateMachine<E> {
             descriptor,
             next_range_id: data.next_range_id,
             gc_horizon: data.gc_horizon,
+            closed_timestamp: data.closed_timestamp,
         };
         let descriptor = &self.applied.descriptor;
         self.ceded
@@ -953,6 +980,7 @@ impl<E: Engine> SnapshotSource for RangeSnapshotSource<E> {
             prepared: Vec::new(),
             decisions: Vec::new(),
             gc_horizon: applied.gc_horizon,
+            closed_timestamp: applied.closed_timestamp,
         };
         if self.range == META_RANGE {
             data.descriptors = load_meta_index(view.as_ref())?.descriptors().cloned().collect();

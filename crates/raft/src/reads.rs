@@ -273,6 +273,14 @@ impl<S: Storage> RawNode<S> {
         Some(timestamp)
     }
 
+    /// Records `timestamp` as assigned by this leader although it did not come from
+    /// [`RawNode::lease_timestamp`] (a two-phase commit's timestamp, the highest of its
+    /// participants' prepare timestamps, may be ahead of this leader's clock): every timestamp
+    /// it assigns afterwards is above it, and a transfer's target waits until it passed.
+    pub fn record_assigned_timestamp(&mut self, timestamp: u64) {
+        self.max_served_timestamp = self.max_served_timestamp.max(timestamp);
+    }
+
     /// Returns the highest timestamp this node served a read at or assigned as leader.
     pub fn max_served_timestamp(&self) -> u64 {
         self.max_served_timestamp

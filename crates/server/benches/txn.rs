@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meridian_client::{Client, ClientOptions, ReadTimestamp, TxnError};
+use meridian_client::{Client, ClientOptions, ReadFrom, ReadTimestamp, TxnError};
 
 mod common;
 
@@ -107,14 +107,20 @@ async fn commit_latency(client: &Client, participants: usize) {
 }
 
 /// One client running read-only transactions that read one key in each of `ranges` ranges
-/// at `at`, for [`MEASURE`].
-async fn read_only_latency(client: &Client, ranges: usize, at: ReadTimestamp, name: &str) {
+/// at `at`, from `from`, for [`MEASURE`].
+async fn read_only_latency(
+    client: &Client,
+    ranges: usize,
+    at: ReadTimestamp,
+    from: ReadFrom,
+    name: &str,
+) {
     let mut latencies = Vec::new();
     let deadline = Instant::now() + MEASURE;
     let mut i = 0u64;
     while Instant::now() < deadline {
         let started = Instant::now();
-        let mut txn = client.read_only(at);
+        let mut txn = client.read_only(at).read_from(from);
         for range in 0..ranges {
             txn.get(&key(range, &format!("commit/{}", i % 100))).await.expect("a read");
         }
@@ -123,7 +129,7 @@ async fn read_only_latency(client: &Client, ranges: usize, at: ReadTimestamp, na
     }
     latencies.sort();
     println!(
-        "{name:<24} {ranges:>7} {:>8} {:>10} {:>10} {:>10}",
+        "{name:<30} {ranges:>7} {:>8} {:>10} {:>10} {:>10}",
         latencies.len(),
         ms(percentile(&latencies, 0.50)),
         ms(percentile(&latencies, 0.99)),
@@ -233,13 +239,16 @@ async fn main() {
 
     println!("\nread-only transactions, one key per range:");
     println!(
-        "{:<24} {:>7} {:>8} {:>10} {:>10} {:>10}",
+        "{:<30} {:>7} {:>8} {:>10} {:>10} {:>10}",
         "kind", "ranges", "txns", "p50", "p99", "mean"
     );
     let stale = ReadTimestamp::MaxStaleness(Duration::from_secs(1));
+    let (strong, leader, follower) = (ReadTimestamp::Strong, ReadFrom::Leader, ReadFrom::Follower);
     for ranges in [1, RANGES] {
-        read_only_latency(&client, ranges, ReadTimestamp::Strong, "strong").await;
-        read_only_latency(&client, ranges, stale, "max staleness 1 s").await;
+        read_only_latency(&client, ranges, strong, leader, "strong").await;
+        read_only_latency(&client, ranges, stale, leader, "max staleness 1 s").await;
+        read_only_latency(&client, ranges, strong, follower, "strong, followers").await;
+        read_only_latency(&client, ranges, stale, follower, "max staleness 1 s, followers").await;
     }
 
     println!("\nhot key: N clients incrementing one key:");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meridian_client::{Client, ClientOptions, CommitReport, ReadTimestamp};
+use meridian_client::{Client, ClientOptions, CommitReport, ReadFrom, ReadTimestamp};
 use meridian_clock::ClockOptions;
 use meridian_node::{META_RANGE, NodeOptions, NodeSwitches, RaftTiming, run_node};
 use meridian_raft::NodeId;
@@ -68,6 +68,11 @@ enum Command {
         /// most this old (milliseconds).
         #[arg(long, value_name = "MS", conflicts_with = "read_only")]
         max_staleness: Option<u64>,
+        /// Read-only transactions only: read from a follower of each range rather than its
+        /// leader. A follower serves below the range's closed timestamp, waiting for it up to
+        /// half a second; otherwise the read goes to the leader.
+        #[arg(long)]
+        follower: bool,
         /// The operations, e.g. `get a put a 1 put b 2`.
         #[arg(required = true, allow_hyphen_values = true)]
         operations: Vec<String>,
@@ -183,7 +188,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init { host } => init(&host).await,
         Command::Status { host } => status(&host).await,
         Command::Kv { host, operation } => kv(&host, operation).await,
-        Command::Txn { host, read_only, as_of, max_staleness, operations } => {
+        Command::Txn { host, read_only, as_of, max_staleness, follower, operations } => {
             let at = match (as_of, max_staleness) {
                 (Some(timestamp), _) => Some(ReadTimestamp::Exact(timestamp)),
                 (None, Some(ms)) => {
@@ -191,8 +196,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => read_only.then_some(ReadTimestamp::Strong),
             };
+            let from = if follower { ReadFrom::Follower } else { ReadFrom::Leader };
             match at {
-                Some(at) => read_only_txn(&host, at, &operations).await,
+                Some(at) => read_only_txn(&host, at, from, &operations).await,
+                None if follower => {
+                    bail!("--follower needs --read-only, --as-of or --max-staleness")
+                }
                 None => txn(&host, &operations).await,
             }
         }
@@ -514,7 +523,12 @@ fn parse_txn_operations(words: &[String]) -> Result<Vec<TxnOperation>> {
 }
 
 /// Runs `meridian txn --read-only` (or a stale read): gets and scans at one timestamp.
-async fn read_only_txn(host: &str, at: ReadTimestamp, words: &[String]) -> Result<()> {
+async fn read_only_txn(
+    host: &str,
+    at: ReadTimestamp,
+    from: ReadFrom,
+    words: &[String],
+) -> Result<()> {
     let operations = parse_txn_operations(words)?;
     for operation in &operations {
         let refused = match operation {
@@ -526,7 +540,7 @@ async fn read_only_txn(host: &str, at: ReadTimestamp, words: &[String]) -> Resul
         bail!("a read-only transaction only gets and scans: `{refused}` is not allowed");
     }
     let client = client(host)?;
-    let mut txn = client.read_only(at);
+    let mut txn = client.read_only(at).read_from(from);
     for operation in &operations {
         match operation {
             TxnOperation::Get { key, .. } => match txn.get(key.as_bytes()).await? {

@@ -59,6 +59,7 @@ impl<E: Engine> Driver<E> {
             // Lease reads of this cycle may be servable at once.
             self.serve_confirmed_reads();
             self.advance_all_snapshot_reads();
+            self.advance_all_follower_reads();
             self.admit_all();
             self.forget_quiet_replicas();
             return Ok(());
@@ -185,6 +186,7 @@ impl<E: Engine> Driver<E> {
                             let mut state = replica.state.child_state(descriptor.clone());
                             if self.switches.child_without_floor {
                                 state.max_timestamp = 0;
+                                state.closed_timestamp = 0;
                             }
                             split_descriptors.push(state.wire_descriptor());
                             children.push(state);
@@ -372,6 +374,7 @@ impl<E: Engine> Driver<E> {
         }
         self.admit_all();
         self.advance_all_snapshot_reads();
+        self.advance_all_follower_reads();
         self.settle_all_txn_events();
         self.forget_quiet_replicas();
         Ok(())

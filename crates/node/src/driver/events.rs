@@ -239,6 +239,8 @@ pub enum Event {
         range: RangeId,
         target: SnapshotTarget,
         at: ReadAt,
+        /// Whether a follower here may serve it (`follower_reads.rs`), or only the leader.
+        follower: bool,
         deadline: Instant,
         reply: Reply<SnapshotResult>,
     },

@@ -254,7 +254,7 @@ impl<E: Engine> Driver<E> {
             let floor = if switches.ignore_timestamp_floors {
                 0
             } else {
-                replica.state.applied().max_timestamp
+                replica.state.applied().safe_timestamp()
             };
             // What the lease allows now: a timestamp for a write, an index for a read.
             let granted = match request {

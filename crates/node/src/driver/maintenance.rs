@@ -369,6 +369,9 @@ impl<E: Engine> Driver<E> {
                 || NodeError::RangeNotFound(range),
                 "the replica was destroyed (this node left the range)",
             );
+            for read in replica.follower_reads.drain(..) {
+                read.fail(NodeError::RangeNotFound(range));
+            }
         }
         info!(range = range.0, "destroyed a replica this node no longer belongs to");
         metrics::counter!("meridian_replicas_destroyed_total").increment(1);

@@ -55,6 +55,7 @@ use crate::{NodeError, RaftLogStore, RangeId};
 
 mod cycle;
 mod events;
+mod follower_reads;
 mod leader;
 mod maintenance;
 mod replica;
@@ -231,6 +232,9 @@ pub struct Driver<E: Engine> {
     /// can wake a replica (a message, a request, a membership change, a transfer) puts it
     /// back, and a cycle drops the ones that are quiet and idle again.
     awake: BTreeSet<RangeId>,
+    /// The replicas holding snapshot reads that wait for their safe time (which may be
+    /// quiesced, so not in `awake`).
+    follower_reading: BTreeSet<RangeId>,
     /// When the next committed transaction's commit-wait ends, so that its locks go then
     /// rather than at the next tick (a hot row would otherwise take one commit per tick).
     release_wakeup: Option<Instant>,
@@ -284,13 +288,20 @@ pub struct NodeSwitches {
     /// record) is proposed, before it is replicated (breaks strict two-phase locking: a
     /// conflicting transaction can read what the commit is about to overwrite).
     pub release_locks_at_proposal: bool,
+    /// Serve snapshot reads at followers at once, without waiting for the range's safe time
+    /// (breaks "a replica serves a read only below its closed timestamp").
+    pub follower_reads_ignore_safe_time: bool,
+    /// Read strong read-only transactions at the serving replica's `now().earliest` instead
+    /// of `now().latest` (breaks external consistency: a commit acknowledged before the read
+    /// began may have a later timestamp).
+    pub read_only_at_earliest: bool,
     /// Raft's own rule breakers, for every replica.
     pub raft: meridian_raft::UnsafeSwitches,
 }
 
 impl NodeSwitches {
     /// The names of the rule breakers, as [`NodeSwitches::set`] takes them.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 11] = [
         "skip_commit_wait",
         "serve_expired_lease",
         "ignore_timestamp_floors",
@@ -300,6 +311,8 @@ impl NodeSwitches {
         "snapshot_keeps_old_data",
         "snapshot_reads_ignore_prepared",
         "release_locks_at_proposal",
+        "follower_reads_ignore_safe_time",
+        "read_only_at_earliest",
     ];
 
     /// Turns on the rule breaker called `name` (one of [`NodeSwitches::NAMES`]).
@@ -318,6 +331,8 @@ impl NodeSwitches {
             "snapshot_keeps_old_data" => self.snapshot_keeps_old_data = true,
             "snapshot_reads_ignore_prepared" => self.snapshot_reads_ignore_prepared = true,
             "release_locks_at_proposal" => self.release_locks_at_proposal = true,
+            "follower_reads_ignore_safe_time" => self.follower_reads_ignore_safe_time = true,
+            "read_only_at_earliest" => self.read_only_at_earliest = true,
             _ => {
                 return Err(format!("unknown switch `{name}` (known: {})", Self::NAMES.join(", ")));
             }
@@ -409,6 +424,7 @@ impl<E: Engine> Driver<E> {
             membership_rounds: 0,
             sweep_rounds,
             awake: BTreeSet::new(),
+            follower_reading: BTreeSet::new(),
             background,
             range_max_bytes: options.range_max_bytes,
             draining: options.draining,
@@ -496,7 +512,10 @@ impl<E: Engine> Driver<E> {
                             continue;
                         }
                         replica.raft.tick(now);
-                        maybe_quiesce(replica);
+                        if !follower_reads::close_if_behind(replica, now, follower_reads::CLOSE_LAG)
+                        {
+                            maybe_quiesce(replica, now, self.timing.tick_interval);
+                        }
                         replica.leaderless_ticks = match replica.raft.leader() {
                             None => replica.leaderless_ticks + 1,
                             Some(_) => 0,
@@ -506,6 +525,7 @@ impl<E: Engine> Driver<E> {
                     self.tick_txns();
                     self.tick_two_phase();
                     self.advance_all_snapshot_reads();
+                    self.advance_all_follower_reads();
                 }
             }
             self.cycle()?;
@@ -576,8 +596,8 @@ impl<E: Engine> Driver<E> {
             Event::TxnHeartbeat { range, txn, epoch, reply } => {
                 self.txn_heartbeat(range, txn, epoch, reply);
             }
-            Event::SnapshotRead { range, target, at, deadline, reply } => {
-                self.snapshot_read(range, target, at, deadline, reply);
+            Event::SnapshotRead { range, target, at, follower, deadline, reply } => {
+                self.snapshot_read(range, target, at, follower, deadline, reply);
             }
             Event::Read { request, deadline } => {
                 self.enqueue(request.range(), Waiting::Read { request, deadline });

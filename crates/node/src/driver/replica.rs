@@ -2,6 +2,7 @@
 //! from a known state (initialization, split) or uninitialized (waiting for a snapshot),
 //! quiesced when idle, and the vote it withholds after its node's replica was destroyed.
 
+use super::follower_reads::WaitingFollowerRead;
 use super::*;
 
 /// What a proposal's proposer waits for.
@@ -111,6 +112,11 @@ pub(super) struct Replica<E: Engine> {
     pub(super) checking_membership: bool,
     /// Placement rounds this replica has waited for its first snapshot (since the last check).
     pub(super) uninitialized_rounds: u64,
+    /// Snapshot reads waiting here for the range's safe time (`follower_reads.rs`).
+    pub(super) follower_reads: Vec<WaitingFollowerRead>,
+    /// As leader: the term and log index of the last close record proposed (none is
+    /// proposed again in that term before it applied).
+    pub(super) closing: Option<(Term, LogIndex)>,
 }
 
 impl<E: Engine> Replica<E> {
@@ -175,6 +181,8 @@ impl<E: Engine> Driver<E> {
                 rebalanced_at: None,
                 checking_membership: false,
                 uninitialized_rounds: 0,
+                follower_reads: Vec::new(),
+                closing: None,
                 destroyed_before,
             },
         );
@@ -224,6 +232,7 @@ impl<E: Engine> Driver<E> {
             descriptor: RangeDescriptor { id, start: Vec::new(), end: None, generation: 0 },
             next_range_id,
             gc_horizon: 0,
+            closed_timestamp: 0,
         };
         let data = state(FIRST_DATA_RANGE, 0);
         let mut meta = MetaIndex::default();
@@ -337,8 +346,9 @@ pub(super) fn child_start(local: LocalReplica) -> Option<HardState> {
     }
 }
 
-/// Quiesces a leader that has been idle for a while (see `meridian_raft`'s quiescence).
-pub(super) fn maybe_quiesce<E: Engine>(replica: &mut Replica<E>) {
+/// Quiesces a leader that has been idle for a while (see `meridian_raft`'s quiescence), once
+/// it closed its range at most a tick ago (so that followers serve reads up to then).
+pub(super) fn maybe_quiesce<E: Engine>(replica: &mut Replica<E>, now: Interval, tick: Duration) {
     if replica.raft.role() != Role::Leader {
         replica.idle_ticks = 0;
         return;
@@ -349,6 +359,12 @@ pub(super) fn maybe_quiesce<E: Engine>(replica: &mut Replica<E>) {
         && !replica.state.has_txn_work()
         && !replica.publishing
         && !replica.splitting;
+    // Closed once more unless the log already ends with this leader's close record (which
+    // then waits to be committed, however slow the replication).
+    let closed_last = replica.closing == Some((replica.raft.term(), replica.raft.last_index()));
+    if idle && !closed_last && super::follower_reads::close_if_behind(replica, now, tick) {
+        return;
+    }
     if idle && replica.raft.quiesce() {
         metrics::counter!("meridian_raft_quiesced_total").increment(1);
     }

@@ -27,13 +27,15 @@
 //!
 //! Reads wait at most until their caller's deadline and are refused (retryably) if the
 //! leadership is lost; a read below the GC horizon is refused. While a split this leader
-//! proposed is pending, no read fixes its timestamp (as writes wait in `leader.rs`). Followers
-//! do not serve these reads yet (that needs closed timestamps).
+//! proposed is pending, no read fixes its timestamp (as writes wait in `leader.rs`). A read
+//! that allows it is served by a follower it reaches instead, below the range's closed
+//! timestamp (`follower_reads.rs`).
 
 use std::time::Duration;
 
 use meridian_storage::Error as StorageError;
 
+use super::follower_reads::reply_after_commit_wait;
 use super::leader::{check_key, clamp_to_range};
 use super::*;
 
@@ -62,7 +64,7 @@ pub enum SnapshotTarget {
 }
 
 impl SnapshotTarget {
-    fn first_key(&self) -> &[u8] {
+    pub(super) fn first_key(&self) -> &[u8] {
         match self {
             SnapshotTarget::Key(key) => key,
             SnapshotTarget::Scan { start, .. } => start,
@@ -113,7 +115,7 @@ impl WaitingSnapshotRead {
 /// The newest timestamp at or below `candidate`, and not below `oldest`, at which no
 /// transaction prepared at `replica` overlaps `target` (or `oldest`, if every such timestamp
 /// is older: the read then waits).
-fn newest_unblocked<E: Engine>(
+pub(super) fn newest_unblocked<E: Engine>(
     replica: &Replica<E>,
     target: &SnapshotTarget,
     candidate: Timestamp,
@@ -140,14 +142,18 @@ pub(super) fn oldest_fixed<E: Engine>(replica: &Replica<E>) -> Option<Timestamp>
 }
 
 /// Whether a transaction prepared at `replica` at or below `t` writes what `target` reads.
-fn blocked<E: Engine>(replica: &Replica<E>, target: &SnapshotTarget, t: Timestamp) -> bool {
+pub(super) fn blocked<E: Engine>(
+    replica: &Replica<E>,
+    target: &SnapshotTarget,
+    t: Timestamp,
+) -> bool {
     replica.state.prepared_records().any(|record| {
         record.prepare_ts <= t && record.writes.iter().any(|write| target.covers(&write.key))
     })
 }
 
 /// Reads `target` at `t` from the MVCC snapshot, within `replica`'s span.
-fn serve<E: Engine>(
+pub(super) fn serve<E: Engine>(
     mvcc: &Mvcc<E>,
     replica: &Replica<E>,
     target: SnapshotTarget,
@@ -193,12 +199,14 @@ fn serve<E: Engine>(
 }
 
 impl<E: Engine> Driver<E> {
-    /// Takes a snapshot read at `range`'s leader (see the module docs).
+    /// Takes a snapshot read at `range`'s leader (see the module docs), or at the replica
+    /// here if `follower` allows it and this node does not lead the range.
     pub(super) fn snapshot_read(
         &mut self,
         range: RangeId,
         target: SnapshotTarget,
         at: ReadAt,
+        follower: bool,
         deadline: Instant,
         reply: Reply<SnapshotResult>,
     ) {
@@ -222,6 +230,10 @@ impl<E: Engine> Driver<E> {
                 return drop(reply.send(Err(NodeError::InvalidArgument(error))));
             }
         }
+        let leads = self.replicas.get(&range).is_some_and(|r| r.raft.role() == Role::Leader);
+        if follower && !leads {
+            return self.follower_read(range, target, at, deadline, reply);
+        }
         let replica = match self.leader_replica(range, Some(target.first_key())) {
             Ok(replica) => replica,
             Err(error) => return drop(reply.send(Err(error))),
@@ -240,6 +252,7 @@ impl<E: Engine> Driver<E> {
         let tick = self.timing.tick_interval;
         let (mvcc, truetime) = (&self.mvcc, &self.truetime);
         let ignore_prepared = self.switches.snapshot_reads_ignore_prepared;
+        let at_earliest = self.switches.read_only_at_earliest;
         let Some(replica) = self.replicas.get_mut(&range) else { return };
         if replica.raft.role() != Role::Leader {
             return;
@@ -266,6 +279,7 @@ impl<E: Engine> Driver<E> {
                     Some(lease) => {
                         let served = Timestamp::from_nanos(lease.timestamp);
                         let t = match read.at {
+                            ReadAt::Now if at_earliest => Timestamp::from_nanos(interval.earliest),
                             ReadAt::Now => served,
                             ReadAt::Exact(t) => t,
                             ReadAt::MaxStaleness(staleness) => {
@@ -292,26 +306,7 @@ impl<E: Engine> Driver<E> {
                 replica.leadership.snapshot_reads.push(read);
                 continue;
             }
-            let result = serve(mvcc, replica, read.target, t);
-            let visible = t.min(Timestamp::from_nanos(replica.state.applied().max_timestamp));
-            if result.is_err() || truetime.now().after(visible) {
-                let _ = read.reply.send(result);
-                continue;
-            }
-            // Commit-wait for what the read may see.
-            let truetime = truetime.clone();
-            tokio::spawn(async move {
-                let waited = truetime.wait_until_after(visible, MAX_COMMIT_WAIT).await;
-                let _ = read.reply.send(
-                    waited
-                        .map_err(|error| {
-                            NodeError::Unavailable(format!(
-                                "the read's commit-wait failed: {error}"
-                            ))
-                        })
-                        .and(result),
-                );
-            });
+            reply_after_commit_wait(mvcc, truetime, replica, read.target, t, read.reply);
         }
         if lease_missing {
             super::leader::request_lease_round(replica, now, tick);

@@ -108,7 +108,7 @@ pub(super) fn sync_coordinator_role<E: Engine>(replica: &mut Replica<E>) {
 /// The coordinator's timestamp floor: above everything the range applied and everything its
 /// leader served or assigned.
 fn floor_of<E: Engine>(replica: &Replica<E>) -> Timestamp {
-    let applied = replica.state.applied().max_timestamp;
+    let applied = replica.state.applied().safe_timestamp();
     Timestamp::from_nanos(applied.max(replica.raft.max_served_timestamp()))
 }
 
@@ -318,6 +318,13 @@ impl<E: Engine> Driver<E> {
             match output {
                 CoordinatorOutput::Propose { txn, record } => {
                     replica.idle_ticks = 0;
+                    // The record raises the range's floor to the commit timestamp when it
+                    // applies; no entry proposed after it may carry a smaller timestamp, or a
+                    // follower that applied the record would take the floor for its safe
+                    // time while an earlier write is still to come (`follower_reads.rs`).
+                    if let Decision::Commit { commit_ts } = record.decision {
+                        replica.raft.record_assigned_timestamp(commit_ts.as_nanos());
+                    }
                     match replica.raft.propose(encode_decision(txn, &record)) {
                         Ok(_) => metrics::counter!("meridian_raft_proposals_total").increment(1),
                         Err(error) => {

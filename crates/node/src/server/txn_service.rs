@@ -391,6 +391,7 @@ impl KvApi {
                 range,
                 target,
                 at,
+                follower: request.follower,
                 deadline,
                 reply,
             })

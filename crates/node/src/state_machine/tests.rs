@@ -102,6 +102,7 @@ fn snapshot_of(descriptor: RangeDescriptor, keys: &[&str]) -> Snapshot {
         prepared: Vec::new(),
         decisions: Vec::new(),
         gc_horizon: 6,
+        closed_timestamp: 8,
     };
     Snapshot {
         metadata: SnapshotMetadata {
@@ -609,4 +610,39 @@ fn uncovered_parts_skip_the_holes() {
     for (range, holes, expected) in cases {
         assert_eq!(uncovered(&range, &holes), expected, "{range:?} minus {holes:?}");
     }
+}
+
+/// A close record raises the range's closed timestamp (never lowers it); the safe time is the
+/// higher of it and the highest applied timestamp, and it persists, passes to split-off
+/// ranges and travels in snapshots. The meta range takes no close records.
+#[test]
+fn close_records_raise_the_safe_time() {
+    let (mvcc, mut machine) = data_state_machine(&["b"]);
+    apply_command(&mut machine, 2, encode_put(b"b", b"ten", 10));
+    assert_eq!(machine.applied().safe_timestamp(), 10, "the highest applied write");
+    apply_command(&mut machine, 3, encode_close(30));
+    assert_eq!(machine.applied().closed_timestamp, 30);
+    assert_eq!(machine.applied().safe_timestamp(), 30);
+    assert_eq!(machine.applied().max_timestamp, 10, "closing writes nothing");
+    apply_command(&mut machine, 4, encode_close(20));
+    assert_eq!(machine.applied().closed_timestamp, 30, "never lowered");
+    apply_command(&mut machine, 5, encode_put(b"b", b"forty", 40));
+    assert_eq!(machine.applied().safe_timestamp(), 40);
+    let reopened = RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap();
+    assert_eq!(reopened.applied().closed_timestamp, 30);
+    assert_eq!(machine.child_state(span("f", Some("m"))).closed_timestamp, 30);
+    let source = RangeSnapshotSource {
+        range: RangeId(9),
+        mvcc: mvcc.clone(),
+        registry: Arc::new(SnapshotRegistry::default()),
+    };
+    let snapshot = source.snapshot().unwrap();
+    let (other_mvcc, mut other) = data_state_machine(&[]);
+    let mut batch = WriteBatch::new();
+    other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
+    other_mvcc.engine().write(batch, true).unwrap();
+    assert_eq!(other.applied().closed_timestamp, 30);
+
+    let (_, mut meta) = meta_state_machine();
+    assert!(matches!(apply_command(&mut meta, 2, encode_close(30)), Applied::Rejected(_)));
 }

@@ -6,8 +6,9 @@
 //!   under locks, then both writes), retrying aborted attempts with their priority; a commit
 //!   of unknown outcome is counted and left, as a client must.
 //! - **Auditors** read every account, lock-free at one timestamp (strong read-only
-//!   transactions) or under locks (a read-write transaction that commits without writes): a
-//!   read that completes must see the total, and no negative balance.
+//!   transactions, from the leaders or from followers below their ranges' safe time) or under
+//!   locks (a read-write transaction that commits without writes): a read that completes must
+//!   see the total, and no negative balance.
 //! - Once the faults heal, a **final audit** reads the accounts both ways: the total holds
 //!   and nothing stays locked or prepared forever (the reads must succeed).
 //! - **Snapshot audits follow real time**: one that began after another completed (in true
@@ -20,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_client::{Client, ReadTimestamp, TxnError};
+use meridian_client::{Client, ReadFrom, ReadTimestamp, TxnError};
 use meridian_raft::SplitMix64;
 use meridian_rpc::dial::Dialer;
 use parking_lot::Mutex;
@@ -212,15 +213,16 @@ pub async fn teller(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u64
     }
 }
 
-/// Reads every account at one timestamp without locks, starting with account `first` (whose
-/// range's leader picks the timestamp); records the audit if it completes.
+/// Reads every account at one timestamp without locks, from `from`, starting with account
+/// `first` (whose range's replica picks the timestamp); records the audit if it completes.
 async fn snapshot_audit(
     client: &Client,
     shared: &Shared,
     first: usize,
+    from: ReadFrom,
 ) -> Option<(Result<Vec<i64>, String>, Option<u64>)> {
     let invoked = shared.record.true_now();
-    let mut snapshot = client.read_only(ReadTimestamp::Strong);
+    let mut snapshot = client.read_only(ReadTimestamp::Strong).read_from(from);
     let (mut balances, mut versions) = (vec![0; ACCOUNTS.len()], vec![0; ACCOUNTS.len()]);
     for offset in 0..ACCOUNTS.len() {
         let index = (first + offset) % ACCOUNTS.len();
@@ -268,7 +270,8 @@ pub async fn auditor(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u6
             }
         } else if let Some((balances, at)) = {
             let first = rng.next_u64() as usize % ACCOUNTS.len();
-            snapshot_audit(&client, &shared, first).await
+            let from = if first.is_multiple_of(2) { ReadFrom::Follower } else { ReadFrom::Leader };
+            snapshot_audit(&client, &shared, first, from).await
         } {
             shared.bank.stats.lock().snapshot_audits += 1;
             audit(&shared.bank, "a snapshot", balances, at);
@@ -279,7 +282,7 @@ pub async fn auditor(dialer: Dialer, shared: Arc<Shared>, index: usize, seed: u6
 /// The final audit, once the faults healed: both reads must succeed and see the total.
 pub async fn final_audit(checker: &Client, shared: &Shared) -> Result<(), String> {
     let bank = &shared.bank;
-    let (balances, at) = snapshot_audit(checker, shared, 0)
+    let (balances, at) = snapshot_audit(checker, shared, 0, ReadFrom::Leader)
         .await
         .ok_or("the final snapshot read of the accounts failed")?;
     audit(bank, "the final snapshot", balances, at);

@@ -115,6 +115,12 @@ impl Record {
         }
     }
 
+    /// Takes the next place in the global sequence (for events recorded elsewhere, ordered
+    /// with these).
+    pub fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::SeqCst)
+    }
+
     /// Returns the true time now (on a simulated host), in ns.
     pub fn true_now(&self) -> u64 {
         let elapsed = turmoil::sim_elapsed().unwrap_or_default();

@@ -16,6 +16,8 @@
 //! - **The prober** answers the simulation's leader isolations (see [`probe_deposed_leader`]).
 //! - **The bank** (`bank.rs`): tellers' transfers between accounts in four ranges and
 //!   auditors' reads of all of them, lock-free and under locks, which must see the total.
+//! - **The lists** (`lists.rs`): list-append transactions across the ranges, whose history
+//!   must be strict serializable.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +34,7 @@ use parking_lot::Mutex;
 
 use crate::bank::{self, Bank};
 use crate::history::{Entry, Record, check_final_scan};
+use crate::lists::{self, Lists};
 use crate::{FIRST_NODES, Failure, KEYS, Mode, NODES, SPLIT_KEYS, key, net, ranges};
 
 /// Operations each worker performs.
@@ -84,6 +87,8 @@ pub struct Shared {
     pub stalls: Arc<net::Stalls>,
     /// What the bank's transactions saw.
     pub bank: Bank,
+    /// What the lists' transactions did.
+    pub lists: Lists,
 }
 
 impl Shared {
@@ -114,6 +119,7 @@ impl Shared {
             engines,
             stalls,
             bank: Bank::default(),
+            lists: Lists::default(),
         }
     }
 
@@ -174,9 +180,29 @@ pub fn client(dialer: &Dialer, deadline: Duration) -> Client {
         deadline,
         attempt_timeout: Duration::from_secs(1),
         dialer: dialer.clone(),
+        txn_id_seed: Some(next_client_seed()),
         ..ClientOptions::default()
     };
     Client::new(seeds, options).expect("valid seeds")
+}
+
+thread_local! {
+    /// Clients made so far in this run (turmoil runs a simulation on one thread).
+    static CLIENTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Starts a run's count of clients over: each client draws its transaction ids from its place
+/// in the run, so that a seed replays them.
+pub fn reset_clients() {
+    CLIENTS.with(|clients| clients.set(0));
+}
+
+fn next_client_seed() -> u64 {
+    CLIENTS.with(|clients| {
+        let next = clients.get() + 1;
+        clients.set(next);
+        next.wrapping_mul(0xD1B5_4A32_D192_ED03)
+    })
 }
 
 /// Initializes the cluster through node 1 (retrying while the nodes find each other).
@@ -690,6 +716,14 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
             let seed = seed ^ (index as u64 + 201).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             tasks.push(tokio::spawn(bank::auditor(dialer.clone(), shared.clone(), index, seed)));
         }
+        for index in 0..lists::APPENDERS {
+            let seed = seed ^ (index as u64 + 301).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            tasks.push(tokio::spawn(lists::appender(dialer.clone(), shared.clone(), index, seed)));
+        }
+        for index in 0..lists::READERS {
+            let seed = seed ^ (index as u64 + 401).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            tasks.push(tokio::spawn(lists::reader(dialer.clone(), shared.clone(), index, seed)));
+        }
     }
     let count = tasks.len();
     for (index, task) in tasks.into_iter().enumerate() {
@@ -731,7 +765,7 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     // Nothing writes any more: a scan across every range must return what the reads did.
     match checker.scan(b"", None, SCAN_LIMIT).await {
         Ok(mut rows) => {
-            rows.retain(|(key, _, _)| !bank::is_account(key));
+            rows.retain(|(key, _, _)| !bank::is_account(key) && !lists::is_list(key));
             if let Err(problem) = check_final_scan(&finals, &rows) {
                 return Err(shared.fail(Failure::Invariant(problem)));
             }
@@ -749,9 +783,13 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
         }
         let mut violations = shared.bank.stats.lock().violations.clone();
         violations.extend(shared.bank.check_real_time().err());
+        match shared.lists.check() {
+            Ok(committed) => shared.lists.committed.store(committed, Ordering::SeqCst),
+            Err(problem) => violations.push(problem),
+        }
         if !violations.is_empty() {
             return Err(shared.fail(Failure::Invariant(format!(
-                "the bank's transactions: {}",
+                "the bank's and the lists' transactions: {}",
                 violations.join("; ")
             ))));
         }

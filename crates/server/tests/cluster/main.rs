@@ -16,6 +16,7 @@ use meridian_rpc::node::node_client::NodeClient;
 use meridian_rpc::node::{MessageBatch, RangeMessage, RangeStatus, StatusRequest, StatusResponse};
 
 mod failover;
+mod follower_reads;
 mod metrics;
 mod placement;
 mod refusals;

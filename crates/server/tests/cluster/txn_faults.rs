@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use meridian_client::{ReadTimestamp, TxnError};
+use meridian_client::{ReadFrom, ReadTimestamp, TxnError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -314,8 +314,11 @@ async fn real_time_violations(client: &Client, steps: usize) -> Vec<String> {
             ));
         }
         previous = committed;
-        // Its timestamp comes from another range's leader; it must see the commit.
-        let mut read = client.read_only(ReadTimestamp::Strong);
+        // Its timestamp comes from another range's leader, or every fourth time from a
+        // follower's clock (the follower then waits for its safe time); it must see the
+        // commit.
+        let from = if step % 4 == 3 { ReadFrom::Follower } else { ReadFrom::Leader };
+        let mut read = client.read_only(ReadTimestamp::Strong).read_from(from);
         read.get(&skew_key((range + 2) % SKEW_RANGES, 0)).await.expect("a strong read");
         if read.get(&skew_key(range, step)).await.expect("a strong read").is_none() {
             violations.push(format!(
