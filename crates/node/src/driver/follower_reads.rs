@@ -34,9 +34,10 @@
 //! acknowledged before the read began (commit-wait). A bounded-staleness read takes the
 //! newest timestamp at or below `t_safe` it may; an exact one its timestamp. The read waits
 //! for the replica to apply what makes it safe, at most [`FOLLOWER_WAIT`] and never past the
-//! caller's deadline; a replica that cannot serve it by then — or at once, if its range is
-//! quiesced (nothing will arrive until the leader wakes) — answers `NotLeader` with the
-//! leader's address, and the client reads at the leader. Replies commit-wait for what they
+//! caller's deadline; a replica that cannot serve it by then — or at once if nothing that
+//! would make it safe is coming: its range is quiesced, or its safe time is further behind its
+//! clock than an awake leader lets it fall (the leader went quiet, or cannot reach it) —
+//! answers `NotLeader` with the leader's address, and the client reads at the leader. Replies commit-wait for what they
 //! may see, as at leaders. A replica refuses reads over spans it cedes to newer ranges on the
 //! node (their data is not its own), and below its GC horizon.
 
@@ -158,7 +159,8 @@ impl<E: Engine> Driver<E> {
     /// those that waited long enough to the leader.
     pub(super) fn advance_follower_reads(&mut self, range: RangeId) {
         let now = Instant::now();
-        let latest = self.truetime.now().latest.as_nanos();
+        let clock = self.truetime.now();
+        let (earliest, latest) = (clock.earliest.as_nanos(), clock.latest.as_nanos());
         let ignore_safe_time = self.switches.follower_reads_ignore_safe_time;
         let (mvcc, truetime, transport) = (&self.mvcc, &self.truetime, &self.transport);
         let Some(replica) = self.replicas.get_mut(&range) else {
@@ -168,7 +170,11 @@ impl<E: Engine> Driver<E> {
         let applied = replica.state.applied();
         let safe = Timestamp::from_nanos(applied.safe_timestamp());
         let horizon = applied.gc_horizon;
-        let quiet = replica.raft.is_quiesced();
+        // A leader closes awake ranges every `CLOSE_LAG` (checked on ticks): a safe time
+        // further behind says no close is coming soon.
+        let expected = (CLOSE_LAG + self.timing.tick_interval * 3).as_nanos() as u64;
+        let stalled = safe.as_nanos().saturating_add(expected) < earliest;
+        let quiet = replica.raft.is_quiesced() || stalled;
         // Commit-wait and staleness bounds rest on this node's clock.
         let clock_trusted = self.clock_healthy;
         for read in std::mem::take(&mut replica.follower_reads) {

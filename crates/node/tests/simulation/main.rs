@@ -754,6 +754,9 @@ fn assert_seeds_catch(name: &str, switches: NodeSwitches, seeds: Vec<u64>, by: &
                 run_or_panic(seed, Options::default_suite());
                 return;
             }
+            Err(Failure::Invariant(problem)) => {
+                eprintln!("{name}: seed {seed} failed by another invariant: {problem}")
+            }
             Err(failure) => {
                 eprintln!("{name}: seed {seed} failed, but not by an invariant: {failure}")
             }
@@ -809,10 +812,11 @@ fn suite_catches_follower_reads_above_the_safe_time() {
 
 #[test]
 fn suite_catches_read_only_transactions_at_the_earliest_time() {
-    // Only a reading clock that runs behind, in a short window after a commit, shows it:
-    // seed 7 is the first of the suite that does (by real-time order).
+    // Only a reading clock that runs behind, in a short window after a commit, shows it, and
+    // which seeds have one moves with the schedules: seed 5 does now (the lists' history has
+    // a real-time cycle), seed 7 did before.
     let switches = NodeSwitches { read_only_at_earliest: true, ..NodeSwitches::default() };
-    let seeds = [7].into_iter().chain(suite_seeds()).collect();
+    let seeds = [5, 7].into_iter().chain(suite_seeds()).collect();
     assert_seeds_catch("read_only_at_earliest", switches, seeds, "");
 }
 
@@ -841,12 +845,13 @@ fn suite_catches_snapshots_over_newer_ranges() {
 
 /// Observable only since ranges collect garbage: a replica that keeps its old data when a
 /// snapshot replaces it holds versions the others collected. It takes a snapshot sent after
-/// its leader collected a version the replica still holds, which few runs have: seed 13 does
-/// (a replica holds two tombstones its leader collected), and is tried first.
+/// its leader collected a version the replica still holds, which few runs have, and which
+/// runs those are moves with every change to the schedules: seed 2 does now (a replica holds
+/// a version its leader collected), and is tried first.
 #[test]
 fn suite_catches_snapshots_keeping_old_data() {
     let switches = NodeSwitches { snapshot_keeps_old_data: true, ..NodeSwitches::default() };
-    let seeds = [13].into_iter().chain(suite_seeds()).collect();
+    let seeds = [2].into_iter().chain(suite_seeds()).collect();
     assert_seeds_catch("snapshot_keeps_old_data", switches, seeds, "");
 }
 
