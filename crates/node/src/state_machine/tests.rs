@@ -82,6 +82,23 @@ fn data_state_machine(
     (mvcc, machine)
 }
 
+/// A fresh replica of range 9 that installed a snapshot of range 9 in `mvcc`.
+fn installed_copy(
+    mvcc: &Arc<Mvcc<meridian_storage::MemoryEngine>>,
+) -> RangeStateMachine<meridian_storage::MemoryEngine> {
+    let source = RangeSnapshotSource {
+        range: RangeId(9),
+        mvcc: mvcc.clone(),
+        registry: Arc::new(SnapshotRegistry::default()),
+    };
+    let snapshot = source.snapshot().unwrap();
+    let (other_mvcc, mut other) = data_state_machine(&[]);
+    let mut batch = WriteBatch::new();
+    other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
+    other_mvcc.engine().write(batch, true).unwrap();
+    other
+}
+
 /// A snapshot of range 9 at index 20 over `descriptor`, holding `keys` at timestamp 7.
 fn snapshot_of(descriptor: RangeDescriptor, keys: &[&str]) -> Snapshot {
     let data = wire::RangeSnapshot {
@@ -440,16 +457,7 @@ fn gc_records_collect_the_span_below_the_horizon() {
     assert!(matches!(late, Applied::Rejected(_)), "{late:?}");
     assert_eq!(machine.applied().max_timestamp, 40);
     assert_eq!(machine.child_state(span("f", Some("m"))).gc_horizon, 40);
-    let source = RangeSnapshotSource {
-        range: RangeId(9),
-        mvcc: mvcc.clone(),
-        registry: Arc::new(SnapshotRegistry::default()),
-    };
-    let snapshot = source.snapshot().unwrap();
-    let (other_mvcc, mut other) = data_state_machine(&[]);
-    let mut batch = WriteBatch::new();
-    other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
-    other_mvcc.engine().write(batch, true).unwrap();
+    let other = installed_copy(&mvcc);
     assert_eq!(other.applied().gc_horizon, 40);
 }
 
@@ -631,16 +639,7 @@ fn close_records_raise_the_safe_time() {
     let reopened = RangeStateMachine::open(RangeId(9), mvcc.clone()).unwrap();
     assert_eq!(reopened.applied().closed_timestamp, 30);
     assert_eq!(machine.child_state(span("f", Some("m"))).closed_timestamp, 30);
-    let source = RangeSnapshotSource {
-        range: RangeId(9),
-        mvcc: mvcc.clone(),
-        registry: Arc::new(SnapshotRegistry::default()),
-    };
-    let snapshot = source.snapshot().unwrap();
-    let (other_mvcc, mut other) = data_state_machine(&[]);
-    let mut batch = WriteBatch::new();
-    other.stage_install(&snapshot, &[], true, &mut batch).unwrap();
-    other_mvcc.engine().write(batch, true).unwrap();
+    let other = installed_copy(&mvcc);
     assert_eq!(other.applied().closed_timestamp, 30);
 
     let (_, mut meta) = meta_state_machine();

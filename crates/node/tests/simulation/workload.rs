@@ -687,6 +687,9 @@ pub async fn probe_deposed_leader(dialer: &Dialer, shared: &Shared, old: usize) 
     }
 }
 
+/// One workload task.
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The client host (see the module docs).
 pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     let dialer = net::sim_dialer();
@@ -700,30 +703,31 @@ pub async fn client_host(shared: Arc<Shared>, seed: u64) -> turmoil::Result {
     tokio::spawn(monitor(dialer.clone(), shared.clone()));
     tokio::spawn(prober(dialer.clone(), shared.clone()));
     let mut tasks = Vec::new();
+    // Spawns `count` tasks of one role, each with its index and a seed of its own.
+    let mut spawn_role = |count: usize, salt: u64, role: &dyn Fn(usize, u64) -> Task| {
+        for index in 0..count {
+            let seed = seed ^ (index as u64 + salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            tasks.push(tokio::spawn(role(index, seed)));
+        }
+    };
+    let (d, s) = (&dialer, &shared);
     let workers = if shared.mode == Mode::Default { WORKERS } else { 1 };
-    for index in 0..workers {
-        let seed = seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        tasks.push(tokio::spawn(worker(dialer.clone(), shared.clone(), index, seed)));
-    }
-    tasks.push(tokio::spawn(splitter(dialer.clone(), shared.clone())));
+    spawn_role(workers, 1, &|i, seed| Box::pin(worker(d.clone(), s.clone(), i, seed)));
+    spawn_role(1, 0, &|_, _| Box::pin(splitter(d.clone(), s.clone())));
     if shared.mode == Mode::Default {
-        tasks.push(tokio::spawn(snapshot_racer(dialer.clone(), shared.clone())));
-        for index in 0..bank::TELLERS {
-            let seed = seed ^ (index as u64 + 101).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            tasks.push(tokio::spawn(bank::teller(dialer.clone(), shared.clone(), index, seed)));
-        }
-        for index in 0..bank::AUDITORS {
-            let seed = seed ^ (index as u64 + 201).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            tasks.push(tokio::spawn(bank::auditor(dialer.clone(), shared.clone(), index, seed)));
-        }
-        for index in 0..lists::APPENDERS {
-            let seed = seed ^ (index as u64 + 301).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            tasks.push(tokio::spawn(lists::appender(dialer.clone(), shared.clone(), index, seed)));
-        }
-        for index in 0..lists::READERS {
-            let seed = seed ^ (index as u64 + 401).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            tasks.push(tokio::spawn(lists::reader(dialer.clone(), shared.clone(), index, seed)));
-        }
+        spawn_role(1, 0, &|_, _| Box::pin(snapshot_racer(d.clone(), s.clone())));
+        spawn_role(bank::TELLERS, 101, &|i, seed| {
+            Box::pin(bank::teller(d.clone(), s.clone(), i, seed))
+        });
+        spawn_role(bank::AUDITORS, 201, &|i, seed| {
+            Box::pin(bank::auditor(d.clone(), s.clone(), i, seed))
+        });
+        spawn_role(lists::APPENDERS, 301, &|i, seed| {
+            Box::pin(lists::appender(d.clone(), s.clone(), i, seed))
+        });
+        spawn_role(lists::READERS, 401, &|i, seed| {
+            Box::pin(lists::reader(d.clone(), s.clone(), i, seed))
+        });
     }
     let count = tasks.len();
     for (index, task) in tasks.into_iter().enumerate() {

@@ -27,16 +27,6 @@ async fn read_at(
     node.snapshot_read(request).await.map(tonic::Response::into_inner)
 }
 
-/// The node id of the first data range's leader, once one is known.
-async fn leader_of_first_range(cluster: &Cluster) -> usize {
-    eventually(Duration::from_secs(10), || async {
-        let view = status(&cluster.addresses[0]).await?;
-        first_data_range(&view).map(|range| range.leader).filter(|leader| *leader != 0)
-    })
-    .await
-    .expect("a leader is known") as usize
-}
-
 #[tokio::test]
 async fn followers_serve_snapshot_reads_below_their_safe_time() {
     let mut cluster = Cluster::start(3);

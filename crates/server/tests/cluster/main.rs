@@ -252,6 +252,16 @@ fn first_data_range(status: &StatusResponse) -> Option<&RangeStatus> {
     status.ranges.iter().find(|range| range.range_id == FIRST_DATA_RANGE.0)
 }
 
+/// The node id of the first data range's leader, once one is known.
+async fn leader_of_first_range(cluster: &Cluster) -> usize {
+    eventually(Duration::from_secs(10), || async {
+        let view = status(&cluster.addresses[0]).await?;
+        first_data_range(&view).map(|range| range.leader).filter(|leader| *leader != 0)
+    })
+    .await
+    .expect("a leader is known") as usize
+}
+
 /// The keys [`write_keys`] wrote: acknowledged, and ambiguous (the client reported the outcome
 /// unknown, as for a write in flight at a leader that was killed; never retried).
 #[derive(Debug, Default)]

@@ -241,12 +241,7 @@ async fn locks_lost_with_their_leader_force_a_retry() {
     setup.commit().await.unwrap();
     let mut txn = client.begin();
     assert_eq!(txn.get(b"k").await.unwrap().as_deref(), Some(&b"0"[..]));
-    let leader = eventually(Duration::from_secs(10), || async {
-        let view = status(&cluster.addresses[0]).await?;
-        first_data_range(&view).map(|range| range.leader).filter(|leader| *leader != 0)
-    })
-    .await
-    .expect("a leader is known") as usize;
+    let leader = leader_of_first_range(&cluster).await;
     cluster.kill(leader - 1);
     let survivor = cluster.addresses[leader % cluster.addresses.len()].clone();
     let elected = eventually(Duration::from_secs(20), || async {
